@@ -1,0 +1,1 @@
+//! Criterion benchmarks of Tally; they need no services.
