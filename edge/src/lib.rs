@@ -1,1 +1,154 @@
-//! placeholder
+//! Tally's ingest server: the binary protocol and the HTTP API, API-key authentication,
+//! validation against the service registry, and bounded queues into the sink workers.
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod json;
+pub mod registry;
+mod wire_server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use sink::{IngestQueue, Store};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{ConfigError, EdgeConfig};
+
+use auth::Authenticator;
+use ingest::Ingestor;
+use registry::Registry;
+
+/// What every connection and request handler shares.
+#[derive(Debug)]
+pub struct EdgeState {
+    pub config: EdgeConfig,
+    pub store: Arc<dyn Store>,
+    pub auth: Authenticator,
+    pub registry: Registry,
+    pub ingestor: Ingestor,
+    pub metrics: PrometheusHandle,
+    next_shard: AtomicUsize,
+}
+
+impl EdgeState {
+    /// Spreads HTTP requests over the queue shards.
+    pub fn next_shard(&self) -> usize {
+        self.next_shard.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+                .expect("static buckets are valid");
+            match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (a test harness): render an empty registry.
+                Err(_) => metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+/// A running edge: its bound addresses, and the handle to stop it.
+#[derive(Debug)]
+pub struct RunningEdge {
+    pub wire_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub state: Arc<EdgeState>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+    http: JoinHandle<()>,
+    workers: Vec<JoinHandle<()>>,
+    maintenance: JoinHandle<()>,
+}
+
+/// Starts the listeners, sink workers and maintenance. The store must be migrated.
+pub async fn start(config: EdgeConfig, store: Arc<dyn Store>) -> anyhow::Result<RunningEdge> {
+    config.validate()?;
+    let queue = IngestQueue::new(config.queue);
+    let registry = Registry::built_in();
+    let state = Arc::new(EdgeState {
+        auth: Authenticator::new(store.clone(), config.key_cache_ttl),
+        ingestor: Ingestor::new(queue.clone(), registry.clone(), config.window),
+        registry,
+        metrics: metrics_handle(),
+        store: store.clone(),
+        next_shard: AtomicUsize::new(0),
+        config,
+    });
+    let wire_listener = TcpListener::bind(state.config.wire_addr).await?;
+    let http_listener = TcpListener::bind(state.config.http_addr).await?;
+    let (wire_addr, http_addr) = (wire_listener.local_addr()?, http_listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let workers = sink::spawn_workers(queue, store.clone(), state.config.batch);
+    tokio::spawn(wire_server::serve(wire_listener, state.clone(), shutdown.clone(), connections.clone()));
+    let http = {
+        let router = http::router(state.clone());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let serve = axum::serve(http_listener, router).with_graceful_shutdown(shutdown.cancelled_owned());
+            if let Err(error) = serve.await {
+                tracing::error!(%error, "http server failed");
+            }
+        })
+    };
+    let maintenance = tokio::spawn(maintain_forever(store, state.config.retention_with_window(), state.config.maintenance_interval, shutdown.clone()));
+    tracing::info!(%wire_addr, %http_addr, "tally edge listening");
+    Ok(RunningEdge { wire_addr, http_addr, state, shutdown, connections, http, workers, maintenance })
+}
+
+async fn maintain_forever(store: Arc<dyn Store>, retention: sink::Retention, every: Duration, shutdown: CancellationToken) {
+    loop {
+        if let Err(error) = store.maintain(&retention).await {
+            tracing::warn!(%error, "partition maintenance failed; retrying next round");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+impl RunningEdge {
+    /// Stops in order: listeners stop accepting and connections say `Goodbye` and answer what
+    /// they hold; the queue closes and workers commit everything queued; then the rest.
+    /// Returns whether everything finished within the configured deadline.
+    pub async fn shutdown(self) -> bool {
+        let deadline = self.state.config.shutdown_timeout;
+        let started = tokio::time::Instant::now();
+        self.shutdown.cancel();
+        self.connections.close();
+        let connections_done = tokio::time::timeout(deadline, self.connections.wait()).await.is_ok();
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, connections_done, "connections closed");
+        let _ = tokio::time::timeout(deadline.saturating_sub(started.elapsed()), self.http).await;
+        self.state.ingestor.queue().close();
+        let mut workers_done = true;
+        for worker in self.workers {
+            let remaining = deadline.saturating_sub(started.elapsed());
+            workers_done &= tokio::time::timeout(remaining, worker).await.is_ok();
+        }
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, workers_done, "sink drained");
+        self.maintenance.abort();
+        connections_done && workers_done
+    }
+
+    /// A token that stops the edge's listeners when cancelled (for signal handlers).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}

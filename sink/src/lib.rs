@@ -1,1 +1,17 @@
-//! placeholder
+//! Durable storage of usage events: bounded queues from the edge, batching, one transaction per
+//! batch that inserts with binary `COPY`, deduplicates and grows the hourly rollups, and acks
+//! released only after the commit.
+//!
+//! The storage boundary is the [`Store`] trait; [`pg::PgStore`] implements it for PostgreSQL.
+
+pub mod pg;
+mod queue;
+pub mod rollup;
+mod row;
+mod store;
+mod worker;
+
+pub use queue::{CommitResult, IngestQueue, QueueLimits, SubmitError, Submission, WhenFull};
+pub use row::{EventRow, Outcome, QUANTITY_DECIMAL_PLACES, QUANTITY_KINDS, quantity_decimal};
+pub use store::{ApiKey, BoxFuture, NewApiKey, Retention, Scope, Store, StoreError, Tenant, hash_api_key};
+pub use worker::{BatchLimits, spawn_workers};

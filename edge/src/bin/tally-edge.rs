@@ -1,0 +1,221 @@
+//! `tally-edge`: runs the ingest server, migrates the database, and manages tenants and keys.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edge::EdgeConfig;
+use sink::pg::{PgOptions, PgStore};
+use sink::{NewApiKey, Scope, Store};
+
+#[derive(Debug, Parser)]
+#[command(name = "tally-edge", version, about = "Tally's ingest server")]
+struct Cli {
+    /// PostgreSQL URL, e.g. postgres://tally@127.0.0.1:5432/tally.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+
+    #[command(flatten)]
+    serve: ServeArgs,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Applies database migrations and creates partitions, then exits.
+    Migrate,
+    /// Tenant administration.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// API key administration.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCommand {
+    /// Creates a tenant.
+    Create { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Creates an API key and prints it alone on the last line; it is shown only this once.
+    Create {
+        /// Tenant name or id.
+        #[arg(long)]
+        tenant: String,
+        /// Comma-separated scopes among ingest, query, admin.
+        #[arg(long, default_value = "ingest,query", value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// A note to recognise the key by.
+        #[arg(long)]
+        label: Option<String>,
+        /// Days until the key expires.
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+}
+
+/// Server settings. Each has a flag and a `TALLY_` environment variable.
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Binary protocol listen address.
+    #[arg(long, env = "TALLY_WIRE_ADDR", default_value = "0.0.0.0:7000")]
+    wire_addr: SocketAddr,
+    /// HTTP listen address.
+    #[arg(long, env = "TALLY_HTTP_ADDR", default_value = "0.0.0.0:8000")]
+    http_addr: SocketAddr,
+    /// Events per HTTP batch request (at most 10,000).
+    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 1000)]
+    http_batch_events_max: usize,
+    /// Sink workers (and queue shards); each commits its own transactions.
+    #[arg(long, env = "TALLY_SINK_WORKERS", default_value_t = 2)]
+    sink_workers: usize,
+    /// Events all queues together may hold before producers wait or are refused.
+    #[arg(long, env = "TALLY_QUEUE_EVENTS_MAX", default_value_t = 200_000)]
+    queue_events_max: usize,
+    /// Events per commit at most.
+    #[arg(long, env = "TALLY_BATCH_EVENTS_MAX", default_value_t = 10_000)]
+    batch_events_max: usize,
+    /// Binary protocol connections at once.
+    #[arg(long, env = "TALLY_WIRE_CONNECTIONS_MAX", default_value_t = 1024)]
+    wire_connections_max: usize,
+    /// Unanswered binary batches per connection.
+    #[arg(long, env = "TALLY_WIRE_CREDITS", default_value_t = 8)]
+    wire_credits: u32,
+    /// PostgreSQL connections in the pool.
+    #[arg(long, env = "TALLY_PG_POOL_SIZE", default_value_t = 8)]
+    pg_pool_size: u32,
+    /// Days raw events are kept.
+    #[arg(long, env = "EVENT_RETENTION_DAYS", default_value_t = 365)]
+    event_retention_days: u32,
+    /// Days hourly rollups are kept (default: forever).
+    #[arg(long, env = "AGGREGATE_RETENTION_DAYS")]
+    aggregate_retention_days: Option<u32>,
+    /// Seconds a graceful shutdown may take.
+    #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    shutdown_timeout_secs: u64,
+}
+
+impl ServeArgs {
+    fn config(&self) -> EdgeConfig {
+        let defaults = EdgeConfig::default();
+        EdgeConfig {
+            wire_addr: self.wire_addr,
+            http_addr: self.http_addr,
+            http_batch_events_max: self.http_batch_events_max,
+            wire_connections_max: self.wire_connections_max,
+            wire_credits: self.wire_credits,
+            queue: sink::QueueLimits {
+                shards: self.sink_workers,
+                events_max: self.queue_events_max,
+                ..defaults.queue
+            },
+            batch: sink::BatchLimits { events_max: self.batch_events_max, ..defaults.batch },
+            retention: sink::Retention {
+                event_retention_days: self.event_retention_days,
+                aggregate_retention_days: self.aggregate_retention_days,
+                ..defaults.retention
+            },
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            ..defaults
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let url = cli.database_url.as_deref().context(
+        "DATABASE_URL is not set: point it at PostgreSQL, e.g. DATABASE_URL=postgres://tally@127.0.0.1:5432/tally",
+    )?;
+    let options = PgOptions { max_connections: cli.serve.pg_pool_size, ..PgOptions::default() };
+    let store = PgStore::connect_lazy(url, &options)?;
+    match cli.command {
+        None => serve(store, cli.serve.config()).await,
+        Some(Command::Migrate) => {
+            store.migrate().await?;
+            store.maintain(&cli.serve.config().retention_with_window()).await?;
+            println!("database migrated");
+            Ok(())
+        }
+        Some(Command::Tenant { command: TenantCommand::Create { name } }) => {
+            store.migrate().await?;
+            let tenant = store.create_tenant(&name).await?;
+            println!("tenant {} created with id {}", tenant.name, tenant.id);
+            Ok(())
+        }
+        Some(Command::Key { command: KeyCommand::Create { tenant, scopes, label, expires_in_days } }) => {
+            store.migrate().await?;
+            create_key(&store, &tenant, &scopes, label, expires_in_days).await
+        }
+    }
+}
+
+async fn create_key(
+    store: &PgStore,
+    tenant: &str,
+    scopes: &[String],
+    label: Option<String>,
+    expires_in_days: Option<u32>,
+) -> anyhow::Result<()> {
+    let tenant = store.find_tenant(tenant).await?.with_context(|| format!("no tenant named {tenant:?}"))?;
+    let scopes = scopes
+        .iter()
+        .map(|scope| Scope::parse(scope.trim()).with_context(|| format!("unknown scope {scope:?}: use ingest, query, admin")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let key = edge::auth::generate_api_key();
+    let expires_at_us = expires_in_days.map(|days| edge::auth::now_us() + i64::from(days) * 86_400_000_000);
+    let new_key = NewApiKey {
+        tenant_id: tenant.id,
+        key_hash: sink::hash_api_key(&key),
+        prefix: key[..12].to_owned(),
+        scopes,
+        label,
+        expires_at_us,
+    };
+    let stored = store.create_api_key(&new_key).await?;
+    let scopes: Vec<&str> = stored.scopes.iter().map(|scope| scope.as_str()).collect();
+    println!("API key {} for tenant {} with scopes {} (shown once):", stored.id, tenant.name, scopes.join(","));
+    println!("{key}");
+    Ok(())
+}
+
+async fn serve(store: PgStore, config: EdgeConfig) -> anyhow::Result<()> {
+    config.validate()?;
+    store.migrate().await.context("failed to migrate the database")?;
+    store.maintain(&config.retention_with_window()).await.context("failed to create partitions")?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let edge = edge::start(config, store).await?;
+    println!("tally-edge: binary protocol on {}, HTTP on http://{}", edge.wire_addr, edge.http_addr);
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let clean = edge.shutdown().await;
+    if !clean {
+        anyhow::bail!("shutdown deadline passed with work unfinished");
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        Some(()) = async { match terminate.as_mut() { Some(signal) => signal.recv().await, None => None } } => {}
+    }
+}

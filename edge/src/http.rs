@@ -1,0 +1,295 @@
+//! The HTTP API of the edge, with the older system's paths, fields and error bodies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sink::{Scope, WhenFull};
+use wire::{AckMode, ErrorCode};
+
+use crate::EdgeState;
+use crate::auth::{AuthError, Caller};
+use crate::ingest::{EventStatus, IngestError};
+use crate::json::{event_from_json, tenant_of};
+
+/// The router, with its state. Tests drive it with `oneshot` and no socket.
+pub fn router(state: Arc<EdgeState>) -> Router {
+    let body_limit = state.config.http_body_bytes_max;
+    Router::new()
+        .route("/api/v1/events", post(ingest_one))
+        .route("/api/v1/events/batch", post(ingest_batch))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .with_state(state)
+}
+
+/// An error answer: the status from the code, and a JSON body in the older system's shape.
+#[derive(Debug)]
+pub struct ApiError {
+    code: ErrorCode,
+    body: Value,
+    retry_after_s: Option<u32>,
+}
+
+impl ApiError {
+    fn new(code: ErrorCode, detail: impl Into<String>) -> ApiError {
+        ApiError { code, body: json!({"error": code.as_str(), "detail": detail.into()}), retry_after_s: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, Json(self.body)).into_response();
+        if let Some(seconds) = self.retry_after_s {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> ApiError {
+        metrics::counter!("tally_auth_failures_total", "transport" => "http").increment(1);
+        match error {
+            // The older system's exact bodies, which callers match on.
+            AuthError::Missing => ApiError {
+                code: ErrorCode::Unauthorized,
+                body: json!({"error": "authentication_required", "detail": error.to_string()}),
+                retry_after_s: None,
+            },
+            AuthError::Invalid => ApiError {
+                code: ErrorCode::Unauthorized,
+                body: json!({"error": "invalid_api_key", "detail": error.to_string()}),
+                retry_after_s: None,
+            },
+            AuthError::Unavailable(store) => {
+                tracing::warn!(error = %store, "failed to look up an API key");
+                ApiError::new(ErrorCode::Unavailable, "cannot check the API key now; retry later")
+            }
+            other => ApiError::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(error: IngestError) -> ApiError {
+        let retry_after_s = match &error {
+            IngestError::Busy { retry_after_ms } => Some(retry_after_ms.div_ceil(1000)),
+            IngestError::ShuttingDown | IngestError::Storage(_) => Some(1),
+        };
+        let detail = match &error {
+            IngestError::Storage(store) => {
+                tracing::warn!(error = %store, "ingest failed");
+                "storage is unavailable; nothing was stored, retry later".to_owned()
+            }
+            other => other.to_string(),
+        };
+        ApiError { retry_after_s, ..ApiError::new(error.code(), detail) }
+    }
+}
+
+/// The API key from `X-API-Key`, or `Authorization: <key>` / `Authorization: Bearer <key>`.
+pub fn api_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(key) = headers.get("x-api-key").and_then(|value| value.to_str().ok()) {
+        return Some(key);
+    }
+    let authorization = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    Some(authorization.strip_prefix("Bearer ").or_else(|| authorization.strip_prefix("bearer ")).unwrap_or(authorization))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IngestParams {
+    /// `durable` (default): answer after commit. `accepted`: answer after queueing.
+    ack: Option<String>,
+}
+
+impl IngestParams {
+    fn ack_mode(&self) -> Result<AckMode, ApiError> {
+        match self.ack.as_deref() {
+            None | Some("durable") => Ok(AckMode::Durable),
+            Some("accepted") => Ok(AckMode::Accepted),
+            Some(other) => Err(ApiError::new(
+                ErrorCode::InvalidEvent,
+                format!("ack: {other:?} is not one of durable, accepted"),
+            )),
+        }
+    }
+}
+
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|error| ApiError::new(ErrorCode::BadFrame, format!("invalid JSON body: {error}")))
+}
+
+/// A body's `tenant_id`, where given, must be the key's tenant (by id or name).
+fn check_tenant(caller: &Caller, events: &[Value]) -> Result<(), ApiError> {
+    for (index, event) in events.iter().enumerate() {
+        if let Some(tenant) = tenant_of(event)
+            && tenant != caller.tenant_name
+            && tenant != caller.tenant_id.to_string()
+        {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("events[{index}].tenant_id {tenant:?} is not the tenant of this API key"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn ingest(
+    state: &EdgeState,
+    headers: &HeaderMap,
+    params: &IngestParams,
+    events: Vec<Value>,
+) -> Result<(Vec<Option<uuid::Uuid>>, Vec<EventStatus>), ApiError> {
+    let ack_mode = params.ack_mode()?;
+    let caller = state.auth.authenticate(api_key(headers), Scope::Ingest).await?;
+    check_tenant(&caller, &events)?;
+    let registry = &state.registry;
+    let converted: Vec<_> = events.into_iter().map(|event| event_from_json(event, registry)).collect();
+    let ids = converted.iter().map(|event| event.as_ref().ok().map(wire::Event::id)).collect();
+    let prepared = state.ingestor.prepare(&caller, converted);
+    let shard_hint = state.next_shard();
+    let statuses = state.ingestor.submit(prepared, ack_mode, WhenFull::Reject, shard_hint).await?;
+    Ok((ids, statuses))
+}
+
+async fn ingest_one(
+    State(state): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    Query(params): Query<IngestParams>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let event = parse_body(&body)?;
+    let (ids, mut statuses) = ingest(&state, &headers, &params, vec![event]).await?;
+    let event_id = ids.into_iter().next().flatten().map(|id| id.to_string());
+    let (status, message, result) = match statuses.pop() {
+        Some(EventStatus::Stored) => (StatusCode::OK, "event stored", "stored"),
+        Some(EventStatus::Duplicate) => (StatusCode::OK, "event was stored before; not counted again", "duplicate"),
+        Some(EventStatus::Accepted) => (StatusCode::ACCEPTED, "event accepted for storage", "accepted"),
+        Some(EventStatus::Rejected { code, message }) => return Err(ApiError::new(code, message)),
+        None => return Err(ApiError::new(ErrorCode::Internal, "no result for the event")),
+    };
+    let body = json!({"success": true, "event_id": event_id, "status": result, "message": message});
+    Ok((status, Json(body)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchBody {
+    events: Vec<Value>,
+}
+
+async fn ingest_batch(
+    State(state): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    Query(params): Query<IngestParams>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: BatchBody = serde_json::from_value(parse_body(&body)?).map_err(|error| {
+        ApiError::new(ErrorCode::BadFrame, format!("body must be {{\"events\": [...]}}: {error}"))
+    })?;
+    let max = state.config.http_batch_events_max;
+    if body.events.is_empty() {
+        return Err(ApiError::new(ErrorCode::InvalidEvent, "events: the batch is empty"));
+    }
+    if body.events.len() > max {
+        let detail = format!("events: {} events exceed the batch limit of {max}", body.events.len());
+        return Err(ApiError::new(ErrorCode::TooLarge, detail));
+    }
+    let originals: Vec<Value> = body.events.clone();
+    let (ids, statuses) = ingest(&state, &headers, &params, body.events).await?;
+    Ok(batch_response(originals, ids, statuses))
+}
+
+fn batch_response(originals: Vec<Value>, ids: Vec<Option<uuid::Uuid>>, statuses: Vec<EventStatus>) -> Response {
+    let (mut stored, mut duplicate, mut accepted) = (0, 0, 0);
+    let mut results = Vec::with_capacity(statuses.len());
+    let mut failed = Vec::new();
+    for (index, ((status, id), original)) in statuses.into_iter().zip(ids).zip(originals).enumerate() {
+        let id = id.map(|id| id.to_string());
+        match status {
+            EventStatus::Stored => stored += 1,
+            EventStatus::Duplicate => duplicate += 1,
+            EventStatus::Accepted => accepted += 1,
+            EventStatus::Rejected { code, message } => {
+                results.push(json!({"index": index, "event_id": id, "status": "rejected", "error": message, "code": code.as_str()}));
+                failed.push(json!({"index": index, "error": message, "event_data": original}));
+                continue;
+            }
+        }
+        results.push(json!({"index": index, "event_id": id, "status": status_name(&status)}));
+    }
+    let processed = stored + duplicate + accepted;
+    let status = match (processed, failed.len()) {
+        (_, 0) if accepted > 0 => StatusCode::ACCEPTED,
+        (_, 0) => StatusCode::OK,
+        (0, _) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::MULTI_STATUS,
+    };
+    let message = format!(
+        "{stored} stored, {duplicate} duplicate, {accepted} accepted, {} rejected",
+        failed.len()
+    );
+    let body = json!({
+        "success": failed.is_empty(),
+        "processed_count": processed,
+        "stored_count": stored,
+        "duplicate_count": duplicate,
+        "accepted_count": accepted,
+        "failed_count": failed.len(),
+        "failed_events": failed,
+        "results": results,
+        "message": message,
+    });
+    (status, Json(body)).into_response()
+}
+
+fn status_name(status: &EventStatus) -> &'static str {
+    match status {
+        EventStatus::Stored => "stored",
+        EventStatus::Duplicate => "duplicate",
+        EventStatus::Accepted => "accepted",
+        EventStatus::Rejected { .. } => "rejected",
+    }
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok", "service": "tally-edge", "version": env!("CARGO_PKG_VERSION")}))
+}
+
+/// Ready when storage answers within a second and the queues are not saturated.
+async fn ready(State(state): State<Arc<EdgeState>>) -> Response {
+    let storage = match tokio::time::timeout(Duration::from_secs(1), state.store.ping()).await {
+        Ok(Ok(())) => json!({"status": "ok"}),
+        Ok(Err(error)) => json!({"status": "down", "detail": error.to_string()}),
+        Err(_) => json!({"status": "down", "detail": "no answer within 1 s"}),
+    };
+    let queue = state.ingestor.queue();
+    let saturated = queue.is_saturated();
+    let queue_status = json!({
+        "status": if saturated { "saturated" } else { "ok" },
+        "events_queued": queue.events_queued(),
+        "events_max": queue.events_max(),
+    });
+    let is_ready = storage["status"] == "ok" && !saturated;
+    let status = if is_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = json!({"status": if is_ready { "ready" } else { "not_ready" }, "components": {"storage": storage, "queue": queue_status}});
+    (status, Json(body)).into_response()
+}
+
+async fn metrics_text(State(state): State<Arc<EdgeState>>) -> Response {
+    let text = state.metrics.render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

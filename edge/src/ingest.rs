@@ -1,0 +1,190 @@
+//! The ingest path shared by the binary protocol and HTTP: rules, then the queue, then (in
+//! durable mode) the commit's outcome per event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sink::{EventRow, IngestQueue, Outcome, StoreError, SubmitError, Submission, WhenFull};
+use wire::{AckMode, ErrorCode, Event, EventError};
+
+use crate::auth::{Caller, now_us};
+use crate::registry::Registry;
+
+/// The time window an event's timestamp must fall in.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeWindow {
+    /// How far back an event may be (late events): default 35 days.
+    pub late: Duration,
+    /// How far ahead an event may be (clock skew): default 5 minutes.
+    pub ahead: Duration,
+}
+
+impl Default for TimeWindow {
+    fn default() -> Self {
+        TimeWindow { late: Duration::from_secs(35 * 86_400), ahead: Duration::from_secs(300) }
+    }
+}
+
+/// What became of one event of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventStatus {
+    /// Committed.
+    Stored,
+    /// Stored before (same tenant, id, timestamp); not counted again.
+    Duplicate,
+    /// Queued, not yet committed (ack mode `accepted`).
+    Accepted,
+    Rejected { code: ErrorCode, message: String },
+}
+
+/// Why a whole request was not taken. Nothing of it was stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IngestError {
+    #[error("ingest queue is full, retry after {retry_after_ms} ms")]
+    Busy { retry_after_ms: u32 },
+    #[error("server is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Storage(StoreError),
+}
+
+impl IngestError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            IngestError::Busy { .. } => ErrorCode::Busy,
+            IngestError::ShuttingDown => ErrorCode::Unavailable,
+            IngestError::Storage(error) => error.code(),
+        }
+    }
+}
+
+/// Delay suggested to clients refused because the queue is full.
+pub const BUSY_RETRY_AFTER_MS: u32 = 1000;
+
+/// Events of one request after the rules: rows to store and, per event, where its row is or
+/// why it was refused.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    pub rows: Vec<EventRow>,
+    slots: Vec<Result<(), (ErrorCode, String)>>,
+}
+
+impl Prepared {
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Per-event statuses given the outcomes of the stored rows, in order.
+    fn statuses(slots: Vec<Result<(), (ErrorCode, String)>>, outcomes: Option<Vec<Outcome>>) -> Vec<EventStatus> {
+        let mut outcomes = outcomes.map(Vec::into_iter);
+        slots
+            .into_iter()
+            .map(|slot| match slot {
+                Err((code, message)) => EventStatus::Rejected { code, message },
+                Ok(()) => match outcomes.as_mut().and_then(Iterator::next) {
+                    Some(Outcome::Stored) => EventStatus::Stored,
+                    Some(Outcome::Duplicate) => EventStatus::Duplicate,
+                    None => EventStatus::Accepted,
+                },
+            })
+            .collect()
+    }
+}
+
+/// Applies the ingest rules and hands events to the sink.
+#[derive(Debug, Clone)]
+pub struct Ingestor {
+    queue: Arc<IngestQueue>,
+    registry: Registry,
+    window: TimeWindow,
+}
+
+impl Ingestor {
+    pub fn new(queue: Arc<IngestQueue>, registry: Registry, window: TimeWindow) -> Ingestor {
+        Ingestor { queue, registry, window }
+    }
+
+    pub fn queue(&self) -> &Arc<IngestQueue> {
+        &self.queue
+    }
+
+    /// Checks each event (decoded and protocol-validated by the caller, or refused with its
+    /// error) against the registry and the time window, and makes rows of the good ones.
+    pub fn prepare(&self, caller: &Caller, events: impl IntoIterator<Item = Result<Event, EventError>>) -> Prepared {
+        let now_us = now_us();
+        let oldest_us = now_us - self.window.late.as_micros() as i64;
+        let newest_us = now_us + self.window.ahead.as_micros() as i64;
+        let mut prepared = Prepared::default();
+        for event in events {
+            let checked = event.and_then(|event| {
+                self.registry.check(&event)?;
+                check_window(event.timestamp_us, oldest_us, newest_us, &self.window)?;
+                Ok(event)
+            });
+            match checked {
+                Ok(event) => {
+                    prepared.rows.push(EventRow::new(caller.tenant_id, event, None));
+                    prepared.slots.push(Ok(()));
+                }
+                Err(error) => {
+                    metrics::counter!("tally_events_rejected_total", "cause" => "invalid_event").increment(1);
+                    prepared.slots.push(Err((ErrorCode::InvalidEvent, error.to_string())));
+                }
+            }
+        }
+        metrics::counter!("tally_events_received_total").increment(prepared.slots.len() as u64);
+        prepared
+    }
+
+    /// Queues the prepared rows and, in durable mode, waits for their commit.
+    pub async fn submit(
+        &self,
+        prepared: Prepared,
+        ack_mode: AckMode,
+        when_full: WhenFull,
+        shard_hint: usize,
+    ) -> Result<Vec<EventStatus>, IngestError> {
+        let Prepared { rows, slots } = prepared;
+        if rows.is_empty() {
+            return Ok(Prepared::statuses(slots, Some(Vec::new())));
+        }
+        let (submission, receiver) = match ack_mode {
+            AckMode::Durable => {
+                let (submission, receiver) = Submission::durable(rows);
+                (submission, Some(receiver))
+            }
+            AckMode::Accepted => (Submission::accepted(rows), None),
+        };
+        match self.queue.submit(shard_hint, submission, when_full).await {
+            Ok(()) => {}
+            Err(SubmitError::Full(_)) => return Err(IngestError::Busy { retry_after_ms: BUSY_RETRY_AFTER_MS }),
+            Err(SubmitError::Closed(_)) => return Err(IngestError::ShuttingDown),
+        }
+        let Some(receiver) = receiver else {
+            return Ok(Prepared::statuses(slots, None));
+        };
+        // A dropped sender means the worker died without answering: report it as unavailable,
+        // never as success.
+        let outcomes = receiver
+            .await
+            .map_err(|_| IngestError::Storage(StoreError::Unavailable("sink worker stopped".into())))?
+            .map_err(IngestError::Storage)?;
+        Ok(Prepared::statuses(slots, Some(outcomes)))
+    }
+}
+
+fn check_window(timestamp_us: i64, oldest_us: i64, newest_us: i64, window: &TimeWindow) -> Result<(), EventError> {
+    if timestamp_us < oldest_us {
+        let days = window.late.as_secs() / 86_400;
+        return Err(EventError::new("timestamp", format!("is older than the late-event window of {days} days")));
+    }
+    if timestamp_us > newest_us {
+        let seconds = window.ahead.as_secs();
+        return Err(EventError::new("timestamp", format!("is more than {seconds} s in the future")));
+    }
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! Events as the older system's callers send them over HTTP: flat (`"model": "gpt-4",
+//! "input_tokens": 150`) or nested (`"metadata": {"model": ...}, "metrics": {"input_tokens": ...}`).
+//! Both become the one [`wire::Event`], checked by the same rules as the binary protocol.
+
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use wire::{Event, EventError, QuantityKind, Status};
+
+use crate::registry::Registry;
+
+/// Where a numeric field of the older API goes.
+enum Target {
+    Quantity(QuantityKind),
+    Custom,
+    Latency,
+    Metadata,
+}
+
+/// Numeric fields the older API accepted at the top level or under `metrics`.
+fn numeric_target(name: &str) -> Option<Target> {
+    if let Some(kind) = QuantityKind::from_name(name) {
+        return Some(Target::Quantity(kind));
+    }
+    Some(match name {
+        "pages_processed" => Target::Quantity(QuantityKind::Pages),
+        "characters_extracted" => Target::Quantity(QuantityKind::Characters),
+        "request_count" => Target::Quantity(QuantityKind::Requests),
+        "file_size_bytes" => Target::Quantity(QuantityKind::Bytes),
+        "total_tokens" | "payload_size_bytes" | "response_size_bytes" => Target::Custom,
+        "latency_ms" | "response_time_ms" | "processing_time_ms" => Target::Latency,
+        "temperature" | "max_tokens" | "status_code" => Target::Metadata,
+        _ => return None,
+    })
+}
+
+/// Text fields of the older API's typed services, kept as metadata.
+const TEXT_FIELDS: &[&str] =
+    &["model_version", "document_type", "processing_type", "file_format", "endpoint", "method", "api_version"];
+
+/// The tenant named in a body, if any: `tenant_id` must then be the caller's tenant.
+pub fn tenant_of(value: &Value) -> Option<&str> {
+    value.get("tenant_id").and_then(Value::as_str)
+}
+
+/// Converts one JSON event. Every error names the field.
+pub fn event_from_json(value: Value, registry: &Registry) -> Result<Event, EventError> {
+    let Value::Object(mut object) = value else {
+        return Err(EventError::new("event", "must be a JSON object"));
+    };
+    let user_id = take_string(&mut object, "user_id")?.ok_or_else(|| missing("user_id"))?;
+    let service_type = take_string(&mut object, "service_type")?.ok_or_else(|| missing("service_type"))?;
+    let service_provider = take_string(&mut object, "service_provider")?.ok_or_else(|| missing("service_provider"))?;
+    let default_event_type = registry.get(&service_type).and_then(|service| service.default_event_type);
+    let event_type = match take_string(&mut object, "event_type")? {
+        Some(event_type) => event_type,
+        None => default_event_type.map(str::to_owned).ok_or_else(|| missing("event_type"))?,
+    };
+    let mut event = Event::new(user_id, service_type, service_provider, event_type);
+    object.remove("tenant_id");
+    if let Some(id) = take_string(&mut object, "event_id")? {
+        let id = uuid::Uuid::parse_str(&id).map_err(|_| EventError::new("event_id", "must be a UUID"))?;
+        event = event.with_id(id);
+    }
+    if let Some(timestamp) = take_string(&mut object, "timestamp")? {
+        event = event.at(parse_timestamp(&timestamp)?);
+    }
+    event.model = take_string(&mut object, "model")?;
+    if let Some(status) = take_string(&mut object, "status")? {
+        event.status = match status.as_str() {
+            "success" | "ok" => Status::Success,
+            "error" | "failed" | "failure" => Status::Error,
+            _ => return Err(EventError::new("status", "must be \"success\" or \"error\"")),
+        };
+    }
+    let error_code = take_string(&mut object, "error_code")?;
+    for field in ["session_id", "request_id"] {
+        if let Some(text) = take_string(&mut object, field)? {
+            let extra = event.extra_mut();
+            *(if field == "session_id" { &mut extra.session_id } else { &mut extra.request_id }) = Some(text);
+        }
+    }
+    if let Some(tags) = object.remove("tags") {
+        take_tags(&mut event, tags)?;
+    }
+    if let Some(metadata) = object.remove("metadata") {
+        take_metadata(&mut event, metadata)?;
+    }
+    if let Some(metrics) = object.remove("metrics") {
+        let Value::Object(metrics) = metrics else {
+            return Err(EventError::new("metrics", "must be an object of numbers"));
+        };
+        for (name, value) in metrics {
+            apply_numeric(&mut event, &format!("metrics.{name}"), &name, value, true)?;
+        }
+    }
+    for field in TEXT_FIELDS {
+        if let Some(text) = take_string(&mut object, field)? {
+            event = event.with_metadata(*field, text);
+        }
+    }
+    for (name, value) in object {
+        if numeric_target(&name).is_none() {
+            return Err(EventError::new(name, "is not a field of an event"));
+        }
+        apply_numeric(&mut event, &name.clone(), &name, value, false)?;
+    }
+    finish(event, error_code)
+}
+
+fn finish(mut event: Event, error_code: Option<String>) -> Result<Event, EventError> {
+    if let Some(code) = error_code {
+        event.status = Status::Error;
+        event.extra_mut().error_code = Some(code);
+    }
+    if event.service_type == "api_service" && event.quantity(QuantityKind::Requests).is_none() {
+        event = event.with_quantity(QuantityKind::Requests, 1.0);
+    }
+    if let Some(extra) = &event.extra
+        && extra.metadata.is_empty()
+        && extra.tags.is_empty()
+        && extra.custom_quantities.is_empty()
+        && extra.session_id.is_none()
+        && extra.request_id.is_none()
+        && extra.error_code.is_none()
+    {
+        event.extra = None;
+    }
+    event.validate()?;
+    Ok(event)
+}
+
+/// One numeric field, from the top level or from `metrics` (where unknown names are custom
+/// quantities).
+fn apply_numeric(event: &mut Event, field: &str, name: &str, value: Value, in_metrics: bool) -> Result<(), EventError> {
+    let number = value.as_f64().ok_or_else(|| EventError::new(field, "must be a number"))?;
+    let target = numeric_target(name).unwrap_or(if in_metrics { Target::Custom } else { Target::Metadata });
+    match target {
+        Target::Quantity(kind) => {
+            if event.quantity(kind).is_some() {
+                return Err(EventError::new(field, format!("{} is given twice", kind.as_str())));
+            }
+            event.quantities.push(wire::Quantity { kind, value: number });
+        }
+        Target::Custom => {
+            event.extra_mut().custom_quantities.push(wire::CustomQuantity { name: name.to_owned(), value: number })
+        }
+        Target::Latency => {
+            if event.latency_ms.is_some() {
+                return Err(EventError::new(field, "latency is given twice"));
+            }
+            event.latency_ms = Some(number);
+        }
+        Target::Metadata => {
+            check_typed_metadata(field, name, number, event)?;
+            event.extra_mut().metadata.push(wire::MetadataEntry { key: name.to_owned(), value: value.to_string() });
+        }
+    }
+    Ok(())
+}
+
+/// The older API's range rules for its typed numeric parameters.
+fn check_typed_metadata(field: &str, name: &str, number: f64, event: &mut Event) -> Result<(), EventError> {
+    match name {
+        "temperature" if !(0.0..=2.0).contains(&number) => Err(EventError::new(field, "must be from 0 to 2")),
+        "status_code" => {
+            if number.fract() != 0.0 || !(100.0..=599.0).contains(&number) {
+                return Err(EventError::new(field, "must be an HTTP status from 100 to 599"));
+            }
+            // A failed call counts as an error in error rates.
+            if number >= 400.0 {
+                event.status = Status::Error;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn take_metadata(event: &mut Event, metadata: Value) -> Result<(), EventError> {
+    let Value::Object(metadata) = metadata else {
+        return Err(EventError::new("metadata", "must be an object"));
+    };
+    for (key, value) in metadata {
+        if key == "model" && event.model.is_none() {
+            let model = value.as_str().ok_or_else(|| EventError::new("metadata.model", "must be a string"))?;
+            event.model = Some(model.to_owned());
+            continue;
+        }
+        let text = match value {
+            Value::String(text) => text,
+            Value::Null => continue,
+            other => other.to_string(),
+        };
+        event.extra_mut().metadata.push(wire::MetadataEntry { key, value: text });
+    }
+    Ok(())
+}
+
+fn take_tags(event: &mut Event, tags: Value) -> Result<(), EventError> {
+    let Value::Array(tags) = tags else {
+        return Err(EventError::new("tags", "must be a list of strings"));
+    };
+    for (index, tag) in tags.into_iter().enumerate() {
+        let Value::String(tag) = tag else {
+            return Err(EventError::new(format!("tags[{index}]"), "must be a string"));
+        };
+        event.extra_mut().tags.push(tag);
+    }
+    Ok(())
+}
+
+fn take_string(object: &mut Map<String, Value>, field: &str) -> Result<Option<String>, EventError> {
+    match object.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(_) => Err(EventError::new(field, "must be a string")),
+    }
+}
+
+fn missing(field: &str) -> EventError {
+    EventError::new(field, "is required")
+}
+
+/// ISO 8601 / RFC 3339; a time without an offset is taken as UTC (Python's `isoformat()` of a
+/// naive datetime).
+fn parse_timestamp(text: &str) -> Result<i64, EventError> {
+    let parsed = OffsetDateTime::parse(text, &Rfc3339).or_else(|_| {
+        let with_zone = format!("{}Z", text.trim_end_matches('Z'));
+        OffsetDateTime::parse(&with_zone, &Rfc3339)
+    });
+    let timestamp = parsed.or_else(|_| {
+        // "2024-01-15T10:30:00" or with a space instead of the T.
+        let normalized = text.replacen(' ', "T", 1);
+        OffsetDateTime::parse(&format!("{normalized}Z"), &Rfc3339)
+    });
+    timestamp
+        .map(|timestamp| (timestamp.unix_timestamp_nanos() / 1000) as i64)
+        .map_err(|_| EventError::new("timestamp", format!("{text:?} is not an ISO 8601 date-time")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn convert(value: Value) -> Result<Event, EventError> {
+        event_from_json(value, &Registry::built_in())
+    }
+
+    #[test]
+    fn flat_and_nested_shapes_give_the_same_event() {
+        let id = "0190b6d8-2f6a-7c3e-9f00-000000000001";
+        let flat = json!({"user_id": "u1", "service_type": "llm_service", "service_provider": "openai",
+            "event_id": id, "timestamp": "2024-01-15T10:30:00Z", "model": "gpt-4",
+            "input_tokens": 150, "output_tokens": 75, "latency_ms": 2500, "temperature": 0.7});
+        let nested = json!({"user_id": "u1", "service_type": "llm_service", "service_provider": "openai",
+            "event_id": id, "timestamp": "2024-01-15T10:30:00", "event_type": "completion",
+            "metadata": {"model": "gpt-4", "temperature": 0.7},
+            "metrics": {"input_tokens": 150, "output_tokens": 75, "latency_ms": 2500}});
+        let (flat, nested) = (convert(flat).expect("flat"), convert(nested).expect("nested"));
+        assert_eq!(flat, nested);
+        assert_eq!(flat.model.as_deref(), Some("gpt-4"));
+        assert_eq!(flat.quantity(QuantityKind::InputTokens), Some(150.0));
+        assert_eq!(flat.latency_ms, Some(2500.0));
+        assert_eq!(flat.event_type, "completion");
+        assert_eq!(flat.timestamp_us, 1_705_314_600_000_000);
+    }
+
+    #[test]
+    fn typed_fields_map_to_quantities_and_metadata() {
+        let event = convert(json!({"user_id": "u", "service_type": "document_processor",
+            "service_provider": "docai", "document_type": "invoice", "processing_type": "ocr",
+            "pages_processed": 5, "file_size_bytes": 1024}))
+        .expect("document event");
+        assert_eq!(event.quantity(QuantityKind::Pages), Some(5.0));
+        assert_eq!(event.quantity(QuantityKind::Bytes), Some(1024.0));
+        assert_eq!(event.event_type, "processing");
+        let api = convert(json!({"user_id": "u", "service_type": "api_service", "service_provider": "p",
+            "endpoint": "/v1/x", "method": "GET", "status_code": 503}))
+        .expect("api event");
+        assert_eq!(api.quantity(QuantityKind::Requests), Some(1.0));
+        assert_eq!(api.status, Status::Error);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let base = || json!({"user_id": "u", "service_type": "custom", "service_provider": "p", "event_type": "e"});
+        let mut unknown = base();
+        unknown["input_token"] = json!(3);
+        assert_eq!(convert(unknown).expect_err("typo").field, "input_token");
+        let mut negative = base();
+        negative["metrics"] = json!({"images": -1});
+        assert_eq!(convert(negative).expect_err("negative").field, "images");
+        let mut bad_time = base();
+        bad_time["timestamp"] = json!("yesterday");
+        assert_eq!(convert(bad_time).expect_err("time").field, "timestamp");
+        let mut no_user = base();
+        no_user.as_object_mut().expect("object").remove("user_id");
+        assert_eq!(convert(no_user).expect_err("user").field, "user_id");
+        let mut bad_text = base();
+        bad_text["user_id"] = json!(42);
+        assert_eq!(convert(bad_text).expect_err("type").field, "user_id");
+    }
+}

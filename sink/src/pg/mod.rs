@@ -1,0 +1,471 @@
+//! The PostgreSQL backend: binary `COPY` into `usage_events`, dedup, and rollup upserts, one
+//! transaction per batch.
+
+mod copy;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
+
+pub use copy::{CopyBuffer, encode_event, encode_numeric, event_columns, write_quantities_json};
+
+use crate::rollup::{self, LATENCY_BUCKETS, RollupDelta, RollupKey};
+use crate::row::{EventRow, Outcome};
+use crate::store::{ApiKey, BoxFuture, NewApiKey, Retention, Scope, Store, StoreError, Tenant};
+
+/// Connection settings of the PostgreSQL backend.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Pool size: sink workers, key look-ups and maintenance share it.
+    pub max_connections: u32,
+    /// How long a caller waits for a pooled connection before the store is unavailable.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions { max_connections: 8, acquire_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// The PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    copy_events: String,
+    copy_staging: String,
+    upsert_rollups: std::sync::Arc<str>,
+}
+
+impl PgStore {
+    /// Connects lazily: the pool opens connections on first use, so a server can start while
+    /// PostgreSQL is still coming up.
+    pub fn connect_lazy(url: &str, options: &PgOptions) -> Result<PgStore, StoreError> {
+        let connect: PgConnectOptions =
+            url.parse().map_err(|error| StoreError::Invalid(format!("invalid DATABASE_URL: {error}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(connect.application_name("tally"));
+        let columns = event_columns();
+        Ok(PgStore {
+            pool,
+            copy_events: format!("COPY usage_events ({columns}) FROM STDIN (FORMAT binary)"),
+            copy_staging: format!("COPY events_staging ({columns}) FROM STDIN (FORMAT binary)"),
+            upsert_rollups: upsert_rollups_sql().into(),
+        })
+    }
+
+    /// Applies the migrations in `migrations/postgres` that this database lacks. Safe to run from
+    /// several processes at once (sqlx holds an advisory lock).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("../migrations/postgres")
+            .run(&self.pool)
+            .await
+            .map_err(|error| StoreError::Internal(format!("failed to migrate: {error}")))
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn commit_rows(&self, rows: &[EventRow]) -> Result<Vec<Outcome>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut buffer = CopyBuffer::default();
+        buffer.start();
+        for row in rows {
+            encode_event(&mut buffer, row);
+        }
+        let stream = buffer.finish();
+        match self.insert_all(stream, rows).await {
+            Ok(()) => Ok(vec![Outcome::Stored; rows.len()]),
+            Err(error) if is_unique_violation(&error) => {
+                metrics::counter!("tally_dedup_path_total").increment(1);
+                self.insert_new(stream, rows).await.map_err(classify)
+            }
+            Err(error) => Err(classify(error)),
+        }
+    }
+
+    /// The fast path: `COPY` every row into the table. Fails with a unique violation if any row
+    /// is stored already, and then nothing of it stays.
+    async fn insert_all(&self, stream: &[u8], rows: &[EventRow]) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        copy_in(&mut tx, &self.copy_events, stream).await?;
+        self.upsert(&mut tx, rollup::aggregate(rows)).await?;
+        tx.commit().await
+    }
+
+    /// The dedup path: `COPY` into a staging table, insert what is new, and roll up exactly the
+    /// rows the insert returned.
+    async fn insert_new(&self, stream: &[u8], rows: &[EventRow]) -> Result<Vec<Outcome>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("CREATE TEMP TABLE events_staging (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DROP")
+            .execute(&mut *tx)
+            .await?;
+        copy_in(&mut tx, &self.copy_staging, stream).await?;
+        let inserted: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
+            "INSERT INTO usage_events SELECT * FROM events_staging ON CONFLICT DO NOTHING \
+             RETURNING tenant_id, event_id, (EXTRACT(EPOCH FROM occurred_at) * 1000000)::bigint",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut unclaimed: HashMap<(Uuid, [u8; 16], i64), ()> =
+            inserted.into_iter().map(|(tenant, event, at)| ((tenant, *event.as_bytes(), at), ())).collect();
+        let outcomes: Vec<Outcome> = rows
+            .iter()
+            .map(|row| match unclaimed.remove(&row.dedup_key()) {
+                Some(()) => Outcome::Stored,
+                None => Outcome::Duplicate,
+            })
+            .collect();
+        let stored = rows.iter().zip(&outcomes).filter(|(_, outcome)| **outcome == Outcome::Stored);
+        self.upsert(&mut tx, rollup::aggregate(stored.map(|(row, _)| row))).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn upsert(
+        &self,
+        conn: &mut PgConnection,
+        deltas: std::collections::BTreeMap<RollupKey<'_>, RollupDelta>,
+    ) -> Result<(), sqlx::Error> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let columns = RollupColumns::from_deltas(&deltas);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(self.upsert_rollups.clone()))
+            .bind(columns.tenant_ids)
+            .bind(columns.hours_us)
+            .bind(columns.service_types)
+            .bind(columns.service_providers)
+            .bind(columns.models)
+            .bind(columns.user_ids)
+            .bind(columns.event_types)
+            .bind(columns.event_counts)
+            .bind(columns.error_counts);
+        for quantity in columns.quantities {
+            query = query.bind(quantity);
+        }
+        query
+            .bind(columns.custom_quantities)
+            .bind(columns.costs)
+            .bind(columns.unpriced_counts)
+            .bind(columns.latency_counts)
+            .bind(columns.latency_sums_us)
+            .bind(columns.latency_maxes_us)
+            .bind(columns.latency_buckets)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Streams a complete binary `COPY` and finishes it; aborts it on a send error so the connection
+/// stays usable.
+async fn copy_in(conn: &mut PgConnection, statement: &str, stream: &[u8]) -> Result<u64, sqlx::Error> {
+    let mut copy = conn.copy_in_raw(statement).await?;
+    match copy.send(stream).await {
+        Ok(_) => copy.finish().await,
+        Err(error) => {
+            let _ = copy.abort("client failed to send").await;
+            Err(error)
+        }
+    }
+}
+
+/// Rollup deltas as one array per column, for a single `unnest` upsert.
+#[derive(Default)]
+struct RollupColumns<'a> {
+    tenant_ids: Vec<Uuid>,
+    hours_us: Vec<i64>,
+    service_types: Vec<&'a str>,
+    service_providers: Vec<&'a str>,
+    models: Vec<&'a str>,
+    user_ids: Vec<&'a str>,
+    event_types: Vec<&'a str>,
+    event_counts: Vec<i64>,
+    error_counts: Vec<i64>,
+    quantities: [Vec<Decimal>; crate::row::QUANTITY_KINDS],
+    custom_quantities: Vec<String>,
+    costs: Vec<Decimal>,
+    unpriced_counts: Vec<i64>,
+    latency_counts: Vec<i64>,
+    latency_sums_us: Vec<i64>,
+    latency_maxes_us: Vec<i64>,
+    /// All histograms back to back, `LATENCY_BUCKETS` per row.
+    latency_buckets: Vec<i64>,
+}
+
+impl<'a> RollupColumns<'a> {
+    fn from_deltas(deltas: &std::collections::BTreeMap<RollupKey<'a>, RollupDelta>) -> RollupColumns<'a> {
+        let mut columns = RollupColumns::default();
+        for (key, delta) in deltas {
+            columns.tenant_ids.push(key.tenant_id);
+            columns.hours_us.push(key.hour_us);
+            columns.service_types.push(key.service_type);
+            columns.service_providers.push(key.service_provider);
+            columns.models.push(key.model);
+            columns.user_ids.push(key.user_id);
+            columns.event_types.push(key.event_type);
+            columns.event_counts.push(delta.event_count);
+            columns.error_counts.push(delta.error_count);
+            for (column, sum) in columns.quantities.iter_mut().zip(delta.quantities) {
+                column.push(sum);
+            }
+            let mut json = Vec::new();
+            write_quantities_json(&delta.custom_quantities, &mut json);
+            columns.custom_quantities.push(String::from_utf8(json).unwrap_or_default());
+            columns.costs.push(delta.cost);
+            columns.unpriced_counts.push(delta.unpriced_count);
+            columns.latency_counts.push(delta.latency_count);
+            columns.latency_sums_us.push(delta.latency_sum_us);
+            columns.latency_maxes_us.push(delta.latency_max_us);
+            columns.latency_buckets.extend_from_slice(&delta.latency_buckets);
+        }
+        columns
+    }
+}
+
+/// The rollup upsert. Rows arrive in key order (a `BTreeMap`), so concurrent writers lock rollup
+/// rows in the same order and cannot deadlock on them.
+fn upsert_rollups_sql() -> String {
+    let quantity_names: Vec<&str> = wire::QuantityKind::ALL.iter().map(|kind| kind.as_str()).collect();
+    let quantity_params: Vec<String> =
+        (0..quantity_names.len()).map(|index| format!("${}::numeric[]", 10 + index)).collect();
+    let next = 10 + quantity_names.len();
+    let quantity_updates: Vec<String> =
+        quantity_names.iter().map(|name| format!("{name} = r.{name} + excluded.{name}")).collect();
+    let bucket_sums: Vec<String> = (1..=LATENCY_BUCKETS)
+        .map(|i| format!("r.latency_buckets[{i}] + excluded.latency_buckets[{i}]"))
+        .collect();
+    format!(
+        "INSERT INTO usage_rollup_hourly AS r (tenant_id, hour, service_type, service_provider, model, user_id, \
+           event_type, event_count, error_count, {quantities}, custom_quantities, cost, unpriced_count, \
+           latency_count, latency_sum_us, latency_max_us, latency_buckets) \
+         SELECT tenant_id, to_timestamp(hour_us / 1000000), service_type, service_provider, model, user_id, \
+           event_type, event_count, error_count, {quantities}, custom_quantities::jsonb, cost, unpriced_count, \
+           latency_count, latency_sum_us, latency_max_us, \
+           ${buckets}::bigint[][(ord - 1) * {n} + 1 : ord * {n}] \
+         FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
+           $8::bigint[], $9::bigint[], {quantity_params}, ${custom}::text[], ${cost}::numeric[], \
+           ${unpriced}::bigint[], ${lcount}::bigint[], ${lsum}::bigint[], ${lmax}::bigint[]) WITH ORDINALITY \
+           AS d(tenant_id, hour_us, service_type, service_provider, model, user_id, event_type, event_count, \
+           error_count, {quantities}, custom_quantities, cost, unpriced_count, latency_count, latency_sum_us, \
+           latency_max_us, ord) \
+         ORDER BY ord \
+         ON CONFLICT (tenant_id, hour, service_type, service_provider, model, user_id, event_type) DO UPDATE SET \
+           event_count = r.event_count + excluded.event_count, \
+           error_count = r.error_count + excluded.error_count, \
+           {quantity_updates}, \
+           custom_quantities = CASE WHEN excluded.custom_quantities = '{{}}' THEN r.custom_quantities \
+             ELSE tally_add_quantities(r.custom_quantities, excluded.custom_quantities) END, \
+           cost = r.cost + excluded.cost, \
+           unpriced_count = r.unpriced_count + excluded.unpriced_count, \
+           latency_count = r.latency_count + excluded.latency_count, \
+           latency_sum_us = r.latency_sum_us + excluded.latency_sum_us, \
+           latency_max_us = greatest(r.latency_max_us, excluded.latency_max_us), \
+           latency_buckets = ARRAY[{bucket_sums}]",
+        quantities = quantity_names.join(", "),
+        quantity_params = quantity_params.join(", "),
+        custom = next,
+        cost = next + 1,
+        unpriced = next + 2,
+        lcount = next + 3,
+        lsum = next + 4,
+        lmax = next + 5,
+        buckets = next + 6,
+        n = LATENCY_BUCKETS,
+        quantity_updates = quantity_updates.join(", "),
+        bucket_sums = bucket_sums.join(", "),
+    )
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
+/// Whether a database error is worth retrying. Decided here for every PostgreSQL call.
+fn classify(error: sqlx::Error) -> StoreError {
+    match &error {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|code| code.into_owned()).unwrap_or_default();
+            match code.as_str() {
+                "40001" | "40P01" => StoreError::Conflict(error.to_string()),
+                code if code.starts_with("08") || code.starts_with("57P") || code == "53300" => {
+                    StoreError::Unavailable(error.to_string())
+                }
+                _ => StoreError::Internal(error.to_string()),
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => StoreError::Unavailable(error.to_string()),
+        _ => StoreError::Internal(error.to_string()),
+    }
+}
+
+impl Store for PgStore {
+    fn commit<'a>(&'a self, rows: &'a [EventRow]) -> BoxFuture<'a, Result<Vec<Outcome>, StoreError>> {
+        Box::pin(self.commit_rows(rows))
+    }
+
+    fn find_api_key<'a>(&'a self, key_hash: &'a [u8; 32]) -> BoxFuture<'a, Result<Option<ApiKey>, StoreError>> {
+        Box::pin(async move {
+            let row: Option<ApiKeyRow> = sqlx::query_as(
+                "SELECT k.id, k.tenant_id, t.name, t.disabled_at IS NOT NULL, k.scopes, k.label, \
+                   (EXTRACT(EPOCH FROM k.expires_at) * 1000000)::bigint, k.revoked_at IS NOT NULL \
+                 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_hash = $1",
+            )
+            .bind(&key_hash[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+            Ok(row.map(ApiKeyRow::into_api_key))
+        })
+    }
+
+    fn create_tenant<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Tenant, StoreError>> {
+        Box::pin(async move {
+            let id = Uuid::now_v7();
+            let result = sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
+                .bind(id)
+                .bind(name)
+                .execute(&self.pool)
+                .await;
+            match result {
+                Ok(_) => Ok(Tenant { id, name: name.to_owned(), disabled: false }),
+                Err(error) if is_unique_violation(&error) => {
+                    Err(StoreError::Invalid(format!("a tenant named {name:?} exists already")))
+                }
+                Err(error) => Err(classify(error)),
+            }
+        })
+    }
+
+    fn find_tenant<'a>(&'a self, name_or_id: &'a str) -> BoxFuture<'a, Result<Option<Tenant>, StoreError>> {
+        Box::pin(async move {
+            let id = Uuid::parse_str(name_or_id).ok();
+            let row: Option<(Uuid, String, bool)> = sqlx::query_as(
+                "SELECT id, name, disabled_at IS NOT NULL FROM tenants WHERE name = $1 OR id = $2 LIMIT 1",
+            )
+            .bind(name_or_id)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+            Ok(row.map(|(id, name, disabled)| Tenant { id, name, disabled }))
+        })
+    }
+
+    fn create_api_key<'a>(&'a self, key: &'a NewApiKey) -> BoxFuture<'a, Result<ApiKey, StoreError>> {
+        Box::pin(async move {
+            let id = Uuid::now_v7();
+            let scopes: Vec<&str> = key.scopes.iter().map(|scope| scope.as_str()).collect();
+            let tenant: Option<(String, bool)> = sqlx::query_as(
+                "WITH new_key AS (
+                   INSERT INTO api_keys (id, tenant_id, key_hash, prefix, scopes, label, expires_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::double precision / 1000000))
+                 )
+                 SELECT name, disabled_at IS NOT NULL FROM tenants WHERE id = $2",
+            )
+            .bind(id)
+            .bind(key.tenant_id)
+            .bind(&key.key_hash[..])
+            .bind(&key.prefix)
+            .bind(&scopes)
+            .bind(&key.label)
+            .bind(key.expires_at_us)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+            let (tenant_name, tenant_disabled) =
+                tenant.ok_or_else(|| StoreError::Invalid(format!("no tenant with id {}", key.tenant_id)))?;
+            Ok(ApiKey {
+                id,
+                tenant_id: key.tenant_id,
+                tenant_name,
+                tenant_disabled,
+                scopes: key.scopes.clone(),
+                label: key.label.clone(),
+                expires_at_us: key.expires_at_us,
+                revoked: false,
+            })
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&self.pool).await.map_err(classify)?;
+            Ok(())
+        })
+    }
+
+    fn maintain<'a>(&'a self, retention: &'a Retention) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.pool.acquire().await.map_err(classify)?;
+            let mut tx = conn.begin().await.map_err(classify)?;
+            let created: i32 = sqlx::query_scalar(
+                "SELECT tally_ensure_partitions((now() AT TIME ZONE 'UTC')::date - $1::int, \
+                                                (now() AT TIME ZONE 'UTC')::date + $2::int)",
+            )
+            .bind(retention.partitions_behind_days as i32)
+            .bind(retention.partitions_ahead_days as i32)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+            let dropped: i32 =
+                sqlx::query_scalar("SELECT tally_drop_events_before((now() AT TIME ZONE 'UTC')::date - $1::int)")
+                    .bind(retention.event_retention_days as i32)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            if let Some(days) = retention.aggregate_retention_days {
+                sqlx::query("DELETE FROM usage_rollup_hourly WHERE hour < now() - make_interval(days => $1::int)")
+                    .bind(days as i32)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            }
+            tx.commit().await.map_err(classify)?;
+            tracing::info!(created, dropped, "partition maintenance done");
+            Ok(())
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ApiKeyRow {
+    id: Uuid,
+    tenant_id: Uuid,
+    tenant_name: String,
+    tenant_disabled: bool,
+    scopes: Vec<String>,
+    label: Option<String>,
+    expires_at_us: Option<i64>,
+    revoked: bool,
+}
+
+impl ApiKeyRow {
+    fn into_api_key(self) -> ApiKey {
+        ApiKey {
+            id: self.id,
+            tenant_id: self.tenant_id,
+            tenant_name: self.tenant_name,
+            tenant_disabled: self.tenant_disabled,
+            scopes: self.scopes.iter().filter_map(|scope| Scope::parse(scope)).collect(),
+            label: self.label,
+            expires_at_us: self.expires_at_us,
+            revoked: self.revoked,
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! Test harness: real PostgreSQL and Redis processes on free loopback ports, started once per test binary, a fresh database per test.
+//!
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! let database = tests::postgres().await.fresh_database().await?;
+//! let redis_url = tests::redis().await.url();
+//! # let _ = (database, redis_url);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The shared servers ([`postgres`], [`redis`]) live as long as the test process; tests that stop,
+//! crash or restart a server take a private one ([`dedicated_postgres`], [`dedicated_redis`])
+//! that is removed when dropped. Every server runs under a supervisor that stops it and deletes
+//! its temporary directory when the test process exits, even by `SIGKILL` (see `process.rs`).
+//!
+//! Everything works from any number of `#[tokio::test]` runtimes at once: nothing runtime-bound
+//! (pools, tokio child handles) is kept in a static.
+
+mod postgres;
+mod process;
+mod redis;
+
+pub use postgres::{PgServer, TestDb, dedicated_postgres, postgres};
+pub use redis::{RedisPersistence, RedisServer, dedicated_redis, redis};

@@ -1,0 +1,3 @@
+//! Tally's integration tests: one binary, with real PostgreSQL and Redis from the `tests` harness.
+
+mod harness_smoke;
