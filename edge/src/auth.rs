@@ -54,7 +54,8 @@ const KEY_CACHE_ENTRIES_MAX: u64 = 100_000;
 
 impl Authenticator {
     pub fn new(store: Arc<dyn Store>, ttl: Duration) -> Authenticator {
-        let cache = moka::sync::Cache::builder().max_capacity(KEY_CACHE_ENTRIES_MAX).time_to_live(ttl).build();
+        let cache =
+            moka::sync::Cache::builder().max_capacity(KEY_CACHE_ENTRIES_MAX).time_to_live(ttl).build();
         Authenticator { store, cache }
     }
 
@@ -65,7 +66,8 @@ impl Authenticator {
         let record = match self.cache.get(&hash) {
             Some(record) => record,
             None => {
-                let record = self.store.find_api_key(&hash).await.map_err(AuthError::Unavailable)?.map(Arc::new);
+                let record =
+                    self.store.find_api_key(&hash).await.map_err(AuthError::Unavailable)?.map(Arc::new);
                 self.cache.insert(hash, record.clone());
                 record
             }
@@ -104,7 +106,9 @@ pub fn generate_api_key() -> String {
 
 /// Microseconds since the Unix epoch, now.
 pub fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_micros() as i64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_micros() as i64)
 }
 
 #[cfg(test)]

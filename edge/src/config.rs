@@ -80,10 +80,17 @@ impl EdgeConfig {
         if self.wire_frame_bytes_max < wire::limits::HANDSHAKE_PAYLOAD_BYTES_MAX
             || self.wire_frame_bytes_max > wire::limits::FRAME_PAYLOAD_BYTES_CEILING
         {
-            return fail("wire_frame_bytes_max", format!("must be from 16 KiB to 16 MiB, got {}", self.wire_frame_bytes_max));
+            return fail(
+                "wire_frame_bytes_max",
+                format!("must be from 16 KiB to 16 MiB, got {}", self.wire_frame_bytes_max),
+            );
         }
-        if self.wire_batch_events_max == 0 || self.wire_batch_events_max > wire::limits::BATCH_EVENTS_CEILING {
-            return fail("wire_batch_events_max", format!("must be from 1 to 50,000, got {}", self.wire_batch_events_max));
+        if self.wire_batch_events_max == 0 || self.wire_batch_events_max > wire::limits::BATCH_EVENTS_CEILING
+        {
+            return fail(
+                "wire_batch_events_max",
+                format!("must be from 1 to 50,000, got {}", self.wire_batch_events_max),
+            );
         }
         if self.wire_credits == 0 || self.wire_credits > wire::limits::CREDITS_CEILING {
             return fail("wire_credits", format!("must be from 1 to 256, got {}", self.wire_credits));
@@ -92,7 +99,10 @@ impl EdgeConfig {
             return fail("wire_connections_max", "must be at least 1".into());
         }
         if self.http_batch_events_max == 0 || self.http_batch_events_max > 10_000 {
-            return fail("http_batch_events_max", format!("must be from 1 to 10,000, got {}", self.http_batch_events_max));
+            return fail(
+                "http_batch_events_max",
+                format!("must be from 1 to 10,000, got {}", self.http_batch_events_max),
+            );
         }
         if self.queue.shards == 0 || self.queue.shards > 64 {
             return fail("sink_workers", format!("must be from 1 to 64, got {}", self.queue.shards));
@@ -107,7 +117,9 @@ impl EdgeConfig {
         if self.retention.event_retention_days <= late_days {
             return fail(
                 "event_retention_days",
-                format!("must exceed the late-event window of {late_days} days, or late events would be dropped at once"),
+                format!(
+                    "must exceed the late-event window of {late_days} days, or late events would be dropped at once"
+                ),
             );
         }
         Ok(())
@@ -116,6 +128,9 @@ impl EdgeConfig {
     /// Partitions must reach back over the whole late-event window.
     pub fn retention_with_window(&self) -> Retention {
         let late_days = self.window.late.as_secs().div_ceil(86_400) as u32;
-        Retention { partitions_behind_days: self.retention.partitions_behind_days.max(late_days + 1), ..self.retention }
+        Retention {
+            partitions_behind_days: self.retention.partitions_behind_days.max(late_days + 1),
+            ..self.retention
+        }
     }
 }

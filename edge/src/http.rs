@@ -49,7 +49,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = (status, Json(self.body)).into_response();
         if let Some(seconds) = self.retry_after_s {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
@@ -89,9 +90,13 @@ impl From<IngestError> for ApiError {
             IngestError::ShuttingDown | IngestError::Storage(_) => Some(1),
         };
         let detail = match &error {
-            IngestError::Storage(store) => {
+            IngestError::Storage(store) if store.is_retryable() => {
                 tracing::warn!(error = %store, "ingest failed");
                 "storage is unavailable; nothing was stored, retry later".to_owned()
+            }
+            IngestError::Storage(store) => {
+                tracing::error!(error = %store, "ingest failed");
+                "internal error; nothing was stored".to_owned()
             }
             other => other.to_string(),
         };
@@ -105,7 +110,12 @@ pub fn api_key(headers: &HeaderMap) -> Option<&str> {
         return Some(key);
     }
     let authorization = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    Some(authorization.strip_prefix("Bearer ").or_else(|| authorization.strip_prefix("bearer ")).unwrap_or(authorization))
+    Some(
+        authorization
+            .strip_prefix("Bearer ")
+            .or_else(|| authorization.strip_prefix("bearer "))
+            .unwrap_or(authorization),
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,7 +139,8 @@ impl IngestParams {
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
-    serde_json::from_slice(body).map_err(|error| ApiError::new(ErrorCode::BadFrame, format!("invalid JSON body: {error}")))
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::new(ErrorCode::BadFrame, format!("invalid JSON body: {error}")))
 }
 
 /// A body's `tenant_id`, where given, must be the key's tenant (by id or name).
@@ -177,7 +188,9 @@ async fn ingest_one(
     let event_id = ids.into_iter().next().flatten().map(|id| id.to_string());
     let (status, message, result) = match statuses.pop() {
         Some(EventStatus::Stored) => (StatusCode::OK, "event stored", "stored"),
-        Some(EventStatus::Duplicate) => (StatusCode::OK, "event was stored before; not counted again", "duplicate"),
+        Some(EventStatus::Duplicate) => {
+            (StatusCode::OK, "event was stored before; not counted again", "duplicate")
+        }
         Some(EventStatus::Accepted) => (StatusCode::ACCEPTED, "event accepted for storage", "accepted"),
         Some(EventStatus::Rejected { code, message }) => return Err(ApiError::new(code, message)),
         None => return Err(ApiError::new(ErrorCode::Internal, "no result for the event")),
@@ -213,7 +226,11 @@ async fn ingest_batch(
     Ok(batch_response(originals, ids, statuses))
 }
 
-fn batch_response(originals: Vec<Value>, ids: Vec<Option<uuid::Uuid>>, statuses: Vec<EventStatus>) -> Response {
+fn batch_response(
+    originals: Vec<Value>,
+    ids: Vec<Option<uuid::Uuid>>,
+    statuses: Vec<EventStatus>,
+) -> Response {
     let (mut stored, mut duplicate, mut accepted) = (0, 0, 0);
     let mut results = Vec::with_capacity(statuses.len());
     let mut failed = Vec::new();
@@ -238,10 +255,8 @@ fn batch_response(originals: Vec<Value>, ids: Vec<Option<uuid::Uuid>>, statuses:
         (0, _) => StatusCode::BAD_REQUEST,
         _ => StatusCode::MULTI_STATUS,
     };
-    let message = format!(
-        "{stored} stored, {duplicate} duplicate, {accepted} accepted, {} rejected",
-        failed.len()
-    );
+    let message =
+        format!("{stored} stored, {duplicate} duplicate, {accepted} accepted, {} rejected", failed.len());
     let body = json!({
         "success": failed.is_empty(),
         "processed_count": processed,

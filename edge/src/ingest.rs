@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sink::{EventRow, IngestQueue, Outcome, StoreError, SubmitError, Submission, WhenFull};
+use sink::{EventRow, IngestQueue, Outcome, StoreError, Submission, SubmitError, WhenFull};
 use wire::{AckMode, ErrorCode, Event, EventError};
 
 use crate::auth::{Caller, now_us};
@@ -34,7 +34,10 @@ pub enum EventStatus {
     Duplicate,
     /// Queued, not yet committed (ack mode `accepted`).
     Accepted,
-    Rejected { code: ErrorCode, message: String },
+    Rejected {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// Why a whole request was not taken. Nothing of it was stored.
@@ -79,7 +82,10 @@ impl Prepared {
     }
 
     /// Per-event statuses given the outcomes of the stored rows, in order.
-    fn statuses(slots: Vec<Result<(), (ErrorCode, String)>>, outcomes: Option<Vec<Outcome>>) -> Vec<EventStatus> {
+    fn statuses(
+        slots: Vec<Result<(), (ErrorCode, String)>>,
+        outcomes: Option<Vec<Outcome>>,
+    ) -> Vec<EventStatus> {
         let mut outcomes = outcomes.map(Vec::into_iter);
         slots
             .into_iter()
@@ -114,7 +120,11 @@ impl Ingestor {
 
     /// Checks each event (decoded and protocol-validated by the caller, or refused with its
     /// error) against the registry and the time window, and makes rows of the good ones.
-    pub fn prepare(&self, caller: &Caller, events: impl IntoIterator<Item = Result<Event, EventError>>) -> Prepared {
+    pub fn prepare(
+        &self,
+        caller: &Caller,
+        events: impl IntoIterator<Item = Result<Event, EventError>>,
+    ) -> Prepared {
         let now_us = now_us();
         let oldest_us = now_us - self.window.late.as_micros() as i64;
         let newest_us = now_us + self.window.ahead.as_micros() as i64;
@@ -161,7 +171,9 @@ impl Ingestor {
         };
         match self.queue.submit(shard_hint, submission, when_full).await {
             Ok(()) => {}
-            Err(SubmitError::Full(_)) => return Err(IngestError::Busy { retry_after_ms: BUSY_RETRY_AFTER_MS }),
+            Err(SubmitError::Full(_)) => {
+                return Err(IngestError::Busy { retry_after_ms: BUSY_RETRY_AFTER_MS });
+            }
             Err(SubmitError::Closed(_)) => return Err(IngestError::ShuttingDown),
         }
         let Some(receiver) = receiver else {
@@ -177,10 +189,18 @@ impl Ingestor {
     }
 }
 
-fn check_window(timestamp_us: i64, oldest_us: i64, newest_us: i64, window: &TimeWindow) -> Result<(), EventError> {
+fn check_window(
+    timestamp_us: i64,
+    oldest_us: i64,
+    newest_us: i64,
+    window: &TimeWindow,
+) -> Result<(), EventError> {
     if timestamp_us < oldest_us {
         let days = window.late.as_secs() / 86_400;
-        return Err(EventError::new("timestamp", format!("is older than the late-event window of {days} days")));
+        return Err(EventError::new(
+            "timestamp",
+            format!("is older than the late-event window of {days} days"),
+        ));
     }
     if timestamp_us > newest_us {
         let seconds = window.ahead.as_secs();

@@ -35,8 +35,15 @@ fn numeric_target(name: &str) -> Option<Target> {
 }
 
 /// Text fields of the older API's typed services, kept as metadata.
-const TEXT_FIELDS: &[&str] =
-    &["model_version", "document_type", "processing_type", "file_format", "endpoint", "method", "api_version"];
+const TEXT_FIELDS: &[&str] = &[
+    "model_version",
+    "document_type",
+    "processing_type",
+    "file_format",
+    "endpoint",
+    "method",
+    "api_version",
+];
 
 /// The tenant named in a body, if any: `tenant_id` must then be the caller's tenant.
 pub fn tenant_of(value: &Value) -> Option<&str> {
@@ -50,7 +57,8 @@ pub fn event_from_json(value: Value, registry: &Registry) -> Result<Event, Event
     };
     let user_id = take_string(&mut object, "user_id")?.ok_or_else(|| missing("user_id"))?;
     let service_type = take_string(&mut object, "service_type")?.ok_or_else(|| missing("service_type"))?;
-    let service_provider = take_string(&mut object, "service_provider")?.ok_or_else(|| missing("service_provider"))?;
+    let service_provider =
+        take_string(&mut object, "service_provider")?.ok_or_else(|| missing("service_provider"))?;
     let default_event_type = registry.get(&service_type).and_then(|service| service.default_event_type);
     let event_type = match take_string(&mut object, "event_type")? {
         Some(event_type) => event_type,
@@ -132,7 +140,13 @@ fn finish(mut event: Event, error_code: Option<String>) -> Result<Event, EventEr
 
 /// One numeric field, from the top level or from `metrics` (where unknown names are custom
 /// quantities).
-fn apply_numeric(event: &mut Event, field: &str, name: &str, value: Value, in_metrics: bool) -> Result<(), EventError> {
+fn apply_numeric(
+    event: &mut Event,
+    field: &str,
+    name: &str,
+    value: Value,
+    in_metrics: bool,
+) -> Result<(), EventError> {
     let number = value.as_f64().ok_or_else(|| EventError::new(field, "must be a number"))?;
     let target = numeric_target(name).unwrap_or(if in_metrics { Target::Custom } else { Target::Metadata });
     match target {
@@ -142,9 +156,10 @@ fn apply_numeric(event: &mut Event, field: &str, name: &str, value: Value, in_me
             }
             event.quantities.push(wire::Quantity { kind, value: number });
         }
-        Target::Custom => {
-            event.extra_mut().custom_quantities.push(wire::CustomQuantity { name: name.to_owned(), value: number })
-        }
+        Target::Custom => event
+            .extra_mut()
+            .custom_quantities
+            .push(wire::CustomQuantity { name: name.to_owned(), value: number }),
         Target::Latency => {
             if event.latency_ms.is_some() {
                 return Err(EventError::new(field, "latency is given twice"));
@@ -153,7 +168,10 @@ fn apply_numeric(event: &mut Event, field: &str, name: &str, value: Value, in_me
         }
         Target::Metadata => {
             check_typed_metadata(field, name, number, event)?;
-            event.extra_mut().metadata.push(wire::MetadataEntry { key: name.to_owned(), value: value.to_string() });
+            event
+                .extra_mut()
+                .metadata
+                .push(wire::MetadataEntry { key: name.to_owned(), value: value.to_string() });
         }
     }
     Ok(())
@@ -183,7 +201,8 @@ fn take_metadata(event: &mut Event, metadata: Value) -> Result<(), EventError> {
     };
     for (key, value) in metadata {
         if key == "model" && event.model.is_none() {
-            let model = value.as_str().ok_or_else(|| EventError::new("metadata.model", "must be a string"))?;
+            let model =
+                value.as_str().ok_or_else(|| EventError::new("metadata.model", "must be a string"))?;
             event.model = Some(model.to_owned());
             continue;
         }
@@ -285,7 +304,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let base = || json!({"user_id": "u", "service_type": "custom", "service_provider": "p", "event_type": "e"});
+        let base =
+            || json!({"user_id": "u", "service_type": "custom", "service_provider": "p", "event_type": "e"});
         let mut unknown = base();
         unknown["input_token"] = json!(3);
         assert_eq!(convert(unknown).expect_err("typo").field, "input_token");

@@ -107,12 +107,22 @@ pub async fn start(config: EdgeConfig, store: Arc<dyn Store>) -> anyhow::Result<
             }
         })
     };
-    let maintenance = tokio::spawn(maintain_forever(store, state.config.retention_with_window(), state.config.maintenance_interval, shutdown.clone()));
+    let maintenance = tokio::spawn(maintain_forever(
+        store,
+        state.config.retention_with_window(),
+        state.config.maintenance_interval,
+        shutdown.clone(),
+    ));
     tracing::info!(%wire_addr, %http_addr, "tally edge listening");
     Ok(RunningEdge { wire_addr, http_addr, state, shutdown, connections, http, workers, maintenance })
 }
 
-async fn maintain_forever(store: Arc<dyn Store>, retention: sink::Retention, every: Duration, shutdown: CancellationToken) {
+async fn maintain_forever(
+    store: Arc<dyn Store>,
+    retention: sink::Retention,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
     loop {
         if let Err(error) = store.maintain(&retention).await {
             tracing::warn!(%error, "partition maintenance failed; retrying next round");
@@ -134,7 +144,11 @@ impl RunningEdge {
         self.shutdown.cancel();
         self.connections.close();
         let connections_done = tokio::time::timeout(deadline, self.connections.wait()).await.is_ok();
-        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, connections_done, "connections closed");
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            connections_done,
+            "connections closed"
+        );
         let _ = tokio::time::timeout(deadline.saturating_sub(started.elapsed()), self.http).await;
         self.state.ingestor.queue().close();
         let mut workers_done = true;

@@ -14,8 +14,8 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wire::{
-    Ack, AckMode, ErrorCode, ErrorMessage, Frame, Goodbye, Kind, Message, Pong, Rejection, WireCodec,
-    WireError, Welcome,
+    Ack, AckMode, ErrorCode, ErrorMessage, Frame, Goodbye, Kind, Message, Pong, Rejection, Welcome,
+    WireCodec, WireError,
 };
 
 use crate::EdgeState;
@@ -33,7 +33,12 @@ static NEXT_CONNECTION: AtomicUsize = AtomicUsize::new(0);
 
 /// Accepts connections until `shutdown`, at most `max_connections` at once (further clients wait
 /// in the listen backlog).
-pub async fn serve(listener: TcpListener, state: Arc<EdgeState>, shutdown: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<EdgeState>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     let permits = Arc::new(Semaphore::new(state.config.wire_connections_max));
     loop {
         let permit = tokio::select! {
@@ -147,7 +152,12 @@ impl Connection {
             Ok(caller) => caller,
             Err(error) => {
                 metrics::counter!("tally_auth_failures_total", "transport" => "wire").increment(1);
-                let message = ErrorMessage { code: error.code(), message: error.to_string(), fatal: true, sequence: None };
+                let message = ErrorMessage {
+                    code: error.code(),
+                    message: error.to_string(),
+                    fatal: true,
+                    sequence: None,
+                };
                 let _ = self.framed.send(Message::Error(message)).await;
                 return Ok(None);
             }
@@ -199,7 +209,12 @@ impl Connection {
         let max = self.state.config.wire_batch_events_max;
         if batch.events.len() > max as usize {
             let error = WireError::TooManyEvents { count: batch.events.len(), max };
-            let message = ErrorMessage { code: error.code(), message: error.to_string(), fatal: false, sequence: Some(sequence) };
+            let message = ErrorMessage {
+                code: error.code(),
+                message: error.to_string(),
+                fatal: false,
+                sequence: Some(sequence),
+            };
             self.framed.send(Message::Error(message)).await?;
             return Ok(None);
         }
@@ -220,7 +235,8 @@ impl Connection {
     /// Sends a fatal error; the caller then closes the connection.
     async fn fatal(&mut self, error: WireError) -> Result<(), WireError> {
         metrics::counter!("tally_wire_protocol_errors_total", "code" => error.code().as_str()).increment(1);
-        let message = ErrorMessage { code: error.code(), message: error.to_string(), fatal: true, sequence: None };
+        let message =
+            ErrorMessage { code: error.code(), message: error.to_string(), fatal: true, sequence: None };
         let _ = self.framed.send(Message::Error(message)).await;
         Ok(())
     }
@@ -245,7 +261,12 @@ fn answer(sequence: u64, result: Result<Vec<EventStatus>, IngestError>) -> Messa
         Err(IngestError::Busy { retry_after_ms }) => Message::Busy(wire::Busy { sequence, retry_after_ms }),
         Err(error) => {
             let code: ErrorCode = error.code();
-            Message::Error(ErrorMessage { code, message: error.to_string(), fatal: false, sequence: Some(sequence) })
+            Message::Error(ErrorMessage {
+                code,
+                message: error.to_string(),
+                fatal: false,
+                sequence: Some(sequence),
+            })
         }
     }
 }

@@ -11,7 +11,7 @@ mod row;
 mod store;
 mod worker;
 
-pub use queue::{CommitResult, IngestQueue, QueueLimits, SubmitError, Submission, WhenFull};
+pub use queue::{CommitResult, IngestQueue, QueueLimits, Submission, SubmitError, WhenFull};
 pub use row::{EventRow, Outcome, QUANTITY_DECIMAL_PLACES, QUANTITY_KINDS, quantity_decimal};
 pub use store::{ApiKey, BoxFuture, NewApiKey, Retention, Scope, Store, StoreError, Tenant, hash_api_key};
 pub use worker::{BatchLimits, spawn_workers};

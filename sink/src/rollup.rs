@@ -13,7 +13,8 @@ use crate::row::{EventRow, QUANTITY_KINDS};
 /// last bucket is open-ended; 2^22 ms is above the largest latency the protocol allows.
 pub const LATENCY_BUCKETS: usize = 46;
 
-const _: () = assert!((1u64 << ((LATENCY_BUCKETS - 2) / 2)) as f64 * 1000.0 > wire::limits::LATENCY_US_MAX as f64);
+const _: () =
+    assert!((1u64 << ((LATENCY_BUCKETS - 2) / 2)) as f64 * 1000.0 > wire::limits::LATENCY_US_MAX as f64);
 
 const MICROS_PER_HOUR: i64 = 3_600_000_000;
 

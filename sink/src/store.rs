@@ -21,7 +21,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// The API key with this SHA-256 hash, if one exists (revoked and expired ones included:
     /// the caller decides).
-    fn find_api_key<'a>(&'a self, key_hash: &'a [u8; 32]) -> BoxFuture<'a, Result<Option<ApiKey>, StoreError>>;
+    fn find_api_key<'a>(
+        &'a self,
+        key_hash: &'a [u8; 32],
+    ) -> BoxFuture<'a, Result<Option<ApiKey>, StoreError>>;
 
     /// Creates a tenant; its name must be new.
     fn create_tenant<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Tenant, StoreError>>;

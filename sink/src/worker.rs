@@ -41,7 +41,11 @@ impl Default for BatchLimits {
 }
 
 /// Starts one worker per queue shard. They stop once the queue is closed and drained.
-pub fn spawn_workers(queue: Arc<IngestQueue>, store: Arc<dyn Store>, limits: BatchLimits) -> Vec<JoinHandle<()>> {
+pub fn spawn_workers(
+    queue: Arc<IngestQueue>,
+    store: Arc<dyn Store>,
+    limits: BatchLimits,
+) -> Vec<JoinHandle<()>> {
     (0..queue.shard_count())
         .map(|shard| {
             let worker = Worker { shard, queue: queue.clone(), store: store.clone(), limits };
@@ -79,7 +83,9 @@ impl Worker {
             bytes += submission.rows.iter().map(EventRow::approximate_bytes).sum::<usize>();
             submissions.push(submission);
             let oldest_age = submissions[0].enqueued_at.elapsed();
-            if events >= self.limits.events_max || bytes >= self.limits.bytes_max || oldest_age >= self.limits.age_max
+            if events >= self.limits.events_max
+                || bytes >= self.limits.bytes_max
+                || oldest_age >= self.limits.age_max
             {
                 break;
             }

@@ -177,7 +177,10 @@ async fn create_key(
     let tenant = store.find_tenant(tenant).await?.with_context(|| format!("no tenant named {tenant:?}"))?;
     let scopes = scopes
         .iter()
-        .map(|scope| Scope::parse(scope.trim()).with_context(|| format!("unknown scope {scope:?}: use ingest, query, admin")))
+        .map(|scope| {
+            Scope::parse(scope.trim())
+                .with_context(|| format!("unknown scope {scope:?}: use ingest, query, admin"))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let key = edge::auth::generate_api_key();
     let expires_at_us = expires_in_days.map(|days| edge::auth::now_us() + i64::from(days) * 86_400_000_000);
@@ -191,7 +194,12 @@ async fn create_key(
     };
     let stored = store.create_api_key(&new_key).await?;
     let scopes: Vec<&str> = stored.scopes.iter().map(|scope| scope.as_str()).collect();
-    println!("API key {} for tenant {} with scopes {} (shown once):", stored.id, tenant.name, scopes.join(","));
+    println!(
+        "API key {} for tenant {} with scopes {} (shown once):",
+        stored.id,
+        tenant.name,
+        scopes.join(",")
+    );
     println!("{key}");
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! PostgreSQL's binary `COPY` format, written straight from in-memory rows: no text formatting of
 //! values, one reused buffer per batch.
 
-use rust_decimal::Decimal;
 use crate::row::EventRow;
+use rust_decimal::Decimal;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
 const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
@@ -149,7 +149,9 @@ pub fn encode_event(buffer: &mut CopyBuffer, row: &EventRow) {
     if row.custom_quantities.is_empty() {
         buffer.null();
     } else {
-        buffer.jsonb(|out| write_quantities_json(row.custom_quantities.iter().map(|(name, value)| (name, value)), out));
+        buffer.jsonb(|out| {
+            write_quantities_json(row.custom_quantities.iter().map(|(name, value)| (name, value)), out)
+        });
     }
     buffer.optional_numeric(row.cost.as_ref());
     match extra.filter(|extra| !extra.metadata.is_empty()) {
@@ -166,7 +168,10 @@ pub fn encode_event(buffer: &mut CopyBuffer, row: &EventRow) {
 
 /// `{"name":value,...}` with exact decimal numbers. Names are `[a-z0-9_]` (validated), so they
 /// need no escaping.
-pub fn write_quantities_json<'a>(quantities: impl IntoIterator<Item = (&'a String, &'a Decimal)>, out: &mut Vec<u8>) {
+pub fn write_quantities_json<'a>(
+    quantities: impl IntoIterator<Item = (&'a String, &'a Decimal)>,
+    out: &mut Vec<u8>,
+) {
     use std::io::Write;
     out.push(b'{');
     for (index, (name, value)) in quantities.into_iter().enumerate() {

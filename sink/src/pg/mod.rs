@@ -252,7 +252,7 @@ fn upsert_rollups_sql() -> String {
          SELECT tenant_id, to_timestamp(hour_us / 1000000), service_type, service_provider, model, user_id, \
            event_type, event_count, error_count, {quantities}, custom_quantities::jsonb, cost, unpriced_count, \
            latency_count, latency_sum_us, latency_max_us, \
-           ${buckets}::bigint[][(ord - 1) * {n} + 1 : ord * {n}] \
+           (${buckets}::bigint[])[(ord - 1) * {n} + 1 : ord * {n}] \
          FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
            $8::bigint[], $9::bigint[], {quantity_params}, ${custom}::text[], ${cost}::numeric[], \
            ${unpriced}::bigint[], ${lcount}::bigint[], ${lsum}::bigint[], ${lmax}::bigint[]) WITH ORDINALITY \
@@ -319,11 +319,15 @@ impl Store for PgStore {
         Box::pin(self.commit_rows(rows))
     }
 
-    fn find_api_key<'a>(&'a self, key_hash: &'a [u8; 32]) -> BoxFuture<'a, Result<Option<ApiKey>, StoreError>> {
+    fn find_api_key<'a>(
+        &'a self,
+        key_hash: &'a [u8; 32],
+    ) -> BoxFuture<'a, Result<Option<ApiKey>, StoreError>> {
         Box::pin(async move {
             let row: Option<ApiKeyRow> = sqlx::query_as(
-                "SELECT k.id, k.tenant_id, t.name, t.disabled_at IS NOT NULL, k.scopes, k.label, \
-                   (EXTRACT(EPOCH FROM k.expires_at) * 1000000)::bigint, k.revoked_at IS NOT NULL \
+                "SELECT k.id, k.tenant_id, t.name AS tenant_name, t.disabled_at IS NOT NULL AS tenant_disabled, \
+                   k.scopes, k.label, (EXTRACT(EPOCH FROM k.expires_at) * 1000000)::bigint AS expires_at_us, \
+                   k.revoked_at IS NOT NULL AS revoked \
                  FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_hash = $1",
             )
             .bind(&key_hash[..])
@@ -423,18 +427,21 @@ impl Store for PgStore {
             .fetch_one(&mut *tx)
             .await
             .map_err(classify)?;
-            let dropped: i32 =
-                sqlx::query_scalar("SELECT tally_drop_events_before((now() AT TIME ZONE 'UTC')::date - $1::int)")
-                    .bind(retention.event_retention_days as i32)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(classify)?;
+            let dropped: i32 = sqlx::query_scalar(
+                "SELECT tally_drop_events_before((now() AT TIME ZONE 'UTC')::date - $1::int)",
+            )
+            .bind(retention.event_retention_days as i32)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
             if let Some(days) = retention.aggregate_retention_days {
-                sqlx::query("DELETE FROM usage_rollup_hourly WHERE hour < now() - make_interval(days => $1::int)")
-                    .bind(days as i32)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?;
+                sqlx::query(
+                    "DELETE FROM usage_rollup_hourly WHERE hour < now() - make_interval(days => $1::int)",
+                )
+                .bind(days as i32)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
             }
             tx.commit().await.map_err(classify)?;
             tracing::info!(created, dropped, "partition maintenance done");

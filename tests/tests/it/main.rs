@@ -1,3 +1,5 @@
 //! Tally's integration tests: one binary, with real PostgreSQL and Redis from the `tests` harness.
 
 mod harness_smoke;
+mod ingest;
+mod support;

@@ -1,0 +1,214 @@
+//! What the integration tests share: an edge on a fresh database, a raw protocol connection,
+//! HTTP requests without a socket, and queries that check what was stored.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures_util::{SinkExt, StreamExt};
+use sink::pg::{PgOptions, PgStore};
+use sink::{NewApiKey, Scope, Store};
+use sqlx::PgConnection;
+use tests::TestDb;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+use tower::ServiceExt;
+use wire::{AckMode, EventBatch, Hello, Message, Welcome, WireCodec};
+
+/// An edge listening on loopback ports over a fresh, migrated database.
+pub struct TestEdge {
+    pub db: TestDb,
+    pub store: Arc<PgStore>,
+    pub edge: edge::RunningEdge,
+    pub tenant: sink::Tenant,
+    pub key: String,
+}
+
+impl TestEdge {
+    /// On the shared PostgreSQL server.
+    pub async fn start() -> Result<TestEdge> {
+        Self::start_on(tests::postgres().await, edge::EdgeConfig::default()).await
+    }
+
+    pub async fn start_on(server: &tests::PgServer, mut config: edge::EdgeConfig) -> Result<TestEdge> {
+        let db = server.fresh_database().await?;
+        let store = Arc::new(PgStore::connect_lazy(&db.url, &PgOptions::default())?);
+        store.migrate().await?;
+        config.wire_addr = "127.0.0.1:0".parse()?;
+        config.http_addr = "127.0.0.1:0".parse()?;
+        store.maintain(&config.retention_with_window()).await?;
+        let tenant = store.create_tenant("acme").await?;
+        let key = create_key(&*store, &tenant, vec![Scope::Ingest, Scope::Query]).await?;
+        let edge = edge::start(config, store.clone() as Arc<dyn Store>).await?;
+        Ok(TestEdge { db, store, edge, tenant, key })
+    }
+
+    /// A second tenant with its own key.
+    pub async fn other_tenant(&self, name: &str) -> Result<(sink::Tenant, String)> {
+        let tenant = self.store.create_tenant(name).await?;
+        let key = create_key(&*self.store, &tenant, vec![Scope::Ingest]).await?;
+        Ok((tenant, key))
+    }
+
+    pub async fn connect_db(&self) -> Result<PgConnection> {
+        self.db.connect().await
+    }
+
+    /// Sends an HTTP request through the edge's router (no socket).
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: serde_json::Value,
+    ) -> Result<(StatusCode, serde_json::Value)> {
+        let mut request =
+            Request::builder().method(method).uri(path).header("content-type", "application/json");
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        let request = request.body(Body::from(body.to_string()))?;
+        let response = edge::http::router(self.edge.state.clone()).oneshot(request).await?;
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 16 << 20).await?;
+        let json = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).context("json body")?
+        };
+        Ok((status, json))
+    }
+}
+
+pub async fn create_key(store: &PgStore, tenant: &sink::Tenant, scopes: Vec<Scope>) -> Result<String> {
+    let key = edge::auth::generate_api_key();
+    let new_key = NewApiKey {
+        tenant_id: tenant.id,
+        key_hash: sink::hash_api_key(&key),
+        prefix: key[..12].to_owned(),
+        scopes,
+        label: None,
+        expires_at_us: None,
+    };
+    store.create_api_key(&new_key).await?;
+    Ok(key)
+}
+
+/// A protocol connection driven frame by frame.
+pub struct RawConnection {
+    pub framed: Framed<TcpStream, WireCodec>,
+    pub welcome: Welcome,
+}
+
+impl RawConnection {
+    pub async fn open(edge: &TestEdge, key: &str) -> Result<RawConnection> {
+        match Self::try_open(edge, key).await? {
+            Ok(connection) => Ok(connection),
+            Err(message) => bail!("handshake refused: {message:?}"),
+        }
+    }
+
+    /// The connection, or the message the server refused the handshake with.
+    pub async fn try_open(edge: &TestEdge, key: &str) -> Result<std::result::Result<RawConnection, Message>> {
+        let stream = TcpStream::connect(edge.edge.wire_addr).await?;
+        let mut framed = Framed::new(stream, WireCodec::new());
+        let hello = Hello {
+            protocol_version: wire::PROTOCOL_VERSION,
+            api_key: key.to_owned(),
+            client_name: "it".into(),
+            ack_mode: AckMode::Durable,
+        };
+        framed.send(Message::Hello(hello)).await?;
+        let reply = next_message(&mut framed).await?;
+        let Message::Welcome(welcome) = reply else { return Ok(Err(reply)) };
+        framed.codec_mut().set_limits(welcome.max_frame_bytes, welcome.max_frame_bytes);
+        Ok(Ok(RawConnection { framed, welcome }))
+    }
+
+    pub async fn send(&mut self, sequence: u64, events: Vec<wire::Event>) -> Result<()> {
+        self.framed.send(Message::Events(EventBatch { sequence, events })).await?;
+        Ok(())
+    }
+
+    pub async fn next(&mut self) -> Result<Message> {
+        next_message(&mut self.framed).await
+    }
+
+    /// Sends a batch and waits for its answer.
+    pub async fn round_trip(&mut self, sequence: u64, events: Vec<wire::Event>) -> Result<Message> {
+        self.send(sequence, events).await?;
+        self.next().await
+    }
+}
+
+async fn next_message(framed: &mut Framed<TcpStream, WireCodec>) -> Result<Message> {
+    let frame = tokio::time::timeout(std::time::Duration::from_secs(20), framed.next())
+        .await
+        .context("no answer within 20 s")?
+        .context("connection closed")??;
+    Ok(frame.message()?)
+}
+
+/// A valid LLM event at a fixed recent time.
+pub fn llm_event(user: &str, input_tokens: f64, output_tokens: f64) -> wire::Event {
+    wire::Event::new(user, "llm_service", "openai", "completion")
+        .with_model("gpt-4o")
+        .with_quantity(wire::QuantityKind::InputTokens, input_tokens)
+        .with_quantity(wire::QuantityKind::OutputTokens, output_tokens)
+        .with_latency_ms(120.5)
+}
+
+/// Rows stored for a tenant.
+pub async fn stored_count(conn: &mut PgConnection, tenant: uuid::Uuid) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE tenant_id = $1")
+        .bind(tenant)
+        .fetch_one(conn)
+        .await?)
+}
+
+/// Checks that for every rollup key, the rollup row equals sums computed from raw events, and
+/// that no raw event lacks its rollup. Returns the number of rollup rows compared.
+pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
+    let mismatches: i64 = sqlx::query_scalar(
+        "WITH raw AS (
+           SELECT tenant_id, date_trunc('hour', occurred_at, 'UTC') AS hour, service_type, service_provider,
+                  coalesce(model, '') AS model, user_id, event_type,
+                  count(*) AS event_count, count(*) FILTER (WHERE status = 1) AS error_count,
+                  coalesce(sum(input_tokens), 0) AS input_tokens, coalesce(sum(output_tokens), 0) AS output_tokens,
+                  coalesce(sum(pages), 0) AS pages, coalesce(sum(requests), 0) AS requests,
+                  coalesce(sum(cost), 0) AS cost, count(*) FILTER (WHERE cost IS NULL) AS unpriced_count,
+                  count(latency_us) AS latency_count, coalesce(sum(latency_us), 0) AS latency_sum_us,
+                  coalesce(max(latency_us), 0) AS latency_max_us
+           FROM usage_events GROUP BY 1, 2, 3, 4, 5, 6, 7)
+         SELECT count(*) FROM raw FULL JOIN usage_rollup_hourly r USING
+           (tenant_id, hour, service_type, service_provider, model, user_id, event_type)
+         WHERE raw.event_count IS DISTINCT FROM r.event_count
+            OR raw.error_count IS DISTINCT FROM r.error_count
+            OR raw.input_tokens IS DISTINCT FROM r.input_tokens
+            OR raw.output_tokens IS DISTINCT FROM r.output_tokens
+            OR raw.pages IS DISTINCT FROM r.pages
+            OR raw.requests IS DISTINCT FROM r.requests
+            OR raw.cost IS DISTINCT FROM r.cost
+            OR raw.unpriced_count IS DISTINCT FROM r.unpriced_count
+            OR raw.latency_count IS DISTINCT FROM r.latency_count
+            OR raw.latency_sum_us IS DISTINCT FROM r.latency_sum_us
+            OR raw.latency_max_us IS DISTINCT FROM r.latency_max_us",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if mismatches != 0 {
+        bail!("{mismatches} rollup rows differ from the sums of raw events");
+    }
+    let bucket_mismatch: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM usage_rollup_hourly
+         WHERE (SELECT sum(b) FROM unnest(latency_buckets) b) <> latency_count
+            OR cardinality(latency_buckets) <> 46",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if bucket_mismatch != 0 {
+        bail!("{bucket_mismatch} rollup rows have histograms that do not add up to their latency count");
+    }
+    Ok(sqlx::query_scalar("SELECT count(*) FROM usage_rollup_hourly").fetch_one(&mut *conn).await?)
+}
