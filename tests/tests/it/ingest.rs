@@ -8,6 +8,22 @@ use wire::{ErrorCode, Message, QuantityKind};
 
 use crate::support::{RawConnection, TestEdge, assert_rollups_match_raw, llm_event, stored_count};
 
+#[derive(sqlx::FromRow)]
+struct StoredRow {
+    user_id: String,
+    service_type: String,
+    model: Option<String>,
+    input_tokens: rust_decimal::Decimal,
+    cached_input_tokens: rust_decimal::Decimal,
+    custom: String,
+    latency_us: i64,
+    metadata: serde_json::Value,
+    session_id: serde_json::Value,
+    tags: Vec<String>,
+    cost: Option<rust_decimal::Decimal>,
+    occurred_at_us: i64,
+}
+
 fn ack(message: Message) -> wire::Ack {
     match message {
         Message::Ack(ack) => ack,
@@ -30,41 +46,28 @@ async fn binary_ingest_stores_exact_values() -> Result<()> {
     assert_eq!((answer.sequence, answer.stored, answer.duplicate, answer.rejected.len()), (1, 1, 0, 0));
 
     let mut db = edge.connect_db().await?;
-    let row: (
-        String,
-        String,
-        Option<String>,
-        rust_decimal::Decimal,
-        rust_decimal::Decimal,
-        String,
-        i64,
-        serde_json::Value,
-        serde_json::Value,
-        Vec<String>,
-        Option<rust_decimal::Decimal>,
-        i64,
-    ) = sqlx::query_as(
-        "SELECT user_id, service_type, model, input_tokens, cached_input_tokens, custom_quantities::text,
-                    latency_us, metadata, to_jsonb(session_id), tags, cost,
-                    (EXTRACT(EPOCH FROM occurred_at) * 1000000)::bigint
-             FROM usage_events WHERE tenant_id = $1 AND event_id = $2",
+    let row: StoredRow = sqlx::query_as(
+        "SELECT user_id, service_type, model, input_tokens, cached_input_tokens, custom_quantities::text AS custom,
+                latency_us, metadata, to_jsonb(session_id) AS session_id, tags, cost,
+                (EXTRACT(EPOCH FROM occurred_at) * 1000000)::bigint AS occurred_at_us
+         FROM usage_events WHERE tenant_id = $1 AND event_id = $2",
     )
     .bind(edge.tenant.id)
     .bind(event.id())
     .fetch_one(&mut db)
     .await?;
-    assert_eq!(row.0, "user-1");
-    assert_eq!(row.1, "llm_service");
-    assert_eq!(row.2.as_deref(), Some("gpt-4o"));
-    assert_eq!(row.3.to_string(), "1200");
-    assert_eq!(row.4.to_string(), "0.25");
-    assert_eq!(row.5, r#"{"images": 3}"#);
-    assert_eq!(row.6, 120_500);
-    assert_eq!(row.7, json!({"region": "eu \"west\""}));
-    assert_eq!(row.8, json!("s-1"));
-    assert_eq!(row.9, vec!["beta".to_owned()]);
-    assert_eq!(row.10, None, "no price rule: stored unpriced, never as 0");
-    assert_eq!(row.11, event.timestamp_us);
+    assert_eq!(row.user_id, "user-1");
+    assert_eq!(row.service_type, "llm_service");
+    assert_eq!(row.model.as_deref(), Some("gpt-4o"));
+    assert_eq!(row.input_tokens.to_string(), "1200");
+    assert_eq!(row.cached_input_tokens.to_string(), "0.25");
+    assert_eq!(row.custom, r#"{"images": 3}"#);
+    assert_eq!(row.latency_us, 120_500);
+    assert_eq!(row.metadata, json!({"region": "eu \"west\""}));
+    assert_eq!(row.session_id, json!("s-1"));
+    assert_eq!(row.tags, vec!["beta".to_owned()]);
+    assert_eq!(row.cost, None, "no price rule: stored unpriced, never as 0");
+    assert_eq!(row.occurred_at_us, event.timestamp_us);
     assert_rollups_match_raw(&mut db).await?;
     Ok(())
 }

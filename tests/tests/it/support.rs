@@ -39,7 +39,7 @@ impl TestEdge {
         config.http_addr = "127.0.0.1:0".parse()?;
         store.maintain(&config.retention_with_window()).await?;
         let tenant = store.create_tenant("acme").await?;
-        let key = create_key(&*store, &tenant, vec![Scope::Ingest, Scope::Query]).await?;
+        let key = create_key(&store, &tenant, vec![Scope::Ingest, Scope::Query]).await?;
         let edge = edge::start(config, store.clone() as Arc<dyn Store>).await?;
         Ok(TestEdge { db, store, edge, tenant, key })
     }
@@ -47,7 +47,7 @@ impl TestEdge {
     /// A second tenant with its own key.
     pub async fn other_tenant(&self, name: &str) -> Result<(sink::Tenant, String)> {
         let tenant = self.store.create_tenant(name).await?;
-        let key = create_key(&*self.store, &tenant, vec![Scope::Ingest]).await?;
+        let key = create_key(&self.store, &tenant, vec![Scope::Ingest]).await?;
         Ok((tenant, key))
     }
 
