@@ -59,6 +59,12 @@ impl Authenticator {
         Authenticator { store, cache }
     }
 
+    /// Forgets every cached key, so a revocation through this edge applies at once (other edges
+    /// apply it within the TTL).
+    pub fn forget_all(&self) {
+        self.cache.invalidate_all();
+    }
+
     /// Checks `key` and that it carries `scope`.
     pub async fn authenticate(&self, key: Option<&str>, scope: Scope) -> Result<Caller, AuthError> {
         let key = key.map(str::trim).filter(|key| !key.is_empty()).ok_or(AuthError::Missing)?;

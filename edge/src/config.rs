@@ -33,6 +33,11 @@ pub struct EdgeConfig {
     pub batch: BatchLimits,
     /// How long a looked-up API key is trusted before it is checked again. Default 30 s.
     pub key_cache_ttl: Duration,
+    /// How long a tenant's settings, services and prices are used before they are read again
+    /// (changes through this edge apply at once; through another edge within this). Default 10 s.
+    pub tenant_cache_ttl: Duration,
+    /// The operator key: manages every tenant through `/api/v1/admin/tenants`. Unset: no operator.
+    pub operator_key: Option<String>,
     /// The timestamps accepted.
     pub window: TimeWindow,
     /// Data retention and partitions.
@@ -57,6 +62,8 @@ impl Default for EdgeConfig {
             queue: QueueLimits { shards: 2, submissions_per_shard: 1024, events_max: 200_000 },
             batch: BatchLimits::default(),
             key_cache_ttl: Duration::from_secs(30),
+            tenant_cache_ttl: Duration::from_secs(10),
+            operator_key: None,
             window: TimeWindow::default(),
             retention: Retention::default(),
             maintenance_interval: Duration::from_secs(3600),
@@ -112,6 +119,9 @@ impl EdgeConfig {
         }
         if self.batch.events_max == 0 {
             return fail("batch_events_max", "must be at least 1".into());
+        }
+        if self.operator_key.as_ref().is_some_and(|key| key.len() < 32) {
+            return fail("operator_key", "must be at least 32 characters".into());
         }
         let late_days = self.window.late.as_secs().div_ceil(86_400) as u32;
         if self.retention.event_retention_days <= late_days {

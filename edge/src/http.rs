@@ -28,6 +28,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
+        .merge(crate::admin::routes())
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .with_state(state)
@@ -39,18 +40,35 @@ pub struct ApiError {
     code: ErrorCode,
     body: Value,
     retry_after_s: Option<u32>,
+    status: Option<StatusCode>,
 }
 
 impl ApiError {
-    fn new(code: ErrorCode, detail: impl Into<String>) -> ApiError {
-        ApiError { code, body: json!({"error": code.as_str(), "detail": detail.into()}), retry_after_s: None }
+    pub fn new(code: ErrorCode, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            body: json!({"error": code.as_str(), "detail": detail.into()}),
+            retry_after_s: None,
+            status: None,
+        }
+    }
+
+    /// An answer whose status is not one of an error code's (404, 409).
+    pub fn with_status(status: StatusCode, error: &str, detail: impl Into<String>) -> ApiError {
+        ApiError { status: Some(status), ..ApiError::new(ErrorCode::InvalidEvent, detail) }.named(error)
+    }
+
+    fn named(mut self, error: &str) -> ApiError {
+        self.body["error"] = json!(error);
+        self
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = self.status.unwrap_or_else(|| {
+            StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        });
         let mut response = (status, Json(self.body)).into_response();
         if let Some(seconds) = self.retry_after_s {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
@@ -68,11 +86,13 @@ impl From<AuthError> for ApiError {
                 code: ErrorCode::Unauthorized,
                 body: json!({"error": "authentication_required", "detail": error.to_string()}),
                 retry_after_s: None,
+                status: None,
             },
             AuthError::Invalid => ApiError {
                 code: ErrorCode::Unauthorized,
                 body: json!({"error": "invalid_api_key", "detail": error.to_string()}),
                 retry_after_s: None,
+                status: None,
             },
             AuthError::Unavailable(store) => {
                 tracing::warn!(error = %store, "failed to look up an API key");
@@ -86,7 +106,10 @@ impl From<AuthError> for ApiError {
 impl From<IngestError> for ApiError {
     fn from(error: IngestError) -> ApiError {
         let retry_after_s = match &error {
-            IngestError::Busy { retry_after_ms } => Some(retry_after_ms.div_ceil(1000)),
+            IngestError::Busy { retry_after_ms } | IngestError::RateLimited { retry_after_ms } => {
+                Some(retry_after_ms.div_ceil(1000))
+            }
+            IngestError::QuotaExceeded(_) => None,
             IngestError::ShuttingDown | IngestError::Storage(_) => Some(1),
         };
         let detail = match &error {
@@ -168,10 +191,11 @@ async fn ingest(
     let ack_mode = params.ack_mode()?;
     let caller = state.auth.authenticate(api_key(headers), Scope::Ingest).await?;
     check_tenant(&caller, &events)?;
-    let registry = &state.registry;
+    let (context, over_quota) = state.ingestor.admit(&caller, events.len()).await?;
+    let registry = &context.registry;
     let converted: Vec<_> = events.into_iter().map(|event| event_from_json(event, registry)).collect();
     let ids = converted.iter().map(|event| event.as_ref().ok().map(wire::Event::id)).collect();
-    let prepared = state.ingestor.prepare(&caller, converted);
+    let prepared = state.ingestor.prepare(&context, over_quota, converted);
     let shard_hint = state.next_shard();
     let statuses = state.ingestor.submit(prepared, ack_mode, WhenFull::Reject, shard_hint).await?;
     Ok((ids, statuses))

@@ -8,7 +8,7 @@ use sink::{EventRow, IngestQueue, Outcome, StoreError, Submission, SubmitError, 
 use wire::{AckMode, ErrorCode, Event, EventError};
 
 use crate::auth::{Caller, now_us};
-use crate::registry::Registry;
+use crate::tenants::{Admission, TenantContext, Tenants};
 
 /// The time window an event's timestamp must fall in.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +45,10 @@ pub enum EventStatus {
 pub enum IngestError {
     #[error("ingest queue is full, retry after {retry_after_ms} ms")]
     Busy { retry_after_ms: u32 },
+    #[error("rate limit exceeded, retry after {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u32 },
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("{0}")]
@@ -55,6 +59,7 @@ impl IngestError {
     pub fn code(&self) -> ErrorCode {
         match self {
             IngestError::Busy { .. } => ErrorCode::Busy,
+            IngestError::RateLimited { .. } | IngestError::QuotaExceeded(_) => ErrorCode::RateLimited,
             IngestError::ShuttingDown => ErrorCode::Unavailable,
             IngestError::Storage(error) => error.code(),
         }
@@ -70,6 +75,8 @@ pub const BUSY_RETRY_AFTER_MS: u32 = 1000;
 pub struct Prepared {
     pub rows: Vec<EventRow>,
     slots: Vec<Result<(), (ErrorCode, String)>>,
+    /// Sum of the per-event costs of `rows`.
+    cost: rust_decimal::Decimal,
 }
 
 impl Prepared {
@@ -105,39 +112,81 @@ impl Prepared {
 #[derive(Debug, Clone)]
 pub struct Ingestor {
     queue: Arc<IngestQueue>,
-    registry: Registry,
-    window: TimeWindow,
+    tenants: Arc<Tenants>,
 }
 
 impl Ingestor {
-    pub fn new(queue: Arc<IngestQueue>, registry: Registry, window: TimeWindow) -> Ingestor {
-        Ingestor { queue, registry, window }
+    pub fn new(queue: Arc<IngestQueue>, tenants: Arc<Tenants>) -> Ingestor {
+        Ingestor { queue, tenants }
     }
 
     pub fn queue(&self) -> &Arc<IngestQueue> {
         &self.queue
     }
 
-    /// Checks each event (decoded and protocol-validated by the caller, or refused with its
-    /// error) against the registry and the time window, and makes rows of the good ones.
-    pub fn prepare(
+    pub fn tenants(&self) -> &Arc<Tenants> {
+        &self.tenants
+    }
+
+    /// The caller's tenant context, with the rate limit and quotas applied to `events` events.
+    /// Returns whether the tenant is over a quota whose policy is to flag.
+    pub async fn admit(
         &self,
         caller: &Caller,
+        events: usize,
+    ) -> Result<(Arc<TenantContext>, bool), IngestError> {
+        let context = self.tenants.get(caller.tenant_id).await.map_err(IngestError::Storage)?;
+        match context.admit(u32::try_from(events).unwrap_or(u32::MAX)) {
+            Admission::Admit { over_quota } => Ok((context, over_quota)),
+            Admission::RateLimited { retry_after_ms } => {
+                metrics::counter!("tally_events_rejected_total", "cause" => "rate_limited")
+                    .increment(events as u64);
+                Err(IngestError::RateLimited { retry_after_ms })
+            }
+            Admission::QuotaExceeded { message } => {
+                metrics::counter!("tally_events_rejected_total", "cause" => "quota").increment(events as u64);
+                Err(IngestError::QuotaExceeded(message))
+            }
+        }
+    }
+
+    /// Checks each event (decoded and protocol-validated by the caller, or refused with its
+    /// error) against the tenant's registry and time window, prices it, and makes rows of the
+    /// good ones.
+    pub fn prepare(
+        &self,
+        context: &TenantContext,
+        over_quota: bool,
         events: impl IntoIterator<Item = Result<Event, EventError>>,
     ) -> Prepared {
         let now_us = now_us();
-        let oldest_us = now_us - self.window.late.as_micros() as i64;
-        let newest_us = now_us + self.window.ahead.as_micros() as i64;
+        let window = TimeWindow {
+            late: Duration::from_secs(u64::from(context.settings.late_window_seconds)),
+            ahead: Duration::from_secs(u64::from(context.settings.future_window_seconds)),
+        };
+        let oldest_us = now_us - window.late.as_micros() as i64;
+        let newest_us = now_us + window.ahead.as_micros() as i64;
         let mut prepared = Prepared::default();
+        let mut price = pricing::EventPrice::default();
         for event in events {
             let checked = event.and_then(|event| {
-                self.registry.check(&event)?;
-                check_window(event.timestamp_us, oldest_us, newest_us, &self.window)?;
+                context.registry.check(&event)?;
+                check_window(event.timestamp_us, oldest_us, newest_us, &window)?;
                 Ok(event)
             });
             match checked {
                 Ok(event) => {
-                    prepared.rows.push(EventRow::new(caller.tenant_id, event, None));
+                    context.prices.price_event_into(&event, &mut price);
+                    let mut row = EventRow::new(context.tenant_id, event, price.cost);
+                    row.price_rule_ids.extend_from_slice(&price.rule_ids);
+                    if price.cost.is_none() {
+                        metrics::counter!("tally_events_unpriced_total").increment(1);
+                    }
+                    if over_quota {
+                        row.flags |= sink::FLAG_OVER_QUOTA;
+                    }
+                    prepared.cost += price.cost.unwrap_or_default();
+                    prepared.rows.push(row);
                     prepared.slots.push(Ok(()));
                 }
                 Err(error) => {
@@ -147,6 +196,7 @@ impl Ingestor {
             }
         }
         metrics::counter!("tally_events_received_total").increment(prepared.slots.len() as u64);
+        context.record(prepared.rows.len() as i64, prepared.cost);
         prepared
     }
 
@@ -158,7 +208,7 @@ impl Ingestor {
         when_full: WhenFull,
         shard_hint: usize,
     ) -> Result<Vec<EventStatus>, IngestError> {
-        let Prepared { rows, slots } = prepared;
+        let Prepared { rows, slots, .. } = prepared;
         if rows.is_empty() {
             return Ok(Prepared::statuses(slots, Some(Vec::new())));
         }

@@ -59,7 +59,7 @@ pub fn event_from_json(value: Value, registry: &Registry) -> Result<Event, Event
     let service_type = take_string(&mut object, "service_type")?.ok_or_else(|| missing("service_type"))?;
     let service_provider =
         take_string(&mut object, "service_provider")?.ok_or_else(|| missing("service_provider"))?;
-    let default_event_type = registry.get(&service_type).and_then(|service| service.default_event_type);
+    let default_event_type = registry.default_event_type(&service_type);
     let event_type = match take_string(&mut object, "event_type")? {
         Some(event_type) => event_type,
         None => default_event_type.map(str::to_owned).ok_or_else(|| missing("event_type"))?,

@@ -1,12 +1,14 @@
 //! Tally's ingest server: the binary protocol and the HTTP API, API-key authentication,
 //! validation against the service registry, and bounded queues into the sink workers.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod http;
 pub mod ingest;
 pub mod json;
 pub mod registry;
+pub mod tenants;
 mod wire_server;
 
 use std::net::SocketAddr;
@@ -25,7 +27,7 @@ pub use config::{ConfigError, EdgeConfig};
 
 use auth::Authenticator;
 use ingest::Ingestor;
-use registry::Registry;
+use tenants::Tenants;
 
 /// What every connection and request handler shares.
 #[derive(Debug)]
@@ -33,7 +35,6 @@ pub struct EdgeState {
     pub config: EdgeConfig,
     pub store: Arc<dyn Store>,
     pub auth: Authenticator,
-    pub registry: Registry,
     pub ingestor: Ingestor,
     pub metrics: PrometheusHandle,
     next_shard: AtomicUsize,
@@ -80,11 +81,10 @@ pub struct RunningEdge {
 pub async fn start(config: EdgeConfig, store: Arc<dyn Store>) -> anyhow::Result<RunningEdge> {
     config.validate()?;
     let queue = IngestQueue::new(config.queue);
-    let registry = Registry::built_in();
+    let tenants = Arc::new(Tenants::new(store.clone(), config.tenant_cache_ttl));
     let state = Arc::new(EdgeState {
         auth: Authenticator::new(store.clone(), config.key_cache_ttl),
-        ingestor: Ingestor::new(queue.clone(), registry.clone(), config.window),
-        registry,
+        ingestor: Ingestor::new(queue.clone(), tenants),
         metrics: metrics_handle(),
         store: store.clone(),
         next_shard: AtomicUsize::new(0),

@@ -218,12 +218,19 @@ impl Connection {
             self.framed.send(Message::Error(message)).await?;
             return Ok(None);
         }
+        let (context, over_quota) = match self.state.ingestor.admit(caller, batch.events.len()).await {
+            Ok(admitted) => admitted,
+            Err(error) => {
+                self.framed.send(answer(sequence, Err(error))).await?;
+                return Ok(None);
+            }
+        };
         let events = batch.events.iter().map(|archived| {
             wire::validate(archived)?;
             rkyv::deserialize::<wire::Event, rancor::Error>(archived)
                 .map_err(|error| wire::EventError::new("event", error.to_string()))
         });
-        let prepared = self.state.ingestor.prepare(caller, events);
+        let prepared = self.state.ingestor.prepare(&context, over_quota, events);
         let ingestor = self.state.ingestor.clone();
         let shard_hint = self.shard_hint;
         Ok(Some(async move {
@@ -251,14 +258,17 @@ fn answer(sequence: u64, result: Result<Vec<EventStatus>, IngestError>) -> Messa
                 match status {
                     EventStatus::Stored | EventStatus::Accepted => ack.stored += 1,
                     EventStatus::Duplicate => ack.duplicate += 1,
-                    EventStatus::Rejected { code, message } => {
+                    EventStatus::Rejected { code, mut message } => {
+                        truncate_message(&mut message);
                         ack.rejected.push(Rejection { index: index as u32, code, message })
                     }
                 }
             }
             Message::Ack(ack)
         }
-        Err(IngestError::Busy { retry_after_ms }) => Message::Busy(wire::Busy { sequence, retry_after_ms }),
+        Err(IngestError::Busy { retry_after_ms } | IngestError::RateLimited { retry_after_ms }) => {
+            Message::Busy(wire::Busy { sequence, retry_after_ms })
+        }
         Err(error) => {
             let code: ErrorCode = error.code();
             Message::Error(ErrorMessage {
@@ -268,5 +278,20 @@ fn answer(sequence: u64, result: Result<Vec<EventStatus>, IngestError>) -> Messa
                 sequence: Some(sequence),
             })
         }
+    }
+}
+
+/// Longest rejection message in an `Ack`, so that an `Ack` of a full batch of rejections always
+/// fits the frame limit (10,000 × (256 + 16) bytes < 4 MiB).
+const REJECTION_MESSAGE_BYTES_MAX: usize = 256;
+
+fn truncate_message(message: &mut String) {
+    if message.len() > REJECTION_MESSAGE_BYTES_MAX {
+        let mut end = REJECTION_MESSAGE_BYTES_MAX - 3;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
     }
 }

@@ -12,6 +12,11 @@ mod store;
 mod worker;
 
 pub use queue::{CommitResult, IngestQueue, QueueLimits, Submission, SubmitError, WhenFull};
-pub use row::{EventRow, Outcome, QUANTITY_DECIMAL_PLACES, QUANTITY_KINDS, quantity_decimal};
-pub use store::{ApiKey, BoxFuture, NewApiKey, Retention, Scope, Store, StoreError, Tenant, hash_api_key};
+pub use row::{
+    EventRow, FLAG_OVER_QUOTA, Outcome, QUANTITY_DECIMAL_PLACES, QUANTITY_KINDS, quantity_decimal,
+};
+pub use store::{
+    ApiKey, ApiKeyInfo, BoxFuture, NewApiKey, Repriced, RerateBatch, RerateRequest, RerateRun, Retention,
+    Scope, ServiceRecord, Store, StoreError, StoredPriceRule, Tenant, TenantSettings, hash_api_key,
+};
 pub use worker::{BatchLimits, spawn_workers};

@@ -6,7 +6,7 @@ use wire::{Event, QuantityKind, Status};
 
 /// Decimal places kept of a quantity. Finer digits are rounded half to even at ingest, so that
 /// raw rows and rollups hold the very same exact decimals.
-pub const QUANTITY_DECIMAL_PLACES: u32 = 6;
+pub const QUANTITY_DECIMAL_PLACES: u32 = pricing::QUANTITY_DECIMAL_PLACES;
 
 /// Number of well-known quantity kinds, the columns of the events and rollup tables.
 pub const QUANTITY_KINDS: usize = QuantityKind::ALL.len();
@@ -24,7 +24,14 @@ pub struct EventRow {
     pub latency_us: Option<i64>,
     /// Price of this event alone; `None` when no rule priced it (stored as NULL, never as 0).
     pub cost: Option<Decimal>,
+    /// The price rule versions that priced it, one per priced unit.
+    pub price_rule_ids: Vec<Uuid>,
+    /// Bit flags, see [`FLAG_OVER_QUOTA`].
+    pub flags: i16,
 }
+
+/// Flag: stored while the tenant was over a monthly quota whose policy is `flag`.
+pub const FLAG_OVER_QUOTA: i16 = 1;
 
 impl EventRow {
     /// Converts a validated event. Quantities become exact decimals here, once.
@@ -41,7 +48,16 @@ impl EventRow {
             None => Vec::new(),
         };
         let latency_us = event.latency_ms.map(|latency_ms| (latency_ms * 1000.0).round() as i64);
-        EventRow { tenant_id, event, quantities, custom_quantities, latency_us, cost }
+        EventRow {
+            tenant_id,
+            event,
+            quantities,
+            custom_quantities,
+            latency_us,
+            cost,
+            price_rule_ids: Vec::new(),
+            flags: 0,
+        }
     }
 
     pub fn is_error(&self) -> bool {
@@ -79,15 +95,9 @@ pub enum Outcome {
     Duplicate,
 }
 
-/// The exact decimal for a quantity that passed validation (finite, 0 to 2^53).
-pub fn quantity_decimal(value: f64) -> Decimal {
-    if value.fract() == 0.0 {
-        return Decimal::from(value as i64);
-    }
-    Decimal::from_f64_retain(value)
-        .map(|exact| exact.round_dp(QUANTITY_DECIMAL_PLACES).normalize())
-        .unwrap_or_default()
-}
+/// The exact decimal for a quantity that passed validation; the pricing crate owns the rule so
+/// that prices and stored quantities can never disagree.
+pub use pricing::quantity_decimal;
 
 #[cfg(test)]
 mod tests {

@@ -41,6 +41,187 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Creates time partitions ahead and drops raw events (and rollups, if a retention is set)
     /// past retention. Safe to run from several processes at once.
     fn maintain<'a>(&'a self, retention: &'a Retention) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Every tenant.
+    fn list_tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, StoreError>>;
+
+    /// Disables or enables a tenant; false when there is no such tenant.
+    fn set_tenant_disabled(&self, tenant_id: Uuid, disabled: bool)
+    -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// A tenant's settings; `None` when there is no such tenant.
+    fn tenant_settings(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Option<TenantSettings>, StoreError>>;
+
+    /// Replaces a tenant's settings.
+    fn update_tenant_settings<'a>(
+        &'a self,
+        tenant_id: Uuid,
+        settings: &'a TenantSettings,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// A tenant's keys, newest first (never the keys themselves).
+    fn list_api_keys(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<ApiKeyInfo>, StoreError>>;
+
+    /// Revokes a key of a tenant; false when the tenant has no such key.
+    fn revoke_api_key(&self, tenant_id: Uuid, key_id: Uuid) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// A tenant's custom service types.
+    fn list_services(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<ServiceRecord>, StoreError>>;
+
+    /// Creates or replaces a custom service type; true when it was created.
+    fn put_service<'a>(
+        &'a self,
+        tenant_id: Uuid,
+        service: &'a ServiceRecord,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Deletes a custom service type; false when there was none.
+    fn delete_service<'a>(
+        &'a self,
+        tenant_id: Uuid,
+        service_type: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// A tenant's price rules, retired versions included.
+    fn list_price_rules(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<StoredPriceRule>, StoreError>>;
+
+    /// Stores a new price rule version.
+    fn insert_price_rule<'a>(&'a self, rule: &'a StoredPriceRule) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Ends a rule version at `at_us` and marks it retired (kept for history). A rule retired at or
+    /// before its start never applies. False when there is no such rule.
+    fn retire_price_rule(
+        &self,
+        tenant_id: Uuid,
+        rule_id: Uuid,
+        at_us: i64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>>;
+
+    /// Events stored and their cost in the tenant's current month (in its time zone), from the
+    /// rollups.
+    fn month_usage(&self, tenant_id: Uuid)
+    -> BoxFuture<'_, Result<(i64, rust_decimal::Decimal), StoreError>>;
+
+    /// Re-prices up to `limit` events of a tenant in `[start_us, end_us)` after `after` (a
+    /// keyset position), in one transaction that also moves the rollups by the cost difference.
+    fn rerate_batch<'a>(
+        &'a self,
+        request: &'a RerateRequest,
+        after: Option<(i64, Uuid)>,
+        reprice: &'a (dyn Fn(&wire::Event) -> Repriced + Send + Sync),
+    ) -> BoxFuture<'a, Result<RerateBatch, StoreError>>;
+
+    /// Records a finished re-rate.
+    fn record_rerate<'a>(&'a self, run: &'a RerateRun) -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+/// A tenant's settings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TenantSettings {
+    /// IANA time zone that bounds the tenant's days, weeks and months.
+    pub time_zone: String,
+    pub rate_limit_per_second: Option<u32>,
+    pub rate_limit_burst: Option<u32>,
+    pub monthly_event_quota: Option<i64>,
+    pub monthly_cost_quota: Option<rust_decimal::Decimal>,
+    /// `reject` or `flag`.
+    pub quota_policy: String,
+    pub late_window_seconds: u32,
+    pub future_window_seconds: u32,
+}
+
+impl Default for TenantSettings {
+    fn default() -> Self {
+        TenantSettings {
+            time_zone: "UTC".into(),
+            rate_limit_per_second: None,
+            rate_limit_burst: None,
+            monthly_event_quota: None,
+            monthly_cost_quota: None,
+            quota_policy: "reject".into(),
+            late_window_seconds: 35 * 86_400,
+            future_window_seconds: 300,
+        }
+    }
+}
+
+/// A stored key, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyInfo {
+    pub id: Uuid,
+    pub prefix: String,
+    pub scopes: Vec<Scope>,
+    pub label: Option<String>,
+    pub created_at_us: i64,
+    pub expires_at_us: Option<i64>,
+    pub revoked: bool,
+}
+
+/// A custom service type; JSON fields are interpreted by the edge's registry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceRecord {
+    pub service_type: String,
+    pub service_name: String,
+    pub description: Option<String>,
+    pub providers: Vec<String>,
+    pub required_fields: serde_json::Value,
+    pub optional_fields: serde_json::Value,
+    pub billing_config: Option<serde_json::Value>,
+}
+
+/// A price rule version as stored; `definition` is interpreted by the `pricing` crate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPriceRule {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub definition: serde_json::Value,
+    pub effective_from_us: i64,
+    pub effective_until_us: Option<i64>,
+    /// Retired through the API: it applies only within `[effective_from, effective_until)`, and
+    /// not at all when `effective_until` is `None`.
+    pub retired: bool,
+}
+
+/// What to re-rate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RerateRequest {
+    pub tenant_id: Uuid,
+    pub start_us: i64,
+    pub end_us: i64,
+    pub batch_events: u32,
+}
+
+/// The new price of one event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Repriced {
+    pub cost: Option<rust_decimal::Decimal>,
+    pub rule_ids: Vec<Uuid>,
+}
+
+/// What one re-rate batch did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RerateBatch {
+    /// Keyset position of the last event scanned; `None` when the range is done.
+    pub last: Option<(i64, Uuid)>,
+    pub scanned: i64,
+    pub changed: i64,
+    pub cost_before: rust_decimal::Decimal,
+    pub cost_after: rust_decimal::Decimal,
+}
+
+/// The audit record of a re-rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RerateRun {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub start_us: i64,
+    pub end_us: i64,
+    pub started_at_us: i64,
+    pub events_scanned: i64,
+    pub events_changed: i64,
+    pub cost_before: rust_decimal::Decimal,
+    pub cost_after: rust_decimal::Decimal,
+    pub requested_by: Option<Uuid>,
 }
 
 /// How long data is kept, and how far partitions are created around today.

@@ -59,9 +59,9 @@ enum KeyCommand {
         /// A note to recognise the key by.
         #[arg(long)]
         label: Option<String>,
-        /// Days until the key expires.
+        /// When the key expires: an RFC 3339 date-time, or a number of days such as `90d`.
         #[arg(long)]
-        expires_in_days: Option<u32>,
+        expires: Option<String>,
     },
 }
 
@@ -101,6 +101,9 @@ struct ServeArgs {
     /// Days hourly rollups are kept (default: forever).
     #[arg(long, env = "AGGREGATE_RETENTION_DAYS")]
     aggregate_retention_days: Option<u32>,
+    /// Operator key (at least 32 characters): manages all tenants through /api/v1/admin/tenants.
+    #[arg(long, env = "TALLY_OPERATOR_KEY", hide_env_values = true)]
+    operator_key: Option<String>,
     /// Seconds a graceful shutdown may take.
     #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     shutdown_timeout_secs: u64,
@@ -127,6 +130,7 @@ impl ServeArgs {
                 ..defaults.retention
             },
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            operator_key: self.operator_key.clone(),
             ..defaults
         }
     }
@@ -160,9 +164,9 @@ async fn main() -> anyhow::Result<()> {
             println!("tenant {} created with id {}", tenant.name, tenant.id);
             Ok(())
         }
-        Some(Command::Key { command: KeyCommand::Create { tenant, scopes, label, expires_in_days } }) => {
+        Some(Command::Key { command: KeyCommand::Create { tenant, scopes, label, expires } }) => {
             store.migrate().await?;
-            create_key(&store, &tenant, &scopes, label, expires_in_days).await
+            create_key(&store, &tenant, &scopes, label, expires.as_deref()).await
         }
     }
 }
@@ -172,7 +176,7 @@ async fn create_key(
     tenant: &str,
     scopes: &[String],
     label: Option<String>,
-    expires_in_days: Option<u32>,
+    expires: Option<&str>,
 ) -> anyhow::Result<()> {
     let tenant = store.find_tenant(tenant).await?.with_context(|| format!("no tenant named {tenant:?}"))?;
     let scopes = scopes
@@ -183,7 +187,7 @@ async fn create_key(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let key = edge::auth::generate_api_key();
-    let expires_at_us = expires_in_days.map(|days| edge::auth::now_us() + i64::from(days) * 86_400_000_000);
+    let expires_at_us = expires.map(parse_expiry).transpose()?;
     let new_key = NewApiKey {
         tenant_id: tenant.id,
         key_hash: sink::hash_api_key(&key),
@@ -202,6 +206,21 @@ async fn create_key(
     );
     println!("{key}");
     Ok(())
+}
+
+/// `90d` (days from now) or an RFC 3339 date-time, in microseconds since the Unix epoch.
+fn parse_expiry(text: &str) -> anyhow::Result<i64> {
+    if let Some(days) = text.strip_suffix('d') {
+        let days: i64 = days.parse().with_context(|| format!("--expires {text:?}: expected e.g. 90d"))?;
+        anyhow::ensure!(days > 0, "--expires must be in the future");
+        return Ok(edge::auth::now_us() + days * 86_400_000_000);
+    }
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).with_context(
+        || format!("--expires {text:?}: expected an RFC 3339 date-time or a number of days like 90d"),
+    )?;
+    let at_us = (at.unix_timestamp_nanos() / 1000) as i64;
+    anyhow::ensure!(at_us > edge::auth::now_us(), "--expires must be in the future");
+    Ok(at_us)
 }
 
 async fn serve(store: PgStore, config: EdgeConfig) -> anyhow::Result<()> {

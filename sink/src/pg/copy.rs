@@ -8,18 +8,20 @@ use rust_decimal::Decimal;
 const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
 /// OID of `text`, the element type of `tags`.
 const TEXT_OID: i32 = 25;
+/// OID of `uuid`, the element type of `price_rule_ids`.
+const UUID_OID: i32 = 2950;
 
 /// The columns of `usage_events` that `COPY` writes, in [`encode_event`]'s order.
 pub fn event_columns() -> String {
     let quantities: Vec<&str> = wire::QuantityKind::ALL.iter().map(|kind| kind.as_str()).collect();
     format!(
         "tenant_id, event_id, occurred_at, user_id, service_type, service_provider, event_type, model, \
-         status, error_code, latency_us, {}, custom_quantities, cost, metadata, tags, session_id, request_id",
+         status, error_code, latency_us, {}, custom_quantities, cost, metadata, tags, session_id, request_id, price_rule_ids, flags",
         quantities.join(", ")
     )
 }
 
-const EVENT_FIELDS: i16 = 17 + wire::QuantityKind::ALL.len() as i16;
+const EVENT_FIELDS: i16 = 19 + wire::QuantityKind::ALL.len() as i16;
 
 /// A binary `COPY` stream being written.
 #[derive(Debug, Default)]
@@ -108,6 +110,18 @@ impl CopyBuffer {
         self.bytes[start..start + 4].copy_from_slice(&len.to_be_bytes());
     }
 
+    fn uuid_array(&mut self, items: &[uuid::Uuid]) {
+        self.len_prefix(20 + items.len() * 20);
+        self.bytes.extend_from_slice(&1i32.to_be_bytes()); // dimensions
+        self.bytes.extend_from_slice(&0i32.to_be_bytes()); // no NULL elements
+        self.bytes.extend_from_slice(&UUID_OID.to_be_bytes());
+        self.bytes.extend_from_slice(&(items.len() as i32).to_be_bytes());
+        self.bytes.extend_from_slice(&1i32.to_be_bytes()); // lower bound
+        for item in items {
+            self.uuid(item.as_bytes());
+        }
+    }
+
     fn text_array(&mut self, items: &[String]) {
         let start = self.bytes.len();
         self.len_prefix(0);
@@ -164,6 +178,12 @@ pub fn encode_event(buffer: &mut CopyBuffer, row: &EventRow) {
     }
     buffer.optional_text(extra.and_then(|extra| extra.session_id.as_deref()));
     buffer.optional_text(extra.and_then(|extra| extra.request_id.as_deref()));
+    if row.price_rule_ids.is_empty() {
+        buffer.null();
+    } else {
+        buffer.uuid_array(&row.price_rule_ids);
+    }
+    buffer.int2(row.flags);
 }
 
 /// `{"name":value,...}` with exact decimal numbers. Names are `[a-z0-9_]` (validated), so they

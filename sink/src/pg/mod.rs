@@ -1,7 +1,9 @@
 //! The PostgreSQL backend: binary `COPY` into `usage_events`, dedup, and rollup upserts, one
 //! transaction per batch.
 
+mod control;
 mod copy;
+mod rerate;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,7 +17,10 @@ pub use copy::{CopyBuffer, encode_event, encode_numeric, event_columns, write_qu
 
 use crate::rollup::{self, LATENCY_BUCKETS, RollupDelta, RollupKey};
 use crate::row::{EventRow, Outcome};
-use crate::store::{ApiKey, BoxFuture, NewApiKey, Retention, Scope, Store, StoreError, Tenant};
+use crate::store::{
+    ApiKey, ApiKeyInfo, BoxFuture, NewApiKey, Repriced, RerateBatch, RerateRequest, RerateRun, Retention,
+    Scope, ServiceRecord, Store, StoreError, StoredPriceRule, Tenant, TenantSettings,
+};
 
 /// Connection settings of the PostgreSQL backend.
 #[derive(Debug, Clone)]
@@ -292,7 +297,7 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 }
 
 /// Whether a database error is worth retrying. Decided here for every PostgreSQL call.
-fn classify(error: sqlx::Error) -> StoreError {
+pub(crate) fn classify(error: sqlx::Error) -> StoreError {
     match &error {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|code| code.into_owned()).unwrap_or_default();
@@ -447,6 +452,92 @@ impl Store for PgStore {
             tracing::info!(created, dropped, "partition maintenance done");
             Ok(())
         })
+    }
+
+    fn list_tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, StoreError>> {
+        Box::pin(self.list_tenants_impl())
+    }
+
+    fn set_tenant_disabled(
+        &self,
+        tenant_id: Uuid,
+        disabled: bool,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(self.set_tenant_disabled_impl(tenant_id, disabled))
+    }
+
+    fn tenant_settings(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Option<TenantSettings>, StoreError>> {
+        Box::pin(self.tenant_settings_impl(tenant_id))
+    }
+
+    fn update_tenant_settings<'a>(
+        &'a self,
+        tenant_id: Uuid,
+        settings: &'a TenantSettings,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.update_tenant_settings_impl(tenant_id, settings))
+    }
+
+    fn list_api_keys(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<ApiKeyInfo>, StoreError>> {
+        Box::pin(self.list_api_keys_impl(tenant_id))
+    }
+
+    fn revoke_api_key(&self, tenant_id: Uuid, key_id: Uuid) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(self.revoke_api_key_impl(tenant_id, key_id))
+    }
+
+    fn list_services(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<ServiceRecord>, StoreError>> {
+        Box::pin(self.list_services_impl(tenant_id))
+    }
+
+    fn put_service<'a>(
+        &'a self,
+        tenant_id: Uuid,
+        service: &'a ServiceRecord,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.put_service_impl(tenant_id, service))
+    }
+
+    fn delete_service<'a>(
+        &'a self,
+        tenant_id: Uuid,
+        service_type: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.delete_service_impl(tenant_id, service_type))
+    }
+
+    fn list_price_rules(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<StoredPriceRule>, StoreError>> {
+        Box::pin(self.list_price_rules_impl(tenant_id))
+    }
+
+    fn insert_price_rule<'a>(&'a self, rule: &'a StoredPriceRule) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.insert_price_rule_impl(rule))
+    }
+
+    fn retire_price_rule(
+        &self,
+        tenant_id: Uuid,
+        rule_id: Uuid,
+        at_us: i64,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(self.retire_price_rule_impl(tenant_id, rule_id, at_us))
+    }
+
+    fn month_usage(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<(i64, Decimal), StoreError>> {
+        Box::pin(self.month_usage_impl(tenant_id))
+    }
+
+    fn rerate_batch<'a>(
+        &'a self,
+        request: &'a RerateRequest,
+        after: Option<(i64, Uuid)>,
+        reprice: &'a (dyn Fn(&wire::Event) -> Repriced + Send + Sync),
+    ) -> BoxFuture<'a, Result<RerateBatch, StoreError>> {
+        Box::pin(self.rerate_batch_impl(request, after, reprice))
+    }
+
+    fn record_rerate<'a>(&'a self, run: &'a RerateRun) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.record_rerate_impl(run))
     }
 }
 

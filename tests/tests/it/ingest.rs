@@ -37,6 +37,7 @@ async fn binary_ingest_stores_exact_values() -> Result<()> {
     let mut connection = RawConnection::open(&edge, &edge.key).await?;
     assert_eq!(connection.welcome.tenant_id, edge.tenant.id.to_string());
     let event = llm_event("user-1", 1200.0, 350.0)
+        .with_model("in-house-7b")
         .with_quantity(QuantityKind::CachedInputTokens, 0.25)
         .with_custom_quantity("images", 3.0)
         .with_metadata("region", "eu \"west\"")
@@ -58,7 +59,7 @@ async fn binary_ingest_stores_exact_values() -> Result<()> {
     .await?;
     assert_eq!(row.user_id, "user-1");
     assert_eq!(row.service_type, "llm_service");
-    assert_eq!(row.model.as_deref(), Some("gpt-4o"));
+    assert_eq!(row.model.as_deref(), Some("in-house-7b"));
     assert_eq!(row.input_tokens.to_string(), "1200");
     assert_eq!(row.cached_input_tokens.to_string(), "0.25");
     assert_eq!(row.custom, r#"{"images": 3}"#);
@@ -66,7 +67,7 @@ async fn binary_ingest_stores_exact_values() -> Result<()> {
     assert_eq!(row.metadata, json!({"region": "eu \"west\""}));
     assert_eq!(row.session_id, json!("s-1"));
     assert_eq!(row.tags, vec!["beta".to_owned()]);
-    assert_eq!(row.cost, None, "no price rule: stored unpriced, never as 0");
+    assert_eq!(row.cost, None, "no price rule for this model: stored unpriced, never as 0");
     assert_eq!(row.occurred_at_us, event.timestamp_us);
     assert_rollups_match_raw(&mut db).await?;
     Ok(())

@@ -16,6 +16,9 @@ use tokio_util::codec::Framed;
 use tower::ServiceExt;
 use wire::{AckMode, EventBatch, Hello, Message, Welcome, WireCodec};
 
+/// The operator key of edges started with [`TestEdge::start_with_admin`].
+pub const OPERATOR_KEY: &str = "operator-key-for-tests-0123456789abcdef";
+
 /// An edge listening on loopback ports over a fresh, migrated database.
 pub struct TestEdge {
     pub db: TestDb,
@@ -29,6 +32,15 @@ impl TestEdge {
     /// On the shared PostgreSQL server.
     pub async fn start() -> Result<TestEdge> {
         Self::start_on(tests::postgres().await, edge::EdgeConfig::default()).await
+    }
+
+    /// With an operator key and an admin key for tenant "acme" (returned).
+    pub async fn start_with_admin() -> Result<(TestEdge, String)> {
+        let config =
+            edge::EdgeConfig { operator_key: Some(OPERATOR_KEY.into()), ..edge::EdgeConfig::default() };
+        let edge = Self::start_on(tests::postgres().await, config).await?;
+        let admin = create_key(&edge.store, &edge.tenant, vec![Scope::Admin]).await?;
+        Ok((edge, admin))
     }
 
     pub async fn start_on(server: &tests::PgServer, mut config: edge::EdgeConfig) -> Result<TestEdge> {

@@ -1,0 +1,135 @@
+//! Re-rating helpers: an event rebuilt from its row for pricing, and the row and rollup changes
+//! of one batch, written with two statements.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+use wire::{CustomQuantity, Event, Quantity, QuantityKind, Status};
+
+use crate::rollup::hour_start_us;
+use crate::store::Repriced;
+
+/// The fields pricing reads, rebuilt from a stored row.
+pub(super) fn event_of_row(row: &PgRow) -> Event {
+    let event_id: Uuid = row.get("event_id");
+    let mut event = Event::new(
+        row.get::<String, _>("user_id"),
+        row.get::<String, _>("service_type"),
+        row.get::<String, _>("service_provider"),
+        row.get::<String, _>("event_type"),
+    )
+    .with_id(event_id)
+    .at(row.get("at_us"));
+    event.model = row.get("model");
+    if row.get::<i16, _>("status") == 1 {
+        event.status = Status::Error;
+    }
+    event.latency_ms = row.get::<Option<i64>, _>("latency_us").map(|us| us as f64 / 1000.0);
+    for kind in QuantityKind::ALL {
+        if let Some(value) = row.get::<Option<Decimal>, _>(kind.as_str()) {
+            event.quantities.push(Quantity { kind, value: decimal_to_f64(value) });
+        }
+    }
+    if let Some(serde_json::Value::Object(custom)) =
+        row.get::<Option<serde_json::Value>, _>("custom_quantities")
+    {
+        for (name, value) in custom {
+            let value = value.as_f64().unwrap_or_default();
+            event.extra_mut().custom_quantities.push(CustomQuantity { name, value });
+        }
+    }
+    event
+}
+
+fn decimal_to_f64(value: Decimal) -> f64 {
+    value.to_string().parse().unwrap_or_default()
+}
+
+type RollupKey = (Uuid, i64, String, String, String, String, String);
+
+/// Row updates and rollup deltas of one batch.
+#[derive(Debug, Default)]
+pub(super) struct Changes {
+    event_ids: Vec<Uuid>,
+    at_us: Vec<i64>,
+    costs: Vec<Option<Decimal>>,
+    rule_ids: Vec<String>,
+    rollups: BTreeMap<RollupKey, (Decimal, i64)>,
+}
+
+impl Changes {
+    pub(super) fn add(&mut self, tenant_id: Uuid, event: &Event, before: Option<Decimal>, after: &Repriced) {
+        self.event_ids.push(event.id());
+        self.at_us.push(event.timestamp_us);
+        self.costs.push(after.cost);
+        let ids: Vec<String> = after.rule_ids.iter().map(Uuid::to_string).collect();
+        self.rule_ids.push(format!("{{{}}}", ids.join(",")));
+        let key = (
+            tenant_id,
+            hour_start_us(event.timestamp_us),
+            event.service_type.clone(),
+            event.service_provider.clone(),
+            event.model.clone().unwrap_or_default(),
+            event.user_id.clone(),
+            event.event_type.clone(),
+        );
+        let delta = self.rollups.entry(key).or_default();
+        delta.0 += after.cost.unwrap_or_default() - before.unwrap_or_default();
+        delta.1 += i64::from(after.cost.is_none()) - i64::from(before.is_none());
+    }
+
+    pub(super) async fn apply(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if self.event_ids.is_empty() {
+            return Ok(());
+        }
+        let tenant_id = self.rollups.keys().next().map(|key| key.0).unwrap_or_default();
+        sqlx::query(
+            "UPDATE usage_events e SET cost = c.cost, price_rule_ids = nullif(c.rules, '{}')::uuid[]
+             FROM unnest($2::uuid[], $3::bigint[], $4::numeric[], $5::text[]) AS c(event_id, at_us, cost, rules)
+             WHERE e.tenant_id = $1 AND e.event_id = c.event_id AND e.occurred_at = tally_timestamptz(c.at_us)",
+        )
+        .bind(tenant_id)
+        .bind(&self.event_ids)
+        .bind(&self.at_us)
+        .bind(&self.costs)
+        .bind(&self.rule_ids)
+        .execute(&mut *conn)
+        .await?;
+        let mut hours_us = Vec::new();
+        let mut texts: [Vec<String>; 5] = Default::default();
+        let (mut cost_deltas, mut unpriced_deltas) = (Vec::new(), Vec::new());
+        for ((_, hour_us, service_type, provider, model, user_id, event_type), (cost, unpriced)) in self.rollups {
+            hours_us.push(hour_us);
+            for (column, value) in texts.iter_mut().zip([service_type, provider, model, user_id, event_type]) {
+                column.push(value);
+            }
+            cost_deltas.push(cost);
+            unpriced_deltas.push(unpriced);
+        }
+        let [service_types, providers, models, user_ids, event_types] = texts;
+        sqlx::query(
+            "UPDATE usage_rollup_hourly r SET cost = r.cost + d.cost, unpriced_count = r.unpriced_count + d.unpriced
+             FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::numeric[],
+                         $9::bigint[]) AS d(hour_us, service_type, service_provider, model, user_id, event_type,
+                                            cost, unpriced)
+             WHERE r.tenant_id = $1 AND r.hour = tally_timestamptz(d.hour_us) AND r.service_type = d.service_type
+               AND r.service_provider = d.service_provider AND r.model = d.model AND r.user_id = d.user_id
+               AND r.event_type = d.event_type",
+        )
+        .bind(tenant_id)
+        .bind(hours_us)
+        .bind(service_types)
+        .bind(providers)
+        .bind(models)
+        .bind(user_ids)
+        .bind(event_types)
+        .bind(cost_deltas)
+        .bind(unpriced_deltas)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}
