@@ -38,6 +38,9 @@ pub struct EdgeConfig {
     pub tenant_cache_ttl: Duration,
     /// The operator key: manages every tenant through `/api/v1/admin/tenants`. Unset: no operator.
     pub operator_key: Option<String>,
+    /// Redis overflow for when PostgreSQL is slow or down. Unset: no overflow (a full queue
+    /// blocks binary clients and refuses HTTP requests with 503).
+    pub overflow: Option<sink::overflow::OverflowConfig>,
     /// The timestamps accepted.
     pub window: TimeWindow,
     /// Data retention and partitions.
@@ -64,6 +67,7 @@ impl Default for EdgeConfig {
             key_cache_ttl: Duration::from_secs(30),
             tenant_cache_ttl: Duration::from_secs(10),
             operator_key: None,
+            overflow: None,
             window: TimeWindow::default(),
             retention: Retention::default(),
             maintenance_interval: Duration::from_secs(3600),

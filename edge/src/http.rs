@@ -197,7 +197,8 @@ async fn ingest(
     let ids = converted.iter().map(|event| event.as_ref().ok().map(wire::Event::id)).collect();
     let prepared = state.ingestor.prepare(&context, over_quota, converted);
     let shard_hint = state.next_shard();
-    let statuses = state.ingestor.submit(prepared, ack_mode, WhenFull::Reject, shard_hint).await?;
+    let when_full = if state.config.overflow.is_some() { WhenFull::Overflow } else { WhenFull::Reject };
+    let statuses = state.ingestor.submit(prepared, ack_mode, when_full, shard_hint).await?;
     Ok((ids, statuses))
 }
 

@@ -101,7 +101,7 @@ impl Prepared {
                 Ok(()) => match outcomes.as_mut().and_then(Iterator::next) {
                     Some(Outcome::Stored) => EventStatus::Stored,
                     Some(Outcome::Duplicate) => EventStatus::Duplicate,
-                    None => EventStatus::Accepted,
+                    Some(Outcome::Spilled) | None => EventStatus::Accepted,
                 },
             })
             .collect()

@@ -75,12 +75,17 @@ pub struct RunningEdge {
     http: JoinHandle<()>,
     workers: Vec<JoinHandle<()>>,
     maintenance: JoinHandle<()>,
+    drainer: Option<JoinHandle<()>>,
 }
 
 /// Starts the listeners, sink workers and maintenance. The store must be migrated.
 pub async fn start(config: EdgeConfig, store: Arc<dyn Store>) -> anyhow::Result<RunningEdge> {
     config.validate()?;
-    let queue = IngestQueue::new(config.queue);
+    let overflow = match &config.overflow {
+        Some(overflow) => Some(Arc::new(sink::overflow::Overflow::connect(overflow.clone()).await?)),
+        None => None,
+    };
+    let queue = IngestQueue::with_overflow(config.queue, overflow.clone());
     let tenants = Arc::new(Tenants::new(store.clone(), config.tenant_cache_ttl));
     let state = Arc::new(EdgeState {
         auth: Authenticator::new(store.clone(), config.key_cache_ttl),
@@ -95,7 +100,9 @@ pub async fn start(config: EdgeConfig, store: Arc<dyn Store>) -> anyhow::Result<
     let (wire_addr, http_addr) = (wire_listener.local_addr()?, http_listener.local_addr()?);
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
-    let workers = sink::spawn_workers(queue, store.clone(), state.config.batch);
+    let workers = sink::spawn_workers(queue.clone(), store.clone(), overflow.clone(), state.config.batch);
+    let drainer =
+        overflow.map(|overflow| tokio::spawn(sink::overflow::run_drainer(overflow, store.clone(), queue)));
     tokio::spawn(wire_server::serve(wire_listener, state.clone(), shutdown.clone(), connections.clone()));
     let http = {
         let router = http::router(state.clone());
@@ -114,7 +121,17 @@ pub async fn start(config: EdgeConfig, store: Arc<dyn Store>) -> anyhow::Result<
         shutdown.clone(),
     ));
     tracing::info!(%wire_addr, %http_addr, "tally edge listening");
-    Ok(RunningEdge { wire_addr, http_addr, state, shutdown, connections, http, workers, maintenance })
+    Ok(RunningEdge {
+        wire_addr,
+        http_addr,
+        state,
+        shutdown,
+        connections,
+        http,
+        workers,
+        maintenance,
+        drainer,
+    })
 }
 
 async fn maintain_forever(
@@ -157,6 +174,10 @@ impl RunningEdge {
             workers_done &= tokio::time::timeout(remaining, worker).await.is_ok();
         }
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, workers_done, "sink drained");
+        // What is left in the overflow stays there for the next start (or another edge) to drain.
+        if let Some(drainer) = self.drainer {
+            drainer.abort();
+        }
         self.maintenance.abort();
         connections_done && workers_done
     }

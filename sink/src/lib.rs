@@ -2,12 +2,15 @@
 //! batch that inserts with binary `COPY`, deduplicates and grows the hourly rollups, and acks
 //! released only after the commit.
 //!
-//! The storage boundary is the [`Store`] trait; [`pg::PgStore`] implements it for PostgreSQL.
+//! The storage boundary is the [`Store`] trait; [`pg::PgStore`] implements it for PostgreSQL and
+//! [`sqlite::SqliteStore`] for an embedded SQLite file.
 
+pub mod overflow;
 pub mod pg;
 mod queue;
 pub mod rollup;
 mod row;
+pub mod sqlite;
 mod store;
 mod worker;
 

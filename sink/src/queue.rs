@@ -7,6 +7,7 @@ use std::time::Instant;
 use crossbeam_queue::ArrayQueue;
 use tokio::sync::{Notify, oneshot};
 
+use crate::overflow::Overflow;
 use crate::row::{EventRow, Outcome};
 use crate::store::StoreError;
 
@@ -46,6 +47,10 @@ pub enum WhenFull {
     /// Refuse at once; the caller answers "busy, retry after" (HTTP 503 + `Retry-After`, or the
     /// protocol's `Busy`).
     Reject,
+    /// Spill the submission to the Redis overflow and answer once Redis has it. Without an
+    /// overflow, or when the overflow refuses (full, unreachable), or for a `durable` submission
+    /// when the overflow is not configured as durable: like `Reject`.
+    Overflow,
 }
 
 /// Why a submission was not queued. The submission is handed back.
@@ -77,6 +82,7 @@ pub struct IngestQueue {
     closed: AtomicBool,
     /// Producers waiting for room.
     room: Notify,
+    overflow: Option<Arc<Overflow>>,
 }
 
 #[derive(Debug)]
@@ -88,6 +94,11 @@ struct Shard {
 
 impl IngestQueue {
     pub fn new(limits: QueueLimits) -> Arc<IngestQueue> {
+        Self::with_overflow(limits, None)
+    }
+
+    /// A queue whose [`WhenFull::Overflow`] producers spill to `overflow`.
+    pub fn with_overflow(limits: QueueLimits, overflow: Option<Arc<Overflow>>) -> Arc<IngestQueue> {
         assert!(limits.shards > 0 && limits.submissions_per_shard > 0 && limits.events_max > 0);
         let shards = (0..limits.shards)
             .map(|_| Shard { ring: ArrayQueue::new(limits.submissions_per_shard), work: Notify::new() })
@@ -98,6 +109,7 @@ impl IngestQueue {
             events_max: limits.events_max,
             closed: AtomicBool::new(false),
             room: Notify::new(),
+            overflow,
         })
     }
 
@@ -146,6 +158,31 @@ impl IngestQueue {
                     metrics::counter!("tally_queue_full_total", "policy" => "block").increment(1);
                     room.await;
                 }
+                WhenFull::Overflow => {
+                    metrics::counter!("tally_queue_full_total", "policy" => "overflow").increment(1);
+                    return self.spill(submission).await;
+                }
+            }
+        }
+    }
+
+    async fn spill(&self, submission: Submission) -> Result<(), SubmitError> {
+        let Some(overflow) = &self.overflow else {
+            return Err(SubmitError::Full(submission));
+        };
+        if submission.reply.is_some() && !overflow.is_durable() {
+            return Err(SubmitError::Full(submission));
+        }
+        match overflow.spill(&submission.rows).await {
+            Ok(()) => {
+                if let Some(reply) = submission.reply {
+                    let _ = reply.send(Ok(vec![Outcome::Spilled; submission.rows.len()]));
+                }
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(%error, "overflow refused a spill");
+                Err(SubmitError::Full(submission))
             }
         }
     }

@@ -111,6 +111,28 @@ impl RollupDelta {
     }
 }
 
+impl RollupDelta {
+    /// Adds another delta (or a stored row's sums) to this one.
+    pub fn merge(&mut self, other: &RollupDelta) {
+        self.event_count += other.event_count;
+        self.error_count += other.error_count;
+        for (sum, value) in self.quantities.iter_mut().zip(&other.quantities) {
+            *sum += value;
+        }
+        for (name, value) in &other.custom_quantities {
+            *self.custom_quantities.entry(name.clone()).or_default() += value;
+        }
+        self.cost += other.cost;
+        self.unpriced_count += other.unpriced_count;
+        self.latency_count += other.latency_count;
+        self.latency_sum_us += other.latency_sum_us;
+        self.latency_max_us = self.latency_max_us.max(other.latency_max_us);
+        for (sum, count) in self.latency_buckets.iter_mut().zip(&other.latency_buckets) {
+            *sum += count;
+        }
+    }
+}
+
 /// Sums rows into rollup deltas, one per key, in key order.
 pub fn aggregate<'a>(rows: impl IntoIterator<Item = &'a EventRow>) -> BTreeMap<RollupKey<'a>, RollupDelta> {
     let mut deltas: BTreeMap<RollupKey<'a>, RollupDelta> = BTreeMap::new();
@@ -177,5 +199,29 @@ mod tests {
         assert_eq!(first.unpriced_count, 1);
         assert_eq!(first.latency_sum_us, 5000);
         assert_eq!(first.latency_buckets[latency_bucket(2500)], 2);
+    }
+
+    #[test]
+    fn merging_deltas_equals_aggregating_all_rows() {
+        let tenant = Uuid::from_u128(7);
+        let event = |tokens: f64, latency_ms: f64| {
+            wire::Event::new("u1", "custom", "p", "e")
+                .at(1_700_000_000_000_000)
+                .with_quantity(wire::QuantityKind::InputTokens, tokens)
+                .with_custom_quantity("images", tokens)
+                .with_latency_ms(latency_ms)
+        };
+        let rows = vec![
+            EventRow::new(tenant, event(0.1, 1.0), Some(Decimal::new(1, 2))),
+            EventRow::new(tenant, event(0.2, 900.0), None),
+            EventRow::new(tenant, event(0.3, 0.5), Some(Decimal::new(3, 3))),
+        ];
+        let all = aggregate(&rows).into_values().next().expect("one key");
+        let mut merged = aggregate(&rows[..1]).into_values().next().expect("one key");
+        merged.merge(&aggregate(&rows[1..]).into_values().next().expect("one key"));
+        assert_eq!(merged, all);
+        assert_eq!(merged.quantities[0].to_string(), "0.6");
+        assert_eq!(merged.custom_quantities["images"].to_string(), "0.6");
+        assert_eq!(merged.latency_max_us, 900_000);
     }
 }

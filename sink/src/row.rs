@@ -93,6 +93,9 @@ pub enum Outcome {
     Stored,
     /// The same tenant, event id and timestamp were stored before; nothing changed.
     Duplicate,
+    /// Spilled to the overflow (storage was unavailable or the queue full); it will be stored,
+    /// or found a duplicate, when the overflow drains.
+    Spilled,
 }
 
 /// The exact decimal for a quantity that passed validation; the pricing crate owns the rule so

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
+use crate::overflow::Overflow;
 use crate::queue::{IngestQueue, Submission};
 use crate::row::EventRow;
 use crate::store::{Store, StoreError};
@@ -44,11 +45,13 @@ impl Default for BatchLimits {
 pub fn spawn_workers(
     queue: Arc<IngestQueue>,
     store: Arc<dyn Store>,
+    overflow: Option<Arc<Overflow>>,
     limits: BatchLimits,
 ) -> Vec<JoinHandle<()>> {
     (0..queue.shard_count())
         .map(|shard| {
-            let worker = Worker { shard, queue: queue.clone(), store: store.clone(), limits };
+            let overflow = overflow.clone();
+            let worker = Worker { shard, queue: queue.clone(), store: store.clone(), overflow, limits };
             tokio::spawn(worker.run())
         })
         .collect()
@@ -58,6 +61,7 @@ struct Worker {
     shard: usize,
     queue: Arc<IngestQueue>,
     store: Arc<dyn Store>,
+    overflow: Option<Arc<Overflow>>,
     limits: BatchLimits,
 }
 
@@ -99,9 +103,9 @@ impl Worker {
             counts.push(submission.rows.len());
             rows.append(&mut submission.rows);
         }
-        let must_retry = submissions.iter().any(|submission| submission.reply.is_none());
+        let has_accepted = submissions.iter().any(|submission| submission.reply.is_none());
         let started = Instant::now();
-        let result = self.commit_with_retries(rows, must_retry).await;
+        let result = self.commit_or_spill(rows, has_accepted).await;
         let elapsed = started.elapsed();
         metrics::histogram!("tally_commit_seconds").record(elapsed.as_secs_f64());
         metrics::histogram!("tally_batch_events").record(rows.len() as f64);
@@ -118,7 +122,20 @@ impl Worker {
                     }
                 }
             }
-            Err(error) => {
+            Err(BatchError::Spilled(error)) => {
+                let durable = self.overflow.as_ref().is_some_and(|overflow| overflow.is_durable());
+                for (submission, count) in submissions.drain(..).zip(counts) {
+                    if let Some(reply) = submission.reply {
+                        let answer = if durable {
+                            Ok(vec![crate::Outcome::Spilled; count])
+                        } else {
+                            Err(error.clone())
+                        };
+                        let _ = reply.send(answer);
+                    }
+                }
+            }
+            Err(BatchError::Failed(error)) => {
                 tracing::warn!(events = rows.len(), %error, "failed to commit batch");
                 metrics::counter!("tally_commit_failures_total").increment(1);
                 for (submission, count) in submissions.drain(..).zip(counts) {
@@ -135,6 +152,34 @@ impl Worker {
             }
         }
         rows.clear();
+    }
+
+    /// Commits, or spills to the overflow when storage is unavailable (or the queue saturated,
+    /// so that a slow database does not stall ingest). Without an overflow, a batch holding
+    /// `accepted` submissions is retried for up to `accepted_retry_max`.
+    async fn commit_or_spill(
+        &self,
+        rows: &[EventRow],
+        has_accepted: bool,
+    ) -> Result<Vec<crate::Outcome>, BatchError> {
+        let Some(overflow) = &self.overflow else {
+            return self.commit_with_retries(rows, has_accepted).await.map_err(BatchError::Failed);
+        };
+        let error = if self.queue.is_saturated() {
+            StoreError::Unavailable("ingest queue saturated".into())
+        } else {
+            match self.commit_with_retries(rows, false).await {
+                Err(error) if error.is_retryable() => error,
+                other => return other.map_err(BatchError::Failed),
+            }
+        };
+        match overflow.spill(rows).await {
+            Ok(()) => Err(BatchError::Spilled(error)),
+            Err(spill_error) => {
+                tracing::warn!(%spill_error, "overflow refused a batch storage could not take");
+                self.commit_with_retries(rows, has_accepted).await.map_err(BatchError::Failed)
+            }
+        }
     }
 
     /// Conflicts are retried at once (a few times); unavailability is retried with backoff only
@@ -167,4 +212,13 @@ impl Worker {
             }
         }
     }
+}
+
+/// How a batch ended when it was not committed.
+enum BatchError {
+    /// In the overflow; `durable` submissions are acked only if the overflow is durable, else
+    /// they get this storage error.
+    Spilled(StoreError),
+    /// Nowhere: every submission gets the error.
+    Failed(StoreError),
 }

@@ -101,9 +101,12 @@ impl Changes {
         let mut hours_us = Vec::new();
         let mut texts: [Vec<String>; 5] = Default::default();
         let (mut cost_deltas, mut unpriced_deltas) = (Vec::new(), Vec::new());
-        for ((_, hour_us, service_type, provider, model, user_id, event_type), (cost, unpriced)) in self.rollups {
+        for ((_, hour_us, service_type, provider, model, user_id, event_type), (cost, unpriced)) in
+            self.rollups
+        {
             hours_us.push(hour_us);
-            for (column, value) in texts.iter_mut().zip([service_type, provider, model, user_id, event_type]) {
+            for (column, value) in texts.iter_mut().zip([service_type, provider, model, user_id, event_type])
+            {
                 column.push(value);
             }
             cost_deltas.push(cost);
