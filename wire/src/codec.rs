@@ -5,6 +5,9 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::{Kind, Message, WireError, limits::*};
 
+/// The most the decoder allocates ahead of bytes received.
+const RESERVE_AHEAD_BYTES: usize = 64 * 1024;
+
 /// The two bytes every frame starts with: `TL`.
 pub const MAGIC: [u8; 2] = *b"TL";
 
@@ -111,8 +114,9 @@ impl Decoder for WireCodec {
         let header = parse_header(header_bytes, self.receive_payload_bytes_max)?;
         let frame_len = HEADER_BYTES + header.payload_len as usize;
         if src.len() < frame_len {
-            // Bounded: the length was checked against the limit above.
-            src.reserve(frame_len - src.len());
+            // Grow by at most 64 KiB ahead of the bytes that actually arrived, so a header alone
+            // cannot pin a whole frame's worth of memory; the length was checked above.
+            src.reserve((frame_len - src.len()).min(RESERVE_AHEAD_BYTES));
             return Ok(None);
         }
         src.advance(HEADER_BYTES);

@@ -136,6 +136,7 @@ impl QuantityKind {
         QuantityKind::ALL.into_iter().find(|kind| kind.as_str() == name)
     }
 
+    #[inline]
     fn bit(self) -> u16 {
         1 << (self as u8)
     }
@@ -143,6 +144,7 @@ impl QuantityKind {
 
 impl ArchivedQuantityKind {
     /// The owned kind of an archived one.
+    #[inline]
     pub fn to_native(self) -> QuantityKind {
         match self {
             ArchivedQuantityKind::InputTokens => QuantityKind::InputTokens,
@@ -300,120 +302,155 @@ pub trait EventFields {
 }
 
 impl EventFields for Event {
+    #[inline]
     fn event_id(&self) -> [u8; 16] {
         self.event_id
     }
+    #[inline]
     fn timestamp_us(&self) -> i64 {
         self.timestamp_us
     }
+    #[inline]
     fn user_id(&self) -> &str {
         &self.user_id
     }
+    #[inline]
     fn service_type(&self) -> &str {
         &self.service_type
     }
+    #[inline]
     fn service_provider(&self) -> &str {
         &self.service_provider
     }
+    #[inline]
     fn event_type(&self) -> &str {
         &self.event_type
     }
+    #[inline]
     fn model(&self) -> Option<&str> {
         self.model.as_deref()
     }
+    #[inline]
     fn is_error(&self) -> bool {
         self.status == Status::Error
     }
+    #[inline]
     fn latency_ms(&self) -> Option<f64> {
         self.latency_ms
     }
+    #[inline]
     fn quantities(&self) -> impl Iterator<Item = (QuantityKind, f64)> {
         self.quantities.iter().map(|quantity| (quantity.kind, quantity.value))
     }
+    #[inline]
     fn error_code(&self) -> Option<&str> {
         self.extra.as_ref()?.error_code.as_deref()
     }
+    #[inline]
     fn session_id(&self) -> Option<&str> {
         self.extra.as_ref()?.session_id.as_deref()
     }
+    #[inline]
     fn request_id(&self) -> Option<&str> {
         self.extra.as_ref()?.request_id.as_deref()
     }
+    #[inline]
     fn custom_quantities(&self) -> impl Iterator<Item = (&str, f64)> {
         let list = self.extra.as_ref().map_or(&[][..], |extra| &extra.custom_quantities[..]);
         list.iter().map(|quantity| (quantity.name.as_str(), quantity.value))
     }
+    #[inline]
     fn metadata(&self) -> impl ExactSizeIterator<Item = (&str, &str)> {
         let list = self.extra.as_ref().map_or(&[][..], |extra| &extra.metadata[..]);
         list.iter().map(|entry| (entry.key.as_str(), entry.value.as_str()))
     }
+    #[inline]
     fn tags(&self) -> impl ExactSizeIterator<Item = &str> {
         let list = self.extra.as_ref().map_or(&[][..], |extra| &extra.tags[..]);
         list.iter().map(String::as_str)
     }
+    #[inline]
     fn custom_quantity_count(&self) -> usize {
         self.extra.as_ref().map_or(0, |extra| extra.custom_quantities.len())
     }
 }
 
 impl ArchivedEvent {
+    #[inline]
     fn extra(&self) -> Option<&ArchivedExtra> {
         self.extra.as_ref().map(|extra| extra.get())
     }
 }
 
 impl EventFields for ArchivedEvent {
+    #[inline]
     fn event_id(&self) -> [u8; 16] {
         self.event_id
     }
+    #[inline]
     fn timestamp_us(&self) -> i64 {
         self.timestamp_us.to_native()
     }
+    #[inline]
     fn user_id(&self) -> &str {
         &self.user_id
     }
+    #[inline]
     fn service_type(&self) -> &str {
         &self.service_type
     }
+    #[inline]
     fn service_provider(&self) -> &str {
         &self.service_provider
     }
+    #[inline]
     fn event_type(&self) -> &str {
         &self.event_type
     }
+    #[inline]
     fn model(&self) -> Option<&str> {
         self.model.as_ref().map(|model| model.as_str())
     }
+    #[inline]
     fn is_error(&self) -> bool {
         self.status == ArchivedStatus::Error
     }
+    #[inline]
     fn latency_ms(&self) -> Option<f64> {
         self.latency_ms.as_ref().map(|latency| latency.to_native())
     }
+    #[inline]
     fn quantities(&self) -> impl Iterator<Item = (QuantityKind, f64)> {
         self.quantities.iter().map(|quantity| (quantity.kind.to_native(), quantity.value.to_native()))
     }
+    #[inline]
     fn error_code(&self) -> Option<&str> {
         self.extra()?.error_code.as_ref().map(|code| code.as_str())
     }
+    #[inline]
     fn session_id(&self) -> Option<&str> {
         self.extra()?.session_id.as_ref().map(|id| id.as_str())
     }
+    #[inline]
     fn request_id(&self) -> Option<&str> {
         self.extra()?.request_id.as_ref().map(|id| id.as_str())
     }
+    #[inline]
     fn custom_quantities(&self) -> impl Iterator<Item = (&str, f64)> {
         let list = self.extra().map_or(&[][..], |extra| &extra.custom_quantities[..]);
         list.iter().map(|quantity| (quantity.name.as_str(), quantity.value.to_native()))
     }
+    #[inline]
     fn metadata(&self) -> impl ExactSizeIterator<Item = (&str, &str)> {
         let list = self.extra().map_or(&[][..], |extra| &extra.metadata[..]);
         list.iter().map(|entry| (entry.key.as_str(), entry.value.as_str()))
     }
+    #[inline]
     fn tags(&self) -> impl ExactSizeIterator<Item = &str> {
         let list = self.extra().map_or(&[][..], |extra| &extra.tags[..]);
         list.iter().map(|tag| tag.as_str())
     }
+    #[inline]
     fn custom_quantity_count(&self) -> usize {
         self.extra().map_or(0, |extra| extra.custom_quantities.len())
     }
@@ -456,6 +493,7 @@ pub fn validate(event: &impl EventFields) -> Result<(), EventError> {
     validate_metadata_and_tags(event)
 }
 
+#[inline]
 fn validate_custom_quantities(event: &impl EventFields, well_known: u16) -> Result<(), EventError> {
     let total = well_known.count_ones() as usize + event.custom_quantity_count();
     if total > QUANTITIES_MAX {
@@ -480,6 +518,7 @@ fn validate_custom_quantities(event: &impl EventFields, well_known: u16) -> Resu
     Ok(())
 }
 
+#[inline]
 fn validate_metadata_and_tags(event: &impl EventFields) -> Result<(), EventError> {
     let metadata = event.metadata();
     if metadata.len() > METADATA_ENTRIES_MAX {
@@ -487,8 +526,8 @@ fn validate_metadata_and_tags(event: &impl EventFields) -> Result<(), EventError
         return Err(EventError::new("metadata", reason));
     }
     for (index, (key, value)) in metadata.enumerate() {
-        text(&format!("metadata[{index}].key"), key, 1, METADATA_KEY_BYTES_MAX)?;
-        text(&format!("metadata[{index}].value"), value, 0, METADATA_VALUE_BYTES_MAX)?;
+        text(format_args!("metadata[{index}].key"), key, 1, METADATA_KEY_BYTES_MAX)?;
+        text(format_args!("metadata[{index}].value"), value, 0, METADATA_VALUE_BYTES_MAX)?;
         if event.metadata().take(index).any(|(earlier, _)| earlier == key) {
             return Err(EventError::new(
                 format!("metadata[{index}].key"),
@@ -501,46 +540,155 @@ fn validate_metadata_and_tags(event: &impl EventFields) -> Result<(), EventError
         return Err(EventError::new("tags", format!("has {} entries, at most {TAGS_MAX}", tags.len())));
     }
     for (index, tag) in tags.enumerate() {
-        text(&format!("tags[{index}]"), tag, 1, TAG_BYTES_MAX)?;
+        text(format_args!("tags[{index}]"), tag, 1, TAG_BYTES_MAX)?;
     }
     Ok(())
 }
 
+#[inline]
 fn quantity_value(field: &str, value: f64) -> Result<(), EventError> {
     if value.is_finite() && (0.0..=QUANTITY_VALUE_MAX).contains(&value) {
-        Ok(())
-    } else {
-        Err(EventError::new(field, format!("must be a finite number from 0 to 2^53, got {value}")))
+        return Ok(());
     }
+    Err(quantity_value_error(field, value))
 }
 
-fn text(field: &str, value: &str, min: usize, max: usize) -> Result<(), EventError> {
-    if value.len() < min || value.len() > max {
-        let reason = format!("must be {min} to {max} bytes, got {}", value.len());
-        return Err(EventError::new(field, reason));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(EventError::new(field, "must not contain control characters"));
+#[inline]
+fn text(field: impl std::fmt::Display, value: &str, min: usize, max: usize) -> Result<(), EventError> {
+    if value.len() < min || value.len() > max || has_control(value) {
+        return Err(text_error(field.to_string(), value, min, max));
     }
     Ok(())
 }
 
+#[inline]
 fn optional_text(field: &str, value: Option<&str>) -> Result<(), EventError> {
     value.map_or(Ok(()), |value| text(field, value, 1, IDENT_BYTES_MAX))
 }
 
+#[inline]
 fn name(field: &str, value: &str) -> Result<(), EventError> {
     if value.is_empty() || value.len() > NAME_BYTES_MAX || !is_name(value) {
-        let reason = format!("must be 1 to {NAME_BYTES_MAX} bytes of a-z, A-Z, 0-9, _ . : -, got {value:?}");
-        return Err(EventError::new(field, reason));
+        return Err(name_error(field, value));
     }
     Ok(())
 }
 
-fn is_name(value: &str) -> bool {
-    value.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b':' | b'-'))
+// The errors are built out of line, so the checks above stay small enough to inline into
+// `validate`: it runs for every event the server receives.
+
+#[cold]
+#[inline(never)]
+fn quantity_value_error(field: &str, value: f64) -> EventError {
+    EventError::new(field, format!("must be a finite number from 0 to 2^53, got {value}"))
 }
 
+#[cold]
+#[inline(never)]
+fn text_error(field: String, value: &str, min: usize, max: usize) -> EventError {
+    if value.len() < min || value.len() > max {
+        let reason = format!("must be {min} to {max} bytes, got {}", value.len());
+        return EventError::new(field, reason);
+    }
+    EventError::new(field, "must not contain control characters")
+}
+
+#[cold]
+#[inline(never)]
+fn name_error(field: &str, value: &str) -> EventError {
+    // The reason goes back to the client in a `Rejection` (at most TEXT_BYTES_MAX bytes):
+    // echo the value only when it is short.
+    let got = match value.len() {
+        len if len > NAME_BYTES_MAX => format!("{len} bytes"),
+        _ => format!("{value:?}"),
+    };
+    let reason = format!("must be 1 to {NAME_BYTES_MAX} bytes of a-z, A-Z, 0-9, _ . : -, got {got}");
+    EventError::new(field, reason)
+}
+
+/// Whether `value` holds a control character (`char::is_control`: U+0000-U+001F, U+007F-U+009F).
+/// Hot: every text field of every event. The byte scan has no early exit, so it vectorises; it
+/// flags every string with a C0 control, DEL or a 0xC2 lead byte (which starts U+0080-U+009F, and
+/// also U+00A0-U+00BF), and only those get the exact check, by `char`. (Measured: faster here than
+/// a scan by u64 words.)
+#[inline]
+fn has_control(value: &str) -> bool {
+    let suspect =
+        value.bytes().fold(false, |suspect, byte| suspect | (byte < 0x20) | (byte == 0x7f) | (byte == 0xc2));
+    suspect && value.chars().any(char::is_control)
+}
+
+/// Whether every byte is one of `A-Z a-z 0-9 _ . : -`: a table lookup per byte, no branches
+/// (measured faster than `all` or than range comparisons).
+#[inline]
+fn is_name(value: &str) -> bool {
+    value.bytes().fold(true, |valid, byte| valid & NAME_BYTES[usize::from(byte)])
+}
+
+/// Whether every byte is one of `a-z 0-9 _`.
+#[inline]
 fn is_identifier(value: &str) -> bool {
-    value.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_')
+    value.bytes().fold(true, |valid, byte| valid & IDENTIFIER_BYTES[usize::from(byte)])
+}
+
+/// Bytes allowed in a name, by value.
+const NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let b = byte as u8;
+        table[byte] = b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-');
+        byte += 1;
+    }
+    table
+};
+
+/// Bytes allowed in an identifier (a custom quantity's name), by value.
+const IDENTIFIER_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let b = byte as u8;
+        table[byte] = b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
+        byte += 1;
+    }
+    table
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn has_control_agrees_with_char_is_control() {
+        // Every char alone, after and before other text, and in a string that takes the exact
+        // path anyway (0xC2); Latin chars at every offset of a vectorised scan.
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            for text in
+                [c.to_string(), format!("abcdefg{c}"), format!("ab{c}\u{e9}defghijkl"), format!("\u{a5}{c}")]
+            {
+                assert_eq!(has_control(&text), c.is_control(), "{c:?} in {text:?}");
+            }
+        }
+        let latin = (0..=0x2ffu32).filter_map(char::from_u32);
+        for c in latin {
+            for before in 0..20 {
+                let text = format!("{}{c}{}", "x".repeat(before), "\u{e9}".repeat(before % 3));
+                assert_eq!(has_control(&text), c.is_control(), "{c:?} in {text:?}");
+            }
+        }
+        assert!(!has_control("") && !has_control("user-000123") && !has_control("\u{a0}\u{bf}\u{100}"));
+    }
+
+    #[test]
+    fn name_and_identifier_bytes_are_exactly_their_alphabets() {
+        let name_alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-";
+        let identifier_alphabet = "abcdefghijklmnopqrstuvwxyz0123456789_";
+        for byte in 0..=u8::MAX {
+            assert_eq!(NAME_BYTES[usize::from(byte)], name_alphabet.as_bytes().contains(&byte), "{byte}");
+            assert_eq!(IDENTIFIER_BYTES[usize::from(byte)], identifier_alphabet.as_bytes().contains(&byte));
+        }
+        assert!(is_name(name_alphabet) && !is_name("a b") && !is_name("\u{e9}"));
+        assert!(is_identifier(identifier_alphabet) && !is_identifier("Images") && !is_identifier("a-b"));
+    }
 }
