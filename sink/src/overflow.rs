@@ -270,33 +270,42 @@ impl Overflow {
         }
         let bytes = encode_batch(rows)?;
         let len = bytes.len();
-        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed) % self.config.streams;
-        let (key, counter) = self.stream(stream);
         let per_stream_max = self.config.bytes_max / self.config.streams as u64;
-        let script = &self.spill;
-        let id: Option<String> = self
-            .call(|mut c| async move {
-                script
-                    .key(&key)
-                    .key(&counter)
-                    .arg(bytes)
-                    .arg(len)
-                    .arg(per_stream_max)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
-        match id {
-            Some(_) => {
-                metrics::counter!("tally_overflow_spilled_events_total").increment(rows.len() as u64);
-                metrics::counter!("tally_overflow_spilled_bytes_total").increment(len as u64);
-                Ok(())
+        let first = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let mut last_error = OverflowError::Full("no stream".into());
+        // A stream that is full or unreachable (its cluster node down) is skipped for the next.
+        for offset in 0..self.config.streams {
+            let (key, counter) = self.stream((first + offset) % self.config.streams);
+            let script = &self.spill;
+            let payload = bytes.clone();
+            let result: Result<Option<String>, OverflowError> = self
+                .call(|mut c| async move {
+                    script
+                        .key(&key)
+                        .key(&counter)
+                        .arg(payload)
+                        .arg(len)
+                        .arg(per_stream_max)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await;
+            match result {
+                Ok(Some(_)) => {
+                    metrics::counter!("tally_overflow_spilled_events_total").increment(rows.len() as u64);
+                    metrics::counter!("tally_overflow_spilled_bytes_total").increment(len as u64);
+                    return Ok(());
+                }
+                Ok(None) => {
+                    last_error = OverflowError::Full(format!(
+                        "a stream holds its share of {} bytes",
+                        self.config.bytes_max
+                    ))
+                }
+                Err(error) => last_error = error,
             }
-            None => Err(OverflowError::Full(format!(
-                "a stream holds its share of {} bytes",
-                self.config.bytes_max
-            ))),
         }
+        Err(last_error)
     }
 
     /// The oldest entry of each stream: (stream, id, payload).
