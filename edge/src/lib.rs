@@ -80,6 +80,16 @@ pub struct RunningEdge {
 
 /// Starts the listeners, sink workers and maintenance. The store must be migrated.
 pub async fn start(config: EdgeConfig, store: Arc<dyn Store>) -> anyhow::Result<RunningEdge> {
+    start_with_routes(config, store, axum::Router::new()).await
+}
+
+/// Like [`start`], with more routes on the HTTP port (the usage listing of the query service,
+/// which the older system's SDK calls on the ingest port).
+pub async fn start_with_routes(
+    config: EdgeConfig,
+    store: Arc<dyn Store>,
+    extra_routes: axum::Router,
+) -> anyhow::Result<RunningEdge> {
     config.validate()?;
     let overflow = match &config.overflow {
         Some(overflow) => Some(Arc::new(sink::overflow::Overflow::connect(overflow.clone()).await?)),
@@ -105,7 +115,7 @@ pub async fn start(config: EdgeConfig, store: Arc<dyn Store>) -> anyhow::Result<
         overflow.map(|overflow| tokio::spawn(sink::overflow::run_drainer(overflow, store.clone(), queue)));
     tokio::spawn(wire_server::serve(wire_listener, state.clone(), shutdown.clone(), connections.clone()));
     let http = {
-        let router = http::router(state.clone());
+        let router = http::router(state.clone()).merge(extra_routes);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let serve = axum::serve(http_listener, router).with_graceful_shutdown(shutdown.cancelled_owned());
