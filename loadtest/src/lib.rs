@@ -1,1 +1,292 @@
-//! placeholder
+//! `tally-load`: an open-loop load generator for Tally's edge that verifies what was acknowledged
+//! against what PostgreSQL stored, and the raw `COPY` ceiling benchmark (`tally-load ratio`).
+//!
+//! A run ([`run_and_report`]) opens its connections, sends a seeded traffic mix
+//! ([`generator`]) on a fixed schedule at `--rate` (latency counted from each batch's intended
+//! send time, so a stalled server cannot hide behind a slow sender) or as fast as acks come back,
+//! books every answer per tenant ([`ledger`]), and then checks the database ([`verify`]). With
+//! `--spawn` it brings its own PostgreSQL and `tally-edge` ([`spawn`]) and reports the CPU each
+//! used ([`cpu`]).
+
+pub mod cli;
+pub mod cpu;
+pub mod generator;
+pub mod http;
+pub mod json;
+pub mod ledger;
+pub mod load;
+pub mod progress;
+pub mod ratio;
+pub mod report;
+pub mod spawn;
+pub mod stats;
+pub mod verify;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+use crate::cli::{Cli, Command, OutputArgs, RatioArgs, RunArgs, TargetArgs};
+use crate::cpu::CpuProbe;
+use crate::load::{LoadOptions, Target, run_load};
+use crate::progress::Progress;
+use crate::ratio::{RatioOptions, run_ratio};
+use crate::report::RunReport;
+use crate::spawn::{Environment, SpawnOptions};
+use crate::verify::Scope;
+
+/// Sending time when neither `--duration` nor `--events` is given.
+const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+/// Default shares of resends and invalid events in a run (the ratio benchmark uses none).
+const RUN_RESEND_FRACTION: f64 = 0.001;
+const RUN_INVALID_FRACTION: f64 = 0.001;
+
+/// The whole program: parses the command line, runs, cleans up (also on Ctrl-C), and says how
+/// it went: 0 passed, 1 failed a check, 2 could not run, 130 interrupted.
+pub async fn main_entry() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let work = async move {
+        match cli.command {
+            Some(Command::Ratio(args)) => ratio_command(args).await,
+            None => run_command(cli.run).await,
+        }
+    };
+    tokio::select! {
+        result = work => match result {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(error) => {
+                eprintln!("tally-load: {error:#}");
+                ExitCode::from(2)
+            }
+        },
+        // Dropping `work` stops the edge child and removes the spawned PostgreSQL.
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("tally-load: interrupted; stopping and cleaning up");
+            ExitCode::from(130)
+        }
+    }
+}
+
+/// Everything one load run needs.
+#[derive(Debug, Clone)]
+pub struct RunPlan {
+    pub load: LoadOptions,
+    pub target: Target,
+    /// For verification and the report's description of the server.
+    pub database_url: Option<String>,
+    pub scope: Scope,
+    pub verify: bool,
+    /// The processes whose CPU time the report splits.
+    pub cpu: Option<CpuProbe>,
+    pub fail_under: Option<f64>,
+}
+
+/// A judged run, with the ledgers behind it.
+#[derive(Debug)]
+pub struct RunResult {
+    pub report: RunReport,
+    pub ledgers: Vec<ledger::TenantLedger>,
+}
+
+/// Runs the load, verifies, and judges the result.
+pub async fn run_and_report(plan: &RunPlan, progress: &Progress) -> Result<RunResult> {
+    let postgres = match &plan.database_url {
+        Some(url) => spawn::describe_postgres(url).await.ok(),
+        None => None,
+    };
+    let mark = plan.cpu.map(|probe| probe.mark());
+    let outcome = run_load(&plan.load, &plan.target, progress, None).await;
+    progress.finish();
+    let outcome = outcome?;
+    let mut report = RunReport::new(&plan.load, plan.target.api_keys.len(), &outcome);
+    report.cpu = plan.cpu.zip(mark).map(|(probe, mark)| probe.since(&mark));
+    report.postgres = postgres;
+    if plan.verify {
+        let url = plan.database_url.as_deref().context("verification needs --database-url")?;
+        report.verification =
+            Some(verify::verify(url, &plan.target.api_keys, &outcome.ledgers, plan.scope).await?);
+    }
+    report.judge(plan.fail_under);
+    Ok(RunResult { report, ledgers: outcome.ledgers })
+}
+
+async fn run_command(args: RunArgs) -> Result<bool> {
+    let generator =
+        args.events_shape.generator(RUN_RESEND_FRACTION, RUN_INVALID_FRACTION).map_err(anyhow::Error::msg)?;
+    let duration = match (args.duration, args.events) {
+        (None, None) => Some(DEFAULT_DURATION),
+        (duration, _) => duration,
+    };
+    if args.rate.is_some_and(|rate| !(rate.is_finite() && rate > 0.0)) {
+        bail!("--rate must be a positive number of events per second");
+    }
+    let load = LoadOptions {
+        mode: args.mode,
+        connections: args.connections.max(1),
+        batch_size: args.batch_size.max(1),
+        rate: args.rate,
+        duration,
+        events: args.events,
+        max_in_flight: args.max_in_flight.max(1),
+        generator,
+    };
+    let progress = Progress::new(args.output.quiet);
+    if args.target.spawn {
+        let spawn = spawn_options(&args.target);
+        check_connections(load.connections, spawn.tenants)?;
+        progress.note(&format!("starting PostgreSQL and tally-edge with {} tenants", spawn.tenants));
+        let environment = Environment::start(&spawn).await?;
+        progress.note(&format!(
+            "tally-edge (pid {}) on {} (binary) and http://{} (metrics at /metrics)",
+            environment.edge.pid(),
+            environment.edge.wire_addr,
+            environment.edge.http_addr
+        ));
+        let plan = RunPlan {
+            target: Target {
+                wire_addr: environment.edge.wire_addr.clone(),
+                http_addr: environment.edge.http_addr.clone(),
+                api_keys: environment.api_keys(),
+            },
+            load,
+            database_url: Some(environment.database.url.clone()),
+            scope: Scope::Exclusive,
+            verify: !args.no_verify,
+            cpu: Some(CpuProbe {
+                edge_pid: Some(environment.edge.pid()),
+                postmaster_pid: environment.postmaster_pid()?,
+            }),
+            fail_under: args.fail_under,
+        };
+        let result = run_and_report(&plan, &progress).await;
+        if result.as_ref().map_or(true, |result| !result.report.passed) {
+            eprintln!("tally-edge log (last lines):\n{}", environment.edge.log_tail());
+        }
+        return finish_run(result?.report, &args.output);
+    }
+    if !args.target.allow_remote {
+        ensure_loopback(&args.target).await?;
+    }
+    if args.target.api_key.is_empty() {
+        bail!("give --api-key (one per tenant) for a running edge, or use --spawn");
+    }
+    check_connections(load.connections, args.target.api_key.len())?;
+    let verify = args.verify && !args.no_verify;
+    if verify && args.target.database_url.is_none() {
+        bail!("--verify needs --database-url (or DATABASE_URL)");
+    }
+    let plan = RunPlan {
+        load,
+        target: Target {
+            wire_addr: args.target.wire_addr.clone(),
+            http_addr: args.target.http_addr.clone(),
+            api_keys: args.target.api_key.clone(),
+        },
+        database_url: args.target.database_url.clone(),
+        scope: Scope::Shared,
+        verify,
+        cpu: None,
+        fail_under: args.fail_under,
+    };
+    let result = run_and_report(&plan, &progress).await?;
+    finish_run(result.report, &args.output)
+}
+
+fn finish_run(report: RunReport, output: &OutputArgs) -> Result<bool> {
+    print!("{}", report.text());
+    write_json(output, &report)?;
+    Ok(report.passed)
+}
+
+async fn ratio_command(args: RatioArgs) -> Result<bool> {
+    if !args.spawn {
+        bail!("ratio needs --spawn: it creates two fresh databases on a PostgreSQL server of its own");
+    }
+    check_connections(args.connections.max(1), args.tenants.max(1))?;
+    let generator = args.events_shape.generator(0.0, 0.0).map_err(anyhow::Error::msg)?;
+    let options = RatioOptions {
+        events: args.events.max(1),
+        connections: args.connections.max(1),
+        batch_size: args.batch_size.max(1),
+        max_in_flight: args.max_in_flight.max(1),
+        generator,
+        spawn: SpawnOptions {
+            tenants: args.tenants.max(1),
+            edge_bin: args.edge_bin.clone(),
+            edge_args: args.edge_arg.clone(),
+            pg_durable: args.pg_durable,
+            pg_socket: args.pg_socket,
+        },
+        verify: !args.no_verify,
+    };
+    let progress = Progress::new(args.output.quiet);
+    let report = run_ratio(&options, &progress).await?;
+    print!("{}", report.text());
+    write_json(&args.output, &report)?;
+    let mut passed = report.verification.as_ref().is_none_or(|verification| verification.passed);
+    if let Some(floor) = args.fail_under_ratio
+        && report.ratio < floor
+    {
+        println!("FAIL          ratio {:.3} is below {floor}", report.ratio);
+        passed = false;
+    }
+    Ok(passed)
+}
+
+fn spawn_options(target: &TargetArgs) -> SpawnOptions {
+    SpawnOptions {
+        tenants: target.tenants.max(1),
+        edge_bin: target.edge_bin.clone(),
+        edge_args: target.edge_arg.clone(),
+        pg_durable: target.pg_durable,
+        pg_socket: target.pg_socket,
+    }
+}
+
+fn check_connections(connections: usize, tenants: usize) -> Result<()> {
+    if connections < tenants {
+        bail!(
+            "{connections} connections cannot serve {tenants} tenants: give --connections {tenants} or more"
+        );
+    }
+    Ok(())
+}
+
+fn write_json(output: &OutputArgs, report: &impl serde::Serialize) -> Result<()> {
+    let Some(path) = &output.json else { return Ok(()) };
+    let json = serde_json::to_vec_pretty(report)?;
+    std::fs::write(path, json).with_context(|| format!("failed to write {}", path.display()))
+}
+
+/// Refuses addresses that resolve outside loopback, so a typo cannot load a production edge.
+async fn ensure_loopback(target: &TargetArgs) -> Result<()> {
+    let mut addresses = vec![target.wire_addr.clone(), target.http_addr.clone()];
+    if let Some(url) = &target.database_url {
+        let options: sqlx::postgres::PgConnectOptions = url.parse().context("invalid --database-url")?;
+        if !options.get_host().starts_with('/') {
+            addresses.push(format!("{}:{}", options.get_host(), options.get_port()));
+        }
+    }
+    for address in addresses {
+        let resolved =
+            tokio::net::lookup_host(&address).await.with_context(|| format!("cannot resolve {address}"))?;
+        for socket in resolved {
+            if !socket.ip().is_loopback() {
+                bail!(
+                    "{address} resolves to {}, not a loopback address; pass --allow-remote to load a remote edge",
+                    socket.ip()
+                );
+            }
+        }
+    }
+    Ok(())
+}
