@@ -1,1 +1,118 @@
-//! placeholder
+//! Tally's query service: usage listings, aggregates and analytics over the events and hourly
+//! rollups the sink stores, for API keys with the `query` scope, each restricted to its tenant.
+//!
+//! # Shape
+//! - [`api`]: the HTTP endpoints (the older system's paths, parameters and field names), the
+//!   OpenAPI document at `/openapi.json` and the offline docs at `/docs`. [`router`] serves all
+//!   of them; [`usage_routes`] only `GET /api/v1/usage`, for the edge to mount on its port.
+//! - [`backend::Backend`]: the storage boundary. Handlers ask typed questions; all SQL lives in
+//!   [`pg`], so an embedded backend can be added without touching a handler.
+//! - [`cache`]: finished answers, in process and optionally in Redis.
+//!
+//! # Numbers
+//! - Aggregates read `usage_rollup_hourly`; only the listing reads `usage_events` in bulk.
+//!   Hours that a range edge or a period boundary cuts are read from raw events, so every sum
+//!   is exact, also for time zones with non-whole-hour offsets (see [`pg`]).
+//! - Days, weeks (Monday to Sunday) and months are bounded in the tenant's `tenants.time_zone`,
+//!   by PostgreSQL's `date_trunc(unit, t, zone)`; DST days last 23 or 25 hours.
+//! - `unique_users` is exact: `count(DISTINCT user_id)` over the rollup rows (keyed by user).
+//! - Latency percentiles come from the summed 46-bucket histograms: the bucket holding the
+//!   nearest rank, reported as its geometric midpoint. A bucket spans a factor of sqrt(2), so a
+//!   percentile is within 19% of the true value (under 1 ms: within 0.5 ms).
+//! - Money (`total_cost`) is an exact decimal written as a JSON string; quantities are exact
+//!   decimals written as JSON numbers. Events without a price are never counted as $0: they are
+//!   reported as `unpriced_event_count` (and `total_cost: null` on a listed event).
+//!
+//! # Freshness
+//! An aggregate answer may be served from the cache for `cache_ttl` (default 15 s) after it was
+//! computed; listings are never cached (their `total_count` is carried in the cursor). A key's
+//! revocation, its tenant being disabled, or a time zone change takes effect within
+//! `key_cache_ttl` (default 30 s).
+
+pub mod api;
+pub mod auth;
+pub mod backend;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod params;
+pub mod pg;
+pub mod sqlite;
+pub mod stats;
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+pub use api::{router, usage_routes};
+pub use config::{ConfigError, QueryConfig};
+
+use auth::Authenticator;
+use backend::Backend;
+use cache::ResponseCache;
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct QueryState {
+    pub config: QueryConfig,
+    pub backend: Arc<dyn Backend>,
+    pub auth: Authenticator,
+    pub cache: ResponseCache,
+    pub metrics: PrometheusHandle,
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Backend(#[from] backend::BackendError),
+    #[error("failed to connect to redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl QueryState {
+    /// Validates the configuration, opens a lazy PostgreSQL pool and, when `redis_url` is set,
+    /// connects to Redis (failing if it cannot be reached).
+    pub async fn connect(config: QueryConfig) -> Result<Arc<QueryState>, StartError> {
+        config.validate()?;
+        let backend = pg::PgBackend::connect_lazy(&config.database_url, &config.pg)?;
+        let redis = match &config.redis_url {
+            Some(url) => Some(ResponseCache::connect_redis(url).await?),
+            None => None,
+        };
+        Ok(QueryState::with_backend(config, Arc::new(backend), redis))
+    }
+
+    /// A state over any backend (the configuration must be valid).
+    pub fn with_backend(
+        config: QueryConfig,
+        backend: Arc<dyn Backend>,
+        redis: Option<redis::aio::ConnectionManager>,
+    ) -> Arc<QueryState> {
+        Arc::new(QueryState {
+            auth: Authenticator::new(backend.clone(), config.key_cache_ttl),
+            cache: ResponseCache::new(config.cache_ttl, config.cache_memory_bytes_max, redis),
+            metrics: metrics_handle(),
+            backend,
+            config,
+        })
+    }
+}
+
+/// The process-wide Prometheus recorder, installed on first use unless another recorder is
+/// installed already (then `/metrics` renders an empty registry).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+            match builder.and_then(|builder| builder.install_recorder()) {
+                Ok(handle) => handle,
+                Err(_) => metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}

@@ -1,0 +1,445 @@
+//! `GET /api/v1/usage`: raw events, newest first, streamed from the database into the response
+//! as JSON or CSV, with offset or keyset (cursor) pagination.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+use rust_decimal::Decimal;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::schema::{BillingInfo, ErrorBody, UsageEvent, UsageList};
+use super::{Params, caller, scope};
+use crate::QueryState;
+use crate::backend::{
+    AggregateQuery, BackendError, EventRecord, EventStatus, ListQuery, Measures, QUANTITY_NAMES, Scope,
+};
+use crate::error::ApiError;
+use crate::params::{self, UsageParams, parse_bool, parse_status, parse_u32};
+use crate::stats::{self, Quantity};
+
+/// Bytes collected before a chunk of the body is sent.
+const CHUNK_BYTES: usize = 32 * 1024;
+
+/// Raw usage events with filters, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/usage",
+    tag = "usage",
+    params(UsageParams),
+    responses(
+        (status = 200, body = UsageList, description = "JSON, or CSV with `format=csv` / `Accept: text/csv` \
+            (then `X-Total-Count` carries the total)"),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)
+    )
+)]
+pub async fn list_usage(
+    State(state): State<Arc<QueryState>>,
+    headers: HeaderMap,
+    Params(params): Params<UsageParams>,
+) -> Result<Response, ApiError> {
+    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
+    let csv = wants_csv(&params, &headers)?;
+    let limit = parse_u32("limit", params.limit.as_deref(), 1000, 1, 10_000)?;
+    let offset: u64 = match params.offset.as_deref() {
+        None => 0,
+        Some(text) => {
+            text.trim().parse().map_err(|_| ApiError::parameter("offset", "must be a whole number"))?
+        }
+    };
+    let include_billing = parse_bool("include_billing", params.include_billing.as_deref())?;
+    let status = parse_status(params.status.as_deref())?;
+    let cursor = params.cursor.as_deref().map(Cursor::decode).transpose()?;
+    if cursor.is_some() && offset > 0 {
+        return Err(ApiError::parameter("cursor", "cannot be combined with offset"));
+    }
+    let filter = params::filter(
+        &params.service_type,
+        &params.service_provider,
+        &params.user_id,
+        &params.model,
+        &params.event_type,
+    )?;
+    let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
+    let total_count = match &cursor {
+        Some(cursor) => cursor.total_count,
+        None => count(&state, &scope, &filter, status).await?,
+    };
+    let query = ListQuery {
+        scope: scope.clone(),
+        filter,
+        status,
+        after: cursor.map(|cursor| (cursor.occurred_at, cursor.event_id)),
+        offset,
+        // One more than a page tells whether another page follows.
+        limit: if csv { limit } else { limit + 1 },
+    };
+    let receiver = state.backend.list_events(query);
+    let page = Page { limit, offset, total_count, include_billing, scope };
+    let (content_type, body) = if csv {
+        ("text/csv; charset=utf-8", Body::from_stream(csv_stream(receiver, page.include_billing)))
+    } else {
+        ("application/json", Body::from_stream(json_stream(receiver, page)))
+    };
+    let mut response = (StatusCode::OK, body).into_response();
+    let response_headers = response.headers_mut();
+    response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response_headers.insert("x-total-count", HeaderValue::from(total_count));
+    Ok(response)
+}
+
+fn wants_csv(params: &UsageParams, headers: &HeaderMap) -> Result<bool, ApiError> {
+    match params.format.as_deref() {
+        Some("csv") => Ok(true),
+        Some("json") => Ok(false),
+        Some(other) => Err(ApiError::parameter("format", format!("{other:?} is not json or csv"))),
+        None => Ok(headers
+            .get(header::ACCEPT)
+            .and_then(|accept| accept.to_str().ok())
+            .is_some_and(|accept| accept.contains("text/csv"))),
+    }
+}
+
+/// Events matching the filters, counted from the rollups (exact; see `pg`).
+async fn count(
+    state: &QueryState,
+    scope: &Scope,
+    filter: &crate::backend::Filter,
+    status: Option<EventStatus>,
+) -> Result<i64, ApiError> {
+    let query = AggregateQuery {
+        scope: scope.clone(),
+        filter: filter.clone(),
+        period: None,
+        grouping_sets: vec![vec![]],
+        measures: Measures::default(),
+        top: None,
+    };
+    let rows = state.backend.aggregate(&query).await?;
+    let stats = rows.first().map(|row| row.stats.clone()).unwrap_or_default();
+    Ok(match status {
+        None => stats.event_count,
+        Some(EventStatus::Error) => stats.error_count,
+        Some(EventStatus::Success) => stats.event_count - stats.error_count,
+    })
+}
+
+/// Where the next page starts: the last event of this page, and the total of the first page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub occurred_at: OffsetDateTime,
+    pub event_id: Uuid,
+    pub total_count: i64,
+}
+
+impl Cursor {
+    /// `c1` and 64 hex digits: time (µs), event id, total count.
+    pub fn encode(&self) -> String {
+        let mut bytes = Vec::with_capacity(32);
+        bytes.extend_from_slice(&((self.occurred_at.unix_timestamp_nanos() / 1000) as i64).to_be_bytes());
+        bytes.extend_from_slice(self.event_id.as_bytes());
+        bytes.extend_from_slice(&self.total_count.to_be_bytes());
+        let mut text = String::from("c1");
+        for byte in bytes {
+            text.push_str(&format!("{byte:02x}"));
+        }
+        text
+    }
+
+    pub fn decode(text: &str) -> Result<Cursor, ApiError> {
+        let invalid = || ApiError::parameter("cursor", "is not a cursor this API returned");
+        let hex = text.strip_prefix("c1").filter(|hex| hex.len() == 64).ok_or_else(invalid)?;
+        let mut bytes = [0u8; 32];
+        for (index, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(hex.get(index * 2..index * 2 + 2).ok_or_else(invalid)?, 16)
+                .map_err(|_| invalid())?;
+        }
+        let at_us = i64::from_be_bytes(bytes[0..8].try_into().map_err(|_| invalid())?);
+        let occurred_at =
+            OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_us) * 1000).map_err(|_| invalid())?;
+        let event_id = Uuid::from_slice(&bytes[8..24]).map_err(|_| invalid())?;
+        let total_count = i64::from_be_bytes(bytes[24..32].try_into().map_err(|_| invalid())?);
+        Ok(Cursor { occurred_at, event_id, total_count })
+    }
+}
+
+struct Page {
+    limit: u32,
+    offset: u64,
+    total_count: i64,
+    include_billing: bool,
+    scope: Scope,
+}
+
+/// An event in the listing's JSON shape.
+pub fn event_json(record: EventRecord, include_billing: bool) -> UsageEvent {
+    let mut metrics: BTreeMap<String, Quantity> = BTreeMap::new();
+    for (name, value) in QUANTITY_NAMES.iter().zip(record.quantities) {
+        if let Some(value) = value {
+            metrics.insert((*name).to_owned(), Quantity(value));
+        }
+    }
+    if let Some(custom) = record.custom_quantities.as_deref() {
+        let parsed: BTreeMap<String, Decimal> = serde_json::from_str::<
+            BTreeMap<String, Box<serde_json::value::RawValue>>,
+        >(custom)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let text = value.get();
+            Some((name, Decimal::from_str_exact(text).or_else(|_| Decimal::from_scientific(text)).ok()?))
+        })
+        .collect();
+        for (name, value) in parsed {
+            metrics.entry(name).or_insert(Quantity(value));
+        }
+    }
+    if let Some(latency_us) = record.latency_us {
+        metrics.insert("latency_ms".into(), Quantity(Decimal::new(latency_us, 3)));
+    }
+    let total_cost = record.cost.map(stats::money);
+    UsageEvent {
+        event_id: record.event_id,
+        timestamp: record.occurred_at,
+        user_id: record.user_id,
+        service_type: record.service_type,
+        service_provider: record.service_provider,
+        event_type: record.event_type,
+        model: record.model,
+        status: match record.status {
+            EventStatus::Success => "success",
+            EventStatus::Error => "error",
+        },
+        error_code: record.error_code,
+        metrics,
+        billing_info: include_billing
+            .then(|| BillingInfo { total_cost: total_cost.clone(), priced: total_cost.is_some() }),
+        total_cost,
+        tags: record.tags,
+        metadata: record.metadata.unwrap_or_else(|| serde_json::Value::Object(Default::default())),
+        session_id: record.session_id,
+        request_id: record.request_id,
+    }
+}
+
+type Chunk = Result<Bytes, std::io::Error>;
+
+fn stream_error(error: BackendError) -> std::io::Error {
+    tracing::warn!(%error, "usage listing failed while streaming");
+    std::io::Error::other("usage listing failed")
+}
+
+/// The JSON body: the header fields, the events as they arrive, then `has_more` and
+/// `next_cursor`, which only the end of the page tells.
+fn json_stream(
+    receiver: mpsc::Receiver<Result<EventRecord, BackendError>>,
+    page: Page,
+) -> impl futures_util::Stream<Item = Chunk> {
+    struct State {
+        receiver: mpsc::Receiver<Result<EventRecord, BackendError>>,
+        page: Page,
+        emitted: u32,
+        last: Option<(OffsetDateTime, Uuid)>,
+        done: bool,
+    }
+    let mut head = BytesMut::new();
+    let _ = serde_json::to_writer(
+        (&mut head).writer(),
+        &serde_json::json!({
+            "total_count": page.total_count,
+            "limit": page.limit,
+            "offset": page.offset,
+            "start_date": super::usage::format_time(page.scope.start),
+            "end_date": super::usage::format_time(page.scope.end),
+        }),
+    );
+    head.truncate(head.len() - 1); // reopen the object
+    head.extend_from_slice(b",\"events\":[");
+    fn finish(mut chunk: BytesMut, state: &mut State, has_more: bool) -> Bytes {
+        let next_cursor = state.last.filter(|_| has_more).map(|(occurred_at, event_id)| {
+            Cursor { occurred_at, event_id, total_count: state.page.total_count }.encode()
+        });
+        chunk.extend_from_slice(b"],\"has_more\":");
+        chunk.extend_from_slice(if has_more { b"true" } else { b"false" });
+        chunk.extend_from_slice(b",\"next_cursor\":");
+        match next_cursor {
+            Some(cursor) => {
+                chunk.put_u8(b'"');
+                chunk.extend_from_slice(cursor.as_bytes());
+                chunk.put_u8(b'"');
+            }
+            None => chunk.extend_from_slice(b"null"),
+        }
+        chunk.put_u8(b'}');
+        state.done = true;
+        chunk.freeze()
+    }
+    let state = State { receiver, page, emitted: 0, last: None, done: false };
+    futures_util::stream::unfold((state, Some(head)), |(mut state, head)| async move {
+        if state.done {
+            return None;
+        }
+        let mut chunk = head.unwrap_or_default();
+        loop {
+            match state.receiver.recv().await {
+                Some(Ok(record)) if state.emitted < state.page.limit => {
+                    if state.emitted > 0 {
+                        chunk.put_u8(b',');
+                    }
+                    state.last = Some((record.occurred_at, record.event_id));
+                    let event = event_json(record, state.page.include_billing);
+                    if let Err(error) = serde_json::to_writer((&mut chunk).writer(), &event) {
+                        state.done = true;
+                        return Some((Err(std::io::Error::other(error)), (state, None)));
+                    }
+                    state.emitted += 1;
+                    if chunk.len() >= CHUNK_BYTES {
+                        return Some((Ok(chunk.freeze()), (state, None)));
+                    }
+                }
+                Some(Ok(_)) => return Some((Ok(finish(chunk, &mut state, true)), (state, None))),
+                None => return Some((Ok(finish(chunk, &mut state, false)), (state, None))),
+                Some(Err(error)) => {
+                    state.done = true;
+                    return Some((Err(stream_error(error)), (state, None)));
+                }
+            }
+        }
+    })
+}
+
+/// The CSV columns, in order.
+pub const CSV_COLUMNS: &[&str] = &[
+    "event_id",
+    "timestamp",
+    "user_id",
+    "service_type",
+    "service_provider",
+    "event_type",
+    "model",
+    "status",
+    "error_code",
+    "latency_ms",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "reasoning_tokens",
+    "pages",
+    "characters",
+    "requests",
+    "bytes",
+    "duration_ms",
+    "custom_quantities",
+    "total_cost",
+    "tags",
+    "metadata",
+    "session_id",
+    "request_id",
+];
+
+fn csv_stream(
+    receiver: mpsc::Receiver<Result<EventRecord, BackendError>>,
+    include_billing: bool,
+) -> impl futures_util::Stream<Item = Chunk> {
+    let _ = include_billing; // total_cost is always a column; billing adds nothing more in CSV
+    let mut head = BytesMut::new();
+    head.extend_from_slice(CSV_COLUMNS.join(",").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    futures_util::stream::unfold((receiver, Some(head), false), |(mut receiver, head, done)| async move {
+        if done {
+            return None;
+        }
+        let mut chunk = head.unwrap_or_default();
+        loop {
+            match receiver.recv().await {
+                Some(Ok(record)) => {
+                    csv_row(&record, &mut chunk);
+                    if chunk.len() >= CHUNK_BYTES {
+                        return Some((Ok(chunk.freeze()), (receiver, None, false)));
+                    }
+                }
+                None => return Some((Ok(chunk.freeze()), (receiver, None, true))),
+                Some(Err(error)) => return Some((Err(stream_error(error)), (receiver, None, true))),
+            }
+        }
+    })
+}
+
+fn csv_row(record: &EventRecord, out: &mut BytesMut) {
+    let mut fields: Vec<String> = vec![
+        record.event_id.to_string(),
+        super::usage::format_time(record.occurred_at),
+        record.user_id.clone(),
+        record.service_type.clone(),
+        record.service_provider.clone(),
+        record.event_type.clone(),
+        record.model.clone().unwrap_or_default(),
+        match record.status {
+            EventStatus::Success => "success".into(),
+            EventStatus::Error => "error".into(),
+        },
+        record.error_code.clone().unwrap_or_default(),
+        record.latency_us.map(|us| Decimal::new(us, 3).normalize().to_string()).unwrap_or_default(),
+    ];
+    for quantity in &record.quantities {
+        fields.push(quantity.map(|value| value.normalize().to_string()).unwrap_or_default());
+    }
+    fields.push(record.custom_quantities.clone().unwrap_or_default());
+    fields.push(record.cost.map(stats::money).unwrap_or_default());
+    fields.push(if record.tags.is_empty() { String::new() } else { record.tags.join(";") });
+    fields.push(record.metadata.as_ref().map(|value| value.to_string()).unwrap_or_default());
+    fields.push(record.session_id.clone().unwrap_or_default());
+    fields.push(record.request_id.clone().unwrap_or_default());
+    for (index, field) in fields.iter().enumerate() {
+        if index > 0 {
+            out.put_u8(b',');
+        }
+        write_csv_field(field, out);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// RFC 4180 quoting: fields with a comma, quote or line break are quoted, quotes doubled.
+pub fn write_csv_field(field: &str, out: &mut BytesMut) {
+    if field.contains([',', '"', '\n', '\r']) {
+        out.put_u8(b'"');
+        out.extend_from_slice(field.replace('"', "\"\"").as_bytes());
+        out.put_u8(b'"');
+    } else {
+        out.extend_from_slice(field.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_refuse_garbage() {
+        let cursor = Cursor {
+            occurred_at: OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_000).expect("time"),
+            event_id: Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
+            total_count: 12_345,
+        };
+        assert_eq!(Cursor::decode(&cursor.encode()).expect("decodes"), cursor);
+        assert!(Cursor::decode("c1zz").is_err());
+        assert!(Cursor::decode(&cursor.encode().replace("c1", "c2")).is_err());
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_when_needed() {
+        let mut out = BytesMut::new();
+        write_csv_field("plain", &mut out);
+        out.put_u8(b',');
+        write_csv_field("say \"hi\", then\nbye", &mut out);
+        assert_eq!(&out[..], b"plain,\"say \"\"hi\"\", then\nbye\"");
+    }
+}

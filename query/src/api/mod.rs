@@ -1,0 +1,271 @@
+//! The HTTP API: routes, the OpenAPI document, and what every handler shares (parameters,
+//! authentication, the time range, the response cache).
+//!
+//! Areas: [`usage`] (the older `/api/v1/usage*` endpoints), [`listing`] (the raw event listing
+//! and its JSON/CSV streaming), [`analytics`] (`/api/v1/analytics/*`). A billing area
+//! (`/api/v1/billing/*`) belongs next to them once the pricing model exists.
+
+pub mod analytics;
+pub mod listing;
+pub mod schema;
+pub mod usage;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, MatchedPath, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+use utoipa::OpenApi;
+
+use crate::QueryState;
+use crate::auth::Caller;
+use crate::backend::Scope;
+use crate::cache::{CacheLevel, ResponseCache};
+use crate::error::ApiError;
+use crate::params::{TimeInput, parse_time};
+
+/// Every endpoint: data, documentation and operations.
+pub fn router(state: Arc<QueryState>) -> Router {
+    let docs = utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi());
+    Router::new()
+        .route("/api/v1/usage", get(listing::list_usage))
+        .route("/api/v1/usage/aggregate", get(usage::aggregate))
+        .route("/api/v1/usage/by-service", get(usage::by_service))
+        .route("/api/v1/usage/costs", get(usage::costs))
+        .route("/api/v1/analytics/trends", get(analytics::trends))
+        .route("/api/v1/analytics/top-users", get(analytics::top_users))
+        .route("/api/v1/analytics/breakdown", get(analytics::breakdown))
+        .route("/api/v1/analytics/compare", get(analytics::compare))
+        .route("/api/v1/analytics/errors", get(analytics::errors))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .layer(axum::middleware::from_fn(record_request))
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .with_state(state)
+        .merge(docs)
+}
+
+/// Only `GET /api/v1/usage`, for the edge to serve the older gateway's listing on its own port.
+pub fn usage_routes(state: Arc<QueryState>) -> Router {
+    Router::new()
+        .route("/api/v1/usage", get(listing::list_usage))
+        .layer(axum::middleware::from_fn(record_request))
+        .with_state(state)
+}
+
+/// The OpenAPI 3 document, generated from the handlers and types.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "Tally query API", description = "Usage listings, aggregates and analytics. Every data \
+        endpoint needs an API key with the `query` scope (X-API-Key or Authorization) and answers for that \
+        key's tenant only."),
+    paths(
+        listing::list_usage,
+        usage::aggregate,
+        usage::by_service,
+        usage::costs,
+        analytics::trends,
+        analytics::top_users,
+        analytics::breakdown,
+        analytics::compare,
+        analytics::errors,
+        health,
+        ready,
+    ),
+    components(schemas(schema::ErrorBody)),
+    modifiers(&ApiKeySecurity),
+    security(("api_key" = []))
+)]
+pub struct ApiDoc;
+
+#[derive(Debug)]
+struct ApiKeySecurity;
+
+impl utoipa::Modify for ApiKeySecurity {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+    }
+}
+
+/// Query parameters, with unknown names and bad values refused as `invalid_parameter`.
+#[derive(Debug)]
+pub struct Params<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::try_from_uri(&parts.uri) {
+            Ok(Query(params)) => Ok(Params(params)),
+            Err(rejection) => {
+                let text = rejection.body_text();
+                let detail = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text);
+                Err(ApiError::InvalidParameter(detail.to_owned()))
+            }
+        }
+    }
+}
+
+/// Authenticates the request and checks its `tenant_id` parameter.
+pub async fn caller(
+    state: &QueryState,
+    headers: &HeaderMap,
+    tenant: Option<&str>,
+) -> Result<Caller, ApiError> {
+    let caller = state.auth.authenticate(headers).await?;
+    caller.check_tenant(tenant)?;
+    Ok(caller)
+}
+
+/// The time range of a request: defaults end now (rounded up to the minute, so repeated
+/// requests share cache entries) and start `default_range_days` earlier; times without an
+/// offset are read in the tenant's time zone; the range must be non-empty and within
+/// `max_range_days`.
+pub async fn scope(
+    state: &QueryState,
+    caller: &Caller,
+    start_date: Option<&str>,
+    end_date: Option<&str>,
+) -> Result<Scope, ApiError> {
+    let start = start_date.map(|text| parse_time("start_date", text)).transpose()?;
+    let end = end_date.map(|text| parse_time("end_date", text)).transpose()?;
+    let local: Vec<_> = [start, end]
+        .iter()
+        .flatten()
+        .filter_map(|time| match time {
+            TimeInput::Local(local) => Some(*local),
+            TimeInput::Instant(_) => None,
+        })
+        .collect();
+    let mut resolved = if local.is_empty() {
+        Vec::new()
+    } else {
+        state.backend.resolve_local_times(&caller.time_zone, &local).await?
+    }
+    .into_iter();
+    let mut instant = |time: TimeInput| match time {
+        TimeInput::Instant(instant) => Some(instant),
+        TimeInput::Local(_) => resolved.next(),
+    };
+    let start = start.and_then(&mut instant);
+    let end = end.and_then(&mut instant).unwrap_or_else(now_rounded_up);
+    let default_days = i64::from(state.config.default_range_days);
+    let start = start.unwrap_or(end - time::Duration::days(default_days));
+    if start >= end {
+        return Err(ApiError::parameter("start_date", "must be before end_date"));
+    }
+    let max_days = i64::from(state.config.max_range_days);
+    if end - start > time::Duration::days(max_days) {
+        return Err(ApiError::parameter(
+            "start_date",
+            format!("the range exceeds the maximum of {max_days} days; narrow start_date..end_date"),
+        ));
+    }
+    Ok(Scope { tenant_id: caller.tenant_id, start, end, time_zone: caller.time_zone.clone() })
+}
+
+/// Now, rounded up to the next whole minute.
+fn now_rounded_up() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    let seconds = now.unix_timestamp();
+    let rounded = (seconds.div_euclid(60) + 1) * 60;
+    OffsetDateTime::from_unix_timestamp(rounded).unwrap_or(now)
+}
+
+/// Serves `question` of `endpoint` from the cache, or computes, stores and serves it.
+pub async fn cached<Q, T, F, Fut>(
+    state: &QueryState,
+    caller: &Caller,
+    endpoint: &str,
+    question: &Q,
+    compute: F,
+) -> Result<Response, ApiError>
+where
+    Q: Serialize,
+    T: Serialize,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, ApiError>>,
+{
+    let key = ResponseCache::key(caller.tenant_id, endpoint, &(&caller.time_zone, question));
+    if let Some((body, level)) = state.cache.get(&key).await {
+        metrics::counter!("tally_query_cache_total", "result" => level.as_str()).increment(1);
+        return Ok(json_response(body, level));
+    }
+    metrics::counter!("tally_query_cache_total", "result" => "miss").increment(1);
+    let answer = compute().await?;
+    let body =
+        Bytes::from(serde_json::to_vec(&answer).map_err(|error| ApiError::Internal(error.to_string()))?);
+    state.cache.put(&key, body.clone()).await;
+    Ok(json_response(body, CacheLevel::Miss))
+}
+
+fn json_response(body: Bytes, level: CacheLevel) -> Response {
+    let mut response = (StatusCode::OK, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert("x-cache", HeaderValue::from_static(level.as_str()));
+    response
+}
+
+/// Counts requests and times them per route.
+async fn record_request(request: Request<Body>, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::histogram!("tally_query_seconds", "route" => route.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("tally_query_requests_total", "route" => route, "status" => status).increment(1);
+    response
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", security(()), responses((status = 200, body = schema::HealthBody)))]
+pub async fn health() -> Json<schema::HealthBody> {
+    Json(schema::HealthBody {
+        status: "ok".into(),
+        service: "tally-query".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+/// Readiness: the database answers within a second.
+#[utoipa::path(get, path = "/ready", security(()), responses((status = 200), (status = 503)))]
+pub async fn ready(State(state): State<Arc<QueryState>>) -> Response {
+    let storage = match tokio::time::timeout(Duration::from_secs(1), state.backend.ping()).await {
+        Ok(Ok(())) => serde_json::json!({"status": "ok"}),
+        Ok(Err(error)) => serde_json::json!({"status": "down", "detail": error.to_string()}),
+        Err(_) => serde_json::json!({"status": "down", "detail": "no answer within 1 s"}),
+    };
+    let is_ready = storage["status"] == "ok";
+    let status = if is_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({
+        "status": if is_ready { "ready" } else { "not_ready" },
+        "components": {"storage": storage},
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics_text(State(state): State<Arc<QueryState>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}

@@ -1,0 +1,321 @@
+//! The older system's aggregate endpoints: `/api/v1/usage/aggregate`, `/by-service`, `/costs`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+
+use super::schema::{
+    AggregateBody, AggregateRowBody, ByServiceBody, CostSlice, CostsBody, ErrorBody, Range, ServiceUsage,
+    Totals, UserUsage, custom_of, quantities_of,
+};
+use super::{Params, cached, caller, scope};
+use crate::QueryState;
+use crate::backend::{AggregateQuery, AggregateRow, Filter, Measures, Scope, Stats};
+use crate::error::ApiError;
+use crate::params::{self, AggregateParams, ByServiceParams, CostsParams, Dimension, Period, parse_u32};
+use crate::stats;
+
+pub(crate) fn range(scope: &Scope) -> Range {
+    Range { start_date: scope.start, end_date: scope.end, time_zone: scope.time_zone.clone() }
+}
+
+/// The row of the grouping set `set`, if any (for the total set, a zero row when empty).
+pub(crate) fn rows_of(rows: &[AggregateRow], set: usize) -> impl Iterator<Item = &AggregateRow> {
+    rows.iter().filter(move |row| row.set == set)
+}
+
+pub(crate) fn total_of(rows: &[AggregateRow], set: usize) -> Stats {
+    rows_of(rows, set).next().map(|row| row.stats.clone()).unwrap_or_default()
+}
+
+/// Usage per period, grouped by up to three dimensions.
+#[utoipa::path(
+    get,
+    path = "/api/v1/usage/aggregate",
+    tag = "usage",
+    params(AggregateParams),
+    responses(
+        (status = 200, body = AggregateBody),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)
+    )
+)]
+pub async fn aggregate(
+    State(state): State<Arc<QueryState>>,
+    headers: HeaderMap,
+    Params(params): Params<AggregateParams>,
+) -> Result<Response, ApiError> {
+    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
+    let period = match params.period.as_deref() {
+        Some(text) => Period::parse("period", text)?,
+        None => Period::Day,
+    };
+    let dimensions = match params.group_by.as_deref() {
+        None => vec![Dimension::ServiceType, Dimension::ServiceProvider],
+        Some("none") => Vec::new(),
+        Some(text) => Dimension::parse_list("group_by", text, 3)?,
+    };
+    let filter = params::filter(
+        &params.service_type,
+        &params.service_provider,
+        &params.user_id,
+        &params.model,
+        &params.event_type,
+    )?;
+    let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
+    let mut set = vec![Dimension::Period];
+    set.extend(&dimensions);
+    let query = AggregateQuery {
+        scope,
+        filter,
+        period: Some(period),
+        grouping_sets: vec![set],
+        measures: Measures { unique_users: true, latency_histogram: true, custom_metric: None },
+        top: None,
+    };
+    cached(&state, &caller, "aggregate", &query, || async {
+        let mut rows = state.backend.aggregate(&query).await?;
+        // Custom quantities need a second pass; most tenants have none.
+        let custom = if rows.iter().any(|row| !row.stats.no_custom_quantities) {
+            state.backend.custom_quantities(&query).await?
+        } else {
+            Vec::new()
+        };
+        rows.sort_by(|a, b| a.key.cmp(&b.key));
+        let echo = |dimension: Dimension, value: Option<&str>, filter: &Option<String>| {
+            if dimensions.contains(&dimension) { value.map(str::to_owned) } else { filter.clone() }
+        };
+        let f = &query.filter;
+        let aggregations = rows
+            .iter()
+            .map(|row| {
+                let key = &row.key;
+                let metrics = quantities_of(&row.stats, &custom_of(&custom, row.set, key));
+                AggregateRowBody {
+                    period_start: key.period_start,
+                    period_end: key.period_end,
+                    service_type: echo(Dimension::ServiceType, key.service_type.as_deref(), &f.service_type),
+                    service_provider: echo(
+                        Dimension::ServiceProvider,
+                        key.service_provider.as_deref(),
+                        &f.service_provider,
+                    ),
+                    user_id: echo(Dimension::UserId, key.user_id.as_deref(), &f.user_id),
+                    model: echo(Dimension::Model, key.model.as_deref(), &f.model),
+                    event_type: echo(Dimension::EventType, key.event_type.as_deref(), &f.event_type),
+                    totals: Totals::new(&row.stats, Some(metrics)),
+                }
+            })
+            .collect();
+        Ok(AggregateBody {
+            period: period.sql_unit().to_owned(),
+            group_by: dimensions.iter().map(|d| d.name().to_owned()).collect(),
+            range: range(&query.scope),
+            aggregations,
+        })
+    })
+    .await
+}
+
+/// Usage per service type and provider, with each service's top users.
+#[utoipa::path(
+    get,
+    path = "/api/v1/usage/by-service",
+    tag = "usage",
+    params(ByServiceParams),
+    responses(
+        (status = 200, body = ByServiceBody),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)
+    )
+)]
+pub async fn by_service(
+    State(state): State<Arc<QueryState>>,
+    headers: HeaderMap,
+    Params(params): Params<ByServiceParams>,
+) -> Result<Response, ApiError> {
+    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
+    let limit = parse_u32("limit", params.limit.as_deref(), 50, 1, 50)? as usize;
+    let top_users = parse_u32("top_users", params.top_users.as_deref(), 5, 1, 50)? as usize;
+    let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
+    let service = vec![Dimension::ServiceType, Dimension::ServiceProvider];
+    let query = AggregateQuery {
+        scope,
+        filter: Filter::default(),
+        period: None,
+        grouping_sets: vec![
+            vec![],
+            service.clone(),
+            vec![Dimension::ServiceType, Dimension::ServiceProvider, Dimension::UserId],
+        ],
+        measures: Measures { unique_users: true, latency_histogram: false, custom_metric: None },
+        top: None,
+    };
+    cached(&state, &caller, "by-service", &(&query, limit, top_users), || async {
+        let rows = state.backend.aggregate(&query).await?;
+        let totals = total_of(&rows, 0);
+        let mut services: Vec<&AggregateRow> = rows_of(&rows, 1).collect();
+        services
+            .sort_by(|a, b| b.stats.event_count.cmp(&a.stats.event_count).then_with(|| a.key.cmp(&b.key)));
+        let services = services
+            .into_iter()
+            .take(limit)
+            .map(|service| {
+                let mut users: Vec<&AggregateRow> = rows_of(&rows, 2)
+                    .filter(|user| {
+                        user.key.service_type == service.key.service_type
+                            && user.key.service_provider == service.key.service_provider
+                    })
+                    .collect();
+                users.sort_by(|a, b| {
+                    b.stats
+                        .cost
+                        .cmp(&a.stats.cost)
+                        .then_with(|| b.stats.event_count.cmp(&a.stats.event_count))
+                        .then_with(|| a.key.user_id.cmp(&b.key.user_id))
+                });
+                ServiceUsage {
+                    service_type: service.key.service_type.clone().unwrap_or_default(),
+                    service_provider: service.key.service_provider.clone().unwrap_or_default(),
+                    totals: Totals::new(&service.stats, None),
+                    share_of_events: share(service.stats.event_count, totals.event_count),
+                    top_users: users
+                        .into_iter()
+                        .take(top_users)
+                        .map(|user| UserUsage {
+                            user_id: user.key.user_id.clone().unwrap_or_default(),
+                            event_count: user.stats.event_count,
+                            total_cost: stats::money(user.stats.cost),
+                            unpriced_event_count: user.stats.unpriced_count,
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Ok(ByServiceBody { range: range(&query.scope), totals: Totals::new(&totals, None), services })
+    })
+    .await
+}
+
+/// `part / whole`, 0 to 1 (0 when `whole` is 0).
+pub(crate) fn share(part: i64, whole: i64) -> f64 {
+    if whole == 0 { 0.0 } else { stats::round6(part as f64 / whole as f64) }
+}
+
+/// Total cost, by service, by model and by period.
+#[utoipa::path(
+    get,
+    path = "/api/v1/usage/costs",
+    tag = "usage",
+    params(CostsParams),
+    responses(
+        (status = 200, body = CostsBody),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)
+    )
+)]
+pub async fn costs(
+    State(state): State<Arc<QueryState>>,
+    headers: HeaderMap,
+    Params(params): Params<CostsParams>,
+) -> Result<Response, ApiError> {
+    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
+    let period = match params.group_by.as_deref() {
+        Some(text) => Period::parse("group_by", text)?,
+        None => Period::Day,
+    };
+    let filter = params::filter(
+        &params.service_type,
+        &params.service_provider,
+        &params.user_id,
+        &params.model,
+        &None,
+    )?;
+    let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
+    let query = AggregateQuery {
+        scope,
+        filter,
+        period: Some(period),
+        grouping_sets: vec![
+            vec![],
+            vec![Dimension::ServiceType, Dimension::ServiceProvider],
+            vec![Dimension::Model],
+            vec![Dimension::Period],
+        ],
+        measures: Measures::default(),
+        top: None,
+    };
+    cached(&state, &caller, "costs", &query, || async {
+        let (rows, periods) =
+            tokio::try_join!(state.backend.aggregate(&query), state.backend.periods(&query.scope, period))?;
+        let totals = total_of(&rows, 0);
+        let slice = |key: String, stats: &Stats| CostSlice {
+            key,
+            service_type: None,
+            service_provider: None,
+            model: None,
+            period_start: None,
+            period_end: None,
+            total_cost: stats::money(stats.cost),
+            event_count: stats.event_count,
+            unpriced_event_count: stats.unpriced_count,
+        };
+        let by_cost =
+            |a: &&AggregateRow, b: &&AggregateRow| b.stats.cost.cmp(&a.stats.cost).then(a.key.cmp(&b.key));
+        let mut services: Vec<&AggregateRow> = rows_of(&rows, 1).collect();
+        services.sort_by(by_cost);
+        let mut models: Vec<&AggregateRow> = rows_of(&rows, 2).collect();
+        models.sort_by(by_cost);
+        let cost_by_period = periods
+            .iter()
+            .map(|(start, end)| {
+                let found = rows_of(&rows, 3).find(|row| row.key.period_start == Some(*start));
+                let stats = found.map(|row| row.stats.clone()).unwrap_or_default();
+                CostSlice {
+                    period_start: Some(*start),
+                    period_end: Some(*end),
+                    ..slice(format_time(*start), &stats)
+                }
+            })
+            .collect();
+        Ok(CostsBody {
+            range: range(&query.scope),
+            group_by: period.sql_unit().to_owned(),
+            total_cost: stats::money(totals.cost),
+            event_count: totals.event_count,
+            unpriced_event_count: totals.unpriced_count,
+            cost_by_service: services
+                .into_iter()
+                .map(|row| {
+                    let (service_type, provider) = (
+                        row.key.service_type.clone().unwrap_or_default(),
+                        row.key.service_provider.clone().unwrap_or_default(),
+                    );
+                    CostSlice {
+                        service_type: Some(service_type.clone()),
+                        service_provider: Some(provider.clone()),
+                        ..slice(format!("{service_type}:{provider}"), &row.stats)
+                    }
+                })
+                .collect(),
+            cost_by_model: models
+                .into_iter()
+                .map(|row| {
+                    let model = row.key.model.clone().unwrap_or_default();
+                    CostSlice { model: Some(model.clone()), ..slice(model, &row.stats) }
+                })
+                .collect(),
+            cost_by_period,
+        })
+    })
+    .await
+}
+
+pub(crate) fn format_time(time: time::OffsetDateTime) -> String {
+    time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}

@@ -1,0 +1,283 @@
+//! The storage boundary of the query service: typed questions in, typed rows out. Handlers never
+//! see SQL; [`crate::pg::PgBackend`] answers for PostgreSQL, and an embedded backend can answer
+//! the same questions later without touching a handler.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use rust_decimal::Decimal;
+use time::{OffsetDateTime, PrimitiveDateTime};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::params::{Dimension, Metric, Period};
+
+/// A boxed future, so the trait can be used as `Arc<dyn Backend>`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Buckets of the stored latency histograms (see the `latency_buckets` column).
+pub const LATENCY_BUCKETS: usize = 46;
+
+/// The well-known quantity columns of `usage_events` and `usage_rollup_hourly`, in column order.
+pub const QUANTITY_NAMES: [&str; 9] = [
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "reasoning_tokens",
+    "pages",
+    "characters",
+    "requests",
+    "bytes",
+    "duration_ms",
+];
+
+/// What the query service needs from a database.
+pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
+    /// The API key with this SHA-256 hash, with its tenant's state (revoked and expired keys
+    /// included: the caller decides).
+    fn find_api_key<'a>(
+        &'a self,
+        key_hash: &'a [u8; 32],
+    ) -> BoxFuture<'a, Result<Option<KeyRecord>, BackendError>>;
+
+    /// Whether the database answers.
+    fn ping(&self) -> BoxFuture<'_, Result<(), BackendError>>;
+
+    /// Wall-clock times in a time zone, as instants (for dates given without an offset).
+    fn resolve_local_times<'a>(
+        &'a self,
+        time_zone: &'a str,
+        times: &'a [PrimitiveDateTime],
+    ) -> BoxFuture<'a, Result<Vec<OffsetDateTime>, BackendError>>;
+
+    /// The periods (in the time zone) that overlap a range, in order.
+    fn periods<'a>(
+        &'a self,
+        range: &'a Scope,
+        period: Period,
+    ) -> BoxFuture<'a, Result<Vec<(OffsetDateTime, OffsetDateTime)>, BackendError>>;
+
+    /// Raw events, newest first. Rows arrive through a bounded channel fed by a task that holds
+    /// one database connection; dropping the receiver stops it.
+    fn list_events(&self, query: ListQuery) -> mpsc::Receiver<Result<EventRecord, BackendError>>;
+
+    /// Sums over the rollups (and raw events for partial hours; see [`crate::pg`]).
+    fn aggregate<'a>(
+        &'a self,
+        query: &'a AggregateQuery,
+    ) -> BoxFuture<'a, Result<Vec<AggregateRow>, BackendError>>;
+
+    /// Custom quantity sums per group of `query` (its order and limit are ignored).
+    fn custom_quantities<'a>(
+        &'a self,
+        query: &'a AggregateQuery,
+    ) -> BoxFuture<'a, Result<Vec<CustomQuantityRow>, BackendError>>;
+}
+
+/// A storage failure.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// The database cannot be reached or did not answer in time.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug, a schema problem, a tenant with an unknown time zone.
+    #[error("storage error: {0}")]
+    Internal(String),
+}
+
+/// An API key and its tenant, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub key_id: Uuid,
+    pub tenant_id: Uuid,
+    pub tenant_name: String,
+    pub tenant_disabled: bool,
+    pub time_zone: String,
+    pub scopes: Vec<String>,
+    /// Microseconds since the Unix epoch.
+    pub expires_at_us: Option<i64>,
+    pub revoked: bool,
+}
+
+/// Whose data, over which time range, in which time zone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Scope {
+    pub tenant_id: Uuid,
+    /// Inclusive.
+    pub start: OffsetDateTime,
+    /// Exclusive.
+    pub end: OffsetDateTime,
+    /// IANA name from `tenants.time_zone`; days, weeks and months are bounded in it.
+    pub time_zone: String,
+}
+
+/// Equality filters; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Filter {
+    pub service_type: Option<String>,
+    pub service_provider: Option<String>,
+    pub user_id: Option<String>,
+    /// The empty string matches events without a model.
+    pub model: Option<String>,
+    pub event_type: Option<String>,
+}
+
+/// Success or error, as stored in `usage_events.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum EventStatus {
+    Success,
+    Error,
+}
+
+/// A page of raw events.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub scope: Scope,
+    pub filter: Filter,
+    pub status: Option<EventStatus>,
+    /// Keyset position: only events strictly older than this (time, id) in the listing order.
+    pub after: Option<(OffsetDateTime, Uuid)>,
+    pub offset: u64,
+    /// Rows to return at most.
+    pub limit: u32,
+}
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub event_id: Uuid,
+    pub occurred_at: OffsetDateTime,
+    pub user_id: String,
+    pub service_type: String,
+    pub service_provider: String,
+    pub event_type: String,
+    pub model: Option<String>,
+    pub status: EventStatus,
+    pub error_code: Option<String>,
+    pub latency_us: Option<i64>,
+    /// Indexed like [`QUANTITY_NAMES`].
+    pub quantities: [Option<Decimal>; 9],
+    /// The stored `{"name": number}` object, as JSON text.
+    pub custom_quantities: Option<String>,
+    /// `None`: no price rule matched (unpriced), never zero.
+    pub cost: Option<Decimal>,
+    pub metadata: Option<serde_json::Value>,
+    pub tags: Vec<String>,
+    pub session_id: Option<String>,
+    pub request_id: Option<String>,
+}
+
+/// Sums over a scope, grouped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct AggregateQuery {
+    pub scope: Scope,
+    pub filter: Filter,
+    /// Buckets in the scope's time zone; required when a grouping set holds [`Dimension::Period`].
+    pub period: Option<Period>,
+    /// Grouping sets; one set is a plain `GROUP BY`, an empty set a single total row.
+    pub grouping_sets: Vec<Vec<Dimension>>,
+    pub measures: Measures,
+    /// Sort descending by this metric and keep the first `limit` groups (one grouping set only).
+    pub top: Option<(Metric, u32)>,
+}
+
+/// The costlier sums, computed only when asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Measures {
+    /// `count(DISTINCT user_id)` per group.
+    pub unique_users: bool,
+    /// The summed latency histogram per group.
+    pub latency_histogram: bool,
+    /// The sum of this custom quantity per group (in [`AggregateRow::custom_metric`]).
+    pub custom_metric: Option<String>,
+}
+
+/// One group of an aggregate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregateRow {
+    /// Index into [`AggregateQuery::grouping_sets`].
+    pub set: usize,
+    pub key: GroupKey,
+    pub stats: Stats,
+    /// Groups in the set before `top` cut them (only with `top`).
+    pub groups_total: Option<i64>,
+    /// The ranked metric summed over all groups, before `top` cut them (only with `top`).
+    pub metric_total: Option<Decimal>,
+    pub custom_metric: Option<Decimal>,
+}
+
+/// The dimension values of a group; `None` where the dimension is not grouped on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupKey {
+    pub period_start: Option<OffsetDateTime>,
+    pub period_end: Option<OffsetDateTime>,
+    pub service_type: Option<String>,
+    pub service_provider: Option<String>,
+    /// `Some("")` for events without a model.
+    pub model: Option<String>,
+    pub user_id: Option<String>,
+    pub event_type: Option<String>,
+}
+
+impl GroupKey {
+    /// The value of one dimension.
+    pub fn get(&self, dimension: Dimension) -> Option<&str> {
+        match dimension {
+            Dimension::ServiceType => self.service_type.as_deref(),
+            Dimension::ServiceProvider => self.service_provider.as_deref(),
+            Dimension::Model => self.model.as_deref(),
+            Dimension::UserId => self.user_id.as_deref(),
+            Dimension::EventType => self.event_type.as_deref(),
+            Dimension::Period => None,
+        }
+    }
+}
+
+/// Sums of one group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    pub event_count: i64,
+    pub error_count: i64,
+    pub unique_users: Option<i64>,
+    /// Indexed like [`QUANTITY_NAMES`].
+    pub quantities: [Decimal; 9],
+    /// Sum over priced events.
+    pub cost: Decimal,
+    /// Events without a price.
+    pub unpriced_count: i64,
+    pub latency_count: i64,
+    pub latency_sum_us: i64,
+    pub latency_max_us: i64,
+    pub latency_buckets: Option<Vec<i64>>,
+    /// True when the backend knows that no event of the group has custom quantities, so a
+    /// [`Backend::custom_quantities`] query can be skipped; false when they exist or it does
+    /// not know (the default).
+    pub no_custom_quantities: bool,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            event_count: 0,
+            error_count: 0,
+            unique_users: None,
+            quantities: [Decimal::ZERO; 9],
+            cost: Decimal::ZERO,
+            unpriced_count: 0,
+            latency_count: 0,
+            latency_sum_us: 0,
+            latency_max_us: 0,
+            latency_buckets: None,
+            no_custom_quantities: false,
+        }
+    }
+}
+
+/// The sum of one custom quantity in one group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomQuantityRow {
+    pub set: usize,
+    pub key: GroupKey,
+    pub name: String,
+    pub value: Decimal,
+}
