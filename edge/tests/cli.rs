@@ -4,7 +4,8 @@
 use std::process::Command;
 
 fn help(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_tally-edge")).args(args).arg("--help").output().expect("runs");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_tally-edge")).args(args).arg("--help").output().expect("runs");
     assert!(output.status.success(), "{args:?} --help failed");
     String::from_utf8(output.stdout).expect("utf-8")
 }

@@ -5,7 +5,12 @@
 //! ```text
 //! cargo run --release -p sink --example sqlite_ingest -- [--events 500000] [--batch 10000]
 //!     [--writers 2] [--synchronous full|normal] [--dir /tmp/somewhere] [--duplicates 0.0]
+//!     [--scatter] [--users 50] [--page-size 4096] [--cache-mib 64] [--checkpoint-pages 16384]
 //! ```
+//!
+//! Event times move forward through the last 6 hours as the run goes, as live traffic does, with
+//! one event in ten up to 5 minutes late; `--scatter` spreads every batch over all 6 hours instead
+//! (inserts land all over the table: the worst case for the page cache).
 //!
 //! The database is created fresh in a temporary directory (or `--dir`) and removed afterwards.
 
@@ -25,11 +30,23 @@ struct Args {
     synchronous: Synchronous,
     dir: Option<std::path::PathBuf>,
     duplicates: f64,
+    scatter: bool,
+    users: usize,
+    options: SqliteOptions,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args =
-        Args { events: 500_000, batch: 10_000, writers: 2, synchronous: Synchronous::Full, dir: None, duplicates: 0.0 };
+    let mut args = Args {
+        events: 500_000,
+        batch: 10_000,
+        writers: 2,
+        synchronous: Synchronous::Full,
+        dir: None,
+        duplicates: 0.0,
+        scatter: false,
+        users: 50,
+        options: SqliteOptions::default(),
+    };
     let mut iter = std::env::args().skip(1);
     while let Some(flag) = iter.next() {
         let mut value = || iter.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -38,6 +55,19 @@ fn parse_args() -> Result<Args, String> {
             "--batch" => args.batch = value()?.parse().map_err(|_| "--batch: a number")?,
             "--writers" => args.writers = value()?.parse().map_err(|_| "--writers: a number")?,
             "--duplicates" => args.duplicates = value()?.parse().map_err(|_| "--duplicates: a fraction")?,
+            "--scatter" => args.scatter = true,
+            "--page-size" => {
+                args.options.page_size_bytes = value()?.parse().map_err(|_| "--page-size: a number")?
+            }
+            "--users" => args.users = value()?.parse().map_err(|_| "--users: a number")?,
+            "--cache-mib" => {
+                args.options.writer_cache_kib =
+                    value()?.parse::<u32>().map_err(|_| "--cache-mib: a number")? * 1024
+            }
+            "--checkpoint-pages" => {
+                args.options.wal_autocheckpoint_pages =
+                    value()?.parse().map_err(|_| "--checkpoint-pages: a number")?
+            }
             "--dir" => args.dir = Some(value()?.into()),
             "--synchronous" => {
                 args.synchronous = match value()?.as_str() {
@@ -52,19 +82,27 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// A batch of events spread over 50 users, 4 models, 3 tenants and the last 6 hours, with
+const SIX_HOURS_US: i64 = 6 * 3_600_000_000;
+
+/// A batch of events of `--users` users, 4 models and 3 tenants within the last 6 hours, with
 /// fractional quantities and costs, latencies, and now and then custom quantities and metadata.
-fn batch(tenants: &[Uuid], first: usize, events: usize, now_us: i64) -> Vec<EventRow> {
+fn batch(tenants: &[Uuid], first: usize, events: usize, args: &Args, now_us: i64) -> Vec<EventRow> {
+    let step_us = SIX_HOURS_US / args.events.max(1) as i64;
     const MODELS: [&str; 4] = ["gpt-4o", "gpt-4o-mini", "claude-3", "in-house-7b"];
     (first..first + events)
         .map(|index| {
             let mut event = wire::Event::new(
-                format!("user-{}", index % 50),
+                format!("user-{}", index % args.users.max(1)),
                 "llm_service",
                 "openai",
                 if index % 7 == 0 { "embedding" } else { "completion" },
             )
-            .at(now_us - (index as i64 % 21_600) * 1_000_000)
+            .at(if args.scatter {
+                now_us - (index as i64 * 7_919_993) % SIX_HOURS_US
+            } else {
+                let late_us = if index % 10 == 3 { (index as i64 * 7_919) % 300_000_000 } else { 0 };
+                now_us - SIX_HOURS_US + index as i64 * step_us - late_us
+            })
             .with_model(MODELS[index % MODELS.len()])
             .with_quantity(wire::QuantityKind::InputTokens, (index % 4000) as f64 + 0.5)
             .with_quantity(wire::QuantityKind::OutputTokens, (index % 700) as f64)
@@ -84,8 +122,11 @@ fn batch(tenants: &[Uuid], first: usize, events: usize, now_us: i64) -> Vec<Even
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
-    let dir = args.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("tally-bench-{}", Uuid::new_v4())));
-    let options = SqliteOptions { synchronous: args.synchronous, ..SqliteOptions::default() };
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("tally-bench-{}", Uuid::new_v4())));
+    let options = SqliteOptions { synchronous: args.synchronous, ..args.options.clone() };
     let store = Arc::new(SqliteStore::open_with(dir.join("tally.db"), &options).await?);
     let mut tenants = Vec::new();
     for name in ["acme", "globex", "initech"] {
@@ -93,17 +134,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let now_us = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros()) as i64;
     let batches: Vec<Vec<EventRow>> = (0..args.events.div_ceil(args.batch))
-        .map(|index| {
-            let mut rows = batch(&tenants, index * args.batch, args.batch, now_us);
-            // Resend a share of the previous batch, as clients do after a lost ack.
-            let repeats = (args.batch as f64 * args.duplicates) as usize;
-            if index > 0 && repeats > 0 {
-                rows.truncate(args.batch - repeats);
-                rows.extend(batch(&tenants, (index - 1) * args.batch, repeats, now_us));
-            }
-            rows
-        })
+        .map(|index| batch(&tenants, index * args.batch, args.batch, &args, now_us))
         .collect();
+    // Resend a share of the previous batch, as clients do after a lost ack.
+    let repeats = (args.batch as f64 * args.duplicates) as usize;
+    let mut batches = batches;
+    for index in (1..batches.len()).rev() {
+        let previous: Vec<EventRow> = batches[index - 1].iter().take(repeats).cloned().collect();
+        batches[index].truncate(args.batch - repeats);
+        batches[index].extend(previous);
+    }
     let batches = Arc::new(batches);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
@@ -144,8 +184,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         slowest.as_millis(),
     );
     store.close().await;
-    let size: u64 = std::fs::read_dir(&dir)?.filter_map(|entry| entry.ok()?.metadata().ok()).map(|meta| meta.len()).sum();
-    println!("database files: {:.1} MiB ({:.0} bytes per stored event)", size as f64 / 1048576.0, size as f64 / stored.max(1) as f64);
+    let size: u64 =
+        std::fs::read_dir(&dir)?.filter_map(|entry| entry.ok()?.metadata().ok()).map(|meta| meta.len()).sum();
+    println!(
+        "database files: {:.1} MiB ({:.0} bytes per stored event)",
+        size as f64 / 1048576.0,
+        size as f64 / stored.max(1) as f64
+    );
     if args.dir.is_none() {
         std::fs::remove_dir_all(&dir)?;
     }

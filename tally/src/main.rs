@@ -37,7 +37,8 @@ const DEMO_TENANT: &str = "demo";
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,edge=info,query=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,edge=info,query=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -50,7 +51,11 @@ async fn main() -> anyhow::Result<()> {
         ..query::QueryConfig::new(cli.database_url.clone().unwrap_or_default())
     };
     let query_state = query::QueryState::with_backend(query_config, backend, None);
-    let edge_config = edge::EdgeConfig { wire_addr: cli.wire_addr, http_addr: cli.http_addr, ..edge::EdgeConfig::default() };
+    let edge_config = edge::EdgeConfig {
+        wire_addr: cli.wire_addr,
+        http_addr: cli.http_addr,
+        ..edge::EdgeConfig::default()
+    };
     let edge = edge::start_with_routes(edge_config, store, query::usage_routes(query_state.clone())).await?;
     let query_listener = tokio::net::TcpListener::bind(cli.query_addr)
         .await
@@ -58,7 +63,9 @@ async fn main() -> anyhow::Result<()> {
     let query_addr = query_listener.local_addr()?;
     let stop = edge.shutdown_token();
     let query_server = tokio::spawn(async move {
-        axum::serve(query_listener, query::router(query_state)).with_graceful_shutdown(stop.cancelled_owned()).await
+        axum::serve(query_listener, query::router(query_state))
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
     });
     print_banner(&described, edge.http_addr, edge.wire_addr, query_addr, &key);
 
@@ -100,7 +107,11 @@ async fn demo_key(store: &dyn Store, data_dir: &Path) -> anyhow::Result<String> 
     };
     if let Ok(key) = std::fs::read_to_string(&file) {
         let key = key.trim().to_owned();
-        if store.find_api_key(&sink::hash_api_key(&key)).await?.is_some_and(|found| found.tenant_id == tenant.id) {
+        if store
+            .find_api_key(&sink::hash_api_key(&key))
+            .await?
+            .is_some_and(|found| found.tenant_id == tenant.id)
+        {
             return Ok(key);
         }
     }
@@ -122,7 +133,8 @@ async fn demo_key(store: &dyn Store, data_dir: &Path) -> anyhow::Result<String> 
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
+    let mut file =
+        std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
     writeln!(file, "{text}")?;
     Ok(())
 }

@@ -14,12 +14,17 @@
 //! that is removed when dropped. Every server runs under a supervisor that stops it and deletes
 //! its temporary directory when the test process exits, even by `SIGKILL` (see `process.rs`).
 //!
+//! SQLite needs no server: [`fresh_sqlite`] gives a test its own database path in a private
+//! temporary directory, removed when dropped.
+//!
 //! Everything works from any number of `#[tokio::test]` runtimes at once: nothing runtime-bound
 //! (pools, tokio child handles) is kept in a static.
 
 mod postgres;
 mod process;
 mod redis;
+mod sqlite;
 
 pub use postgres::{PgServer, TestDb, dedicated_postgres, postgres};
 pub use redis::{RedisPersistence, RedisServer, dedicated_redis, redis};
+pub use sqlite::{TestSqlite, fresh_sqlite};

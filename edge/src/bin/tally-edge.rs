@@ -1,6 +1,10 @@
 //! `tally-edge`: runs the ingest server, migrates the database, and manages tenants and keys.
+//!
+//! Storage is PostgreSQL when `DATABASE_URL` is set, and otherwise an embedded SQLite file,
+//! `tally.db` in the data directory (`--data-dir`, `TALLY_DATA_DIR`, default `./tally-data`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,14 +12,20 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edge::EdgeConfig;
 use sink::pg::{PgOptions, PgStore};
+use sink::sqlite::{DATABASE_FILE_NAME, SqliteStore};
 use sink::{NewApiKey, Scope, Store};
 
 #[derive(Debug, Parser)]
 #[command(name = "tally-edge", version, about = "Tally's ingest server")]
 struct Cli {
-    /// PostgreSQL URL, e.g. postgres://tally@127.0.0.1:5432/tally.
+    /// PostgreSQL URL, e.g. postgres://tally@127.0.0.1:5432/tally. Without it, data goes into an
+    /// embedded SQLite database in --data-dir.
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     database_url: Option<String>,
+
+    /// Directory of the embedded SQLite database (`tally.db`), used when DATABASE_URL is unset.
+    #[arg(long, env = "TALLY_DATA_DIR", global = true, default_value = "./tally-data")]
+    data_dir: PathBuf,
 
     #[command(flatten)]
     serve: ServeArgs,
@@ -145,34 +155,84 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let url = cli.database_url.as_deref().context(
-        "DATABASE_URL is not set: point it at PostgreSQL, e.g. DATABASE_URL=postgres://tally@127.0.0.1:5432/tally",
-    )?;
-    let options = PgOptions { max_connections: cli.serve.pg_pool_size, ..PgOptions::default() };
-    let store = PgStore::connect_lazy(url, &options)?;
-    match cli.command {
-        None => serve(store, cli.serve.config()).await,
+    let storage = Storage::open(&cli).await?;
+    let result = run(&cli, &storage).await;
+    storage.close().await;
+    result
+}
+
+async fn run(cli: &Cli, storage: &Storage) -> anyhow::Result<()> {
+    match &cli.command {
+        None => serve(storage, cli.serve.config()).await,
         Some(Command::Migrate) => {
-            store.migrate().await?;
-            store.maintain(&cli.serve.config().retention_with_window()).await?;
+            storage.migrate().await?;
+            storage.store.maintain(&cli.serve.config().retention_with_window()).await?;
             println!("database migrated");
             Ok(())
         }
         Some(Command::Tenant { command: TenantCommand::Create { name } }) => {
-            store.migrate().await?;
-            let tenant = store.create_tenant(&name).await?;
+            storage.migrate().await?;
+            let tenant = storage.store.create_tenant(name).await?;
             println!("tenant {} created with id {}", tenant.name, tenant.id);
             Ok(())
         }
         Some(Command::Key { command: KeyCommand::Create { tenant, scopes, label, expires } }) => {
-            store.migrate().await?;
-            create_key(&store, &tenant, &scopes, label, expires.as_deref()).await
+            storage.migrate().await?;
+            create_key(storage.store.as_ref(), tenant, scopes, label.clone(), expires.as_deref()).await
+        }
+    }
+}
+
+/// The storage backend chosen at start-up, and the store the edge uses.
+struct Storage {
+    backend: Backend,
+    store: Arc<dyn Store>,
+}
+
+enum Backend {
+    Postgres(Arc<PgStore>),
+    /// Migrated when opened.
+    Sqlite(Arc<SqliteStore>),
+}
+
+impl Storage {
+    /// PostgreSQL with `DATABASE_URL` (connected lazily), else the SQLite file in the data
+    /// directory (created and migrated now).
+    async fn open(cli: &Cli) -> anyhow::Result<Storage> {
+        if let Some(url) = cli.database_url.as_deref() {
+            let options = PgOptions { max_connections: cli.serve.pg_pool_size, ..PgOptions::default() };
+            let store = Arc::new(PgStore::connect_lazy(url, &options)?);
+            tracing::info!("storage: postgresql");
+            return Ok(Storage { backend: Backend::Postgres(store.clone()), store });
+        }
+        let path = cli.data_dir.join(DATABASE_FILE_NAME);
+        let store = SqliteStore::open(&path)
+            .await
+            .with_context(|| format!("failed to open the embedded database {}", path.display()))?;
+        tracing::info!(path = %path.display(), "storage: embedded sqlite (DATABASE_URL is not set)");
+        let store = Arc::new(store);
+        Ok(Storage { backend: Backend::Sqlite(store.clone()), store })
+    }
+
+    /// Applies the migrations the database lacks.
+    async fn migrate(&self) -> anyhow::Result<()> {
+        match &self.backend {
+            Backend::Postgres(store) => store.migrate().await.context("failed to migrate the database"),
+            Backend::Sqlite(_) => Ok(()),
+        }
+    }
+
+    /// Closes the connections; SQLite then checkpoints its WAL into the database file.
+    async fn close(&self) {
+        match &self.backend {
+            Backend::Postgres(store) => store.pool().close().await,
+            Backend::Sqlite(store) => store.close().await,
         }
     }
 }
 
 async fn create_key(
-    store: &PgStore,
+    store: &dyn Store,
     tenant: &str,
     scopes: &[String],
     label: Option<String>,
@@ -223,11 +283,11 @@ fn parse_expiry(text: &str) -> anyhow::Result<i64> {
     Ok(at_us)
 }
 
-async fn serve(store: PgStore, config: EdgeConfig) -> anyhow::Result<()> {
+async fn serve(storage: &Storage, config: EdgeConfig) -> anyhow::Result<()> {
     config.validate()?;
-    store.migrate().await.context("failed to migrate the database")?;
-    store.maintain(&config.retention_with_window()).await.context("failed to create partitions")?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    storage.migrate().await?;
+    let store = storage.store.clone();
+    store.maintain(&config.retention_with_window()).await.context("failed to run storage maintenance")?;
     let edge = edge::start(config, store).await?;
     println!("tally-edge: binary protocol on {}, HTTP on http://{}", edge.wire_addr, edge.http_addr);
     wait_for_signal().await;

@@ -396,7 +396,13 @@ impl Store for PgStore {
             .bind(key.expires_at_us)
             .fetch_optional(&self.pool)
             .await
-            .map_err(classify)?;
+            .map_err(|error| match &error {
+                // The key's tenant does not exist: the caller's mistake, as on SQLite.
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("23503") => {
+                    StoreError::Invalid(format!("no tenant with id {}", key.tenant_id))
+                }
+                _ => classify(error),
+            })?;
             let (tenant_name, tenant_disabled) =
                 tenant.ok_or_else(|| StoreError::Invalid(format!("no tenant with id {}", key.tenant_id)))?;
             Ok(ApiKey {

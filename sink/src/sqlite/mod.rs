@@ -24,6 +24,7 @@
 mod control;
 mod ingest;
 mod rerate;
+mod rollups;
 mod values;
 
 use std::path::{Path, PathBuf};
@@ -72,8 +73,13 @@ pub struct SqliteOptions {
     pub writer_wait: Duration,
     /// Page cache of the writer in KiB. Default 64 MiB.
     pub writer_cache_kib: u32,
+    /// Page size of a new database file (an existing file keeps its own). Default 4096.
+    pub page_size_bytes: u32,
     /// WAL size in pages that triggers a checkpoint. Default 16,384 (64 MiB of 4 KiB pages).
     pub wal_autocheckpoint_pages: u32,
+    /// Rollup rows whose totals the writer keeps in memory, so that batches add to them without
+    /// reading them back (about 1 KiB each). Default 100,000; 0 turns the cache off.
+    pub rollup_cache_rows: usize,
 }
 
 impl Default for SqliteOptions {
@@ -84,7 +90,9 @@ impl Default for SqliteOptions {
             busy_timeout: Duration::from_secs(5),
             writer_wait: Duration::from_secs(30),
             writer_cache_kib: 64 * 1024,
+            page_size_bytes: 4096,
             wal_autocheckpoint_pages: 16_384,
+            rollup_cache_rows: 100_000,
         }
     }
 }
@@ -98,6 +106,7 @@ pub struct SqliteStore {
     readers: SqlitePool,
     path: PathBuf,
     statements: std::sync::Arc<ingest::Statements>,
+    rollup_cache: std::sync::Arc<rollups::RollupCache>,
 }
 
 impl SqliteStore {
@@ -130,6 +139,7 @@ impl SqliteStore {
         let writer_options = common
             .clone()
             .create_if_missing(true)
+            .page_size(options.page_size_bytes)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(synchronous)
             .pragma("cache_size", format!("-{}", options.writer_cache_kib))
@@ -152,8 +162,13 @@ impl SqliteStore {
             .max_connections(options.read_connections.max(1))
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(common.pragma("query_only", "ON"));
-        let store =
-            SqliteStore { writer, readers, path, statements: std::sync::Arc::new(ingest::Statements::new()) };
+        let store = SqliteStore {
+            writer,
+            readers,
+            path,
+            statements: std::sync::Arc::new(ingest::Statements::new()),
+            rollup_cache: std::sync::Arc::new(rollups::RollupCache::new(options.rollup_cache_rows)),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -212,13 +227,20 @@ impl SqliteStore {
                 .map_err(classify)?;
             let Some(tenant) = tenant else { return Ok(deleted) };
             loop {
+                let mut writer = self.writer.acquire().await.map_err(classify)?;
                 let result = sqlx::query(delete_chunk)
                     .bind(&tenant)
                     .bind(before_us)
                     .bind(DELETE_CHUNK_ROWS)
-                    .execute(&self.writer)
-                    .await
-                    .map_err(classify)?;
+                    .execute(&mut *writer)
+                    .await;
+                // Cached totals of deleted rollup rows must not be added to; cleared while the
+                // writer is still held, so the next batch reads what is left.
+                if let Table::Rollups = table {
+                    self.rollup_cache.clear();
+                }
+                drop(writer);
+                let result = result.map_err(classify)?;
                 deleted += result.rows_affected();
                 if result.rows_affected() < u64::from(DELETE_CHUNK_ROWS) {
                     break;
@@ -261,11 +283,14 @@ pub(crate) fn classify(error: sqlx::Error) -> StoreError {
     match &error {
         sqlx::Error::Database(db) => {
             let code: i32 = db.code().and_then(|code| code.parse().ok()).unwrap_or_default();
-            match code & 0xff {
-                // SQLITE_BUSY, SQLITE_LOCKED: another connection holds a lock.
-                5 | 6 => StoreError::Conflict(error.to_string()),
+            match (code, code & 0xff) {
+                // SQLITE_BUSY_SNAPSHOT: a read snapshot went stale; retrying at once succeeds.
+                // SQLITE_LOCKED: a conflict inside this process.
+                (517, _) | (_, 6) => StoreError::Conflict(error.to_string()),
+                // SQLITE_BUSY after `busy_timeout`: another process has held the write lock
+                // that long, which is an outage, not a conflict worth retrying at once.
                 // SQLITE_NOMEM, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN.
-                7 | 8 | 10 | 13 | 14 => StoreError::Unavailable(error.to_string()),
+                (_, 5 | 7 | 8 | 10 | 13 | 14) => StoreError::Unavailable(error.to_string()),
                 _ => StoreError::Internal(error.to_string()),
             }
         }

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
-use sqlx::Row;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
+use sqlx::{Connection, Row};
 use uuid::Uuid;
 use wire::{CustomQuantity, Event, Quantity, QuantityKind, Status};
 
@@ -25,7 +25,8 @@ impl SqliteStore {
         after: Option<(i64, Uuid)>,
         reprice: &(dyn Fn(&wire::Event) -> Repriced + Send + Sync),
     ) -> Result<RerateBatch, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
+        let mut writer = self.writer.acquire().await.map_err(classify)?;
+        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
         let keyset = if after.is_some() { "AND (occurred_at, event_id) > (?5, ?6)" } else { "" };
         let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {SELECT_COLUMNS} FROM usage_events WHERE tenant_id = ?1 AND occurred_at >= ?2 \
@@ -57,8 +58,14 @@ impl SqliteStore {
                 changes.add(request.tenant_id, &event, before, after);
             }
         }
-        changes.apply(&mut tx).await?;
-        tx.commit().await.map_err(classify)?;
+        let result = match changes.apply(&mut tx).await {
+            Ok(()) => tx.commit().await.map_err(classify),
+            Err(error) => Err(error),
+        };
+        // Rollup costs changed outside ingest: cached totals are stale. Cleared while the writer
+        // is still held, so no batch adds to them.
+        self.rollup_cache.clear();
+        result?;
         if rows.len() < request.batch_events as usize {
             batch.last = None;
         }

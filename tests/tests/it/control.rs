@@ -1,5 +1,5 @@
-//! The control plane: tenants and scoped keys, settings, the service registry, pricing at
-//! ingest, rule versions and re-rating, rate limits and quotas.
+//! The control plane, on PostgreSQL and on SQLite: tenants and scoped keys, settings, the
+//! service registry, pricing at ingest, rule versions and re-rating, rate limits and quotas.
 
 use anyhow::Result;
 use axum::http::StatusCode;
@@ -8,7 +8,16 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 use wire::{Message, QuantityKind};
 
-use crate::support::{OPERATOR_KEY, RawConnection, TestEdge, assert_rollups_match_raw};
+use crate::support::{Backend, OPERATOR_KEY, RawConnection, TestEdge, both_backends};
+
+both_backends!(
+    scopes_keys_and_tenants,
+    per_unit_and_package_prices_are_exact_at_ingest,
+    a_new_rule_version_and_a_rerate_move_events_and_rollups_together,
+    the_registry_validates_custom_types_and_prices_them,
+    rate_limits_answer_429_and_busy,
+    quotas_reject_or_flag_once_exceeded,
+);
 
 fn decimal(text: &str) -> Decimal {
     text.parse().expect("a decimal")
@@ -23,9 +32,8 @@ fn llm(user: &str, model: &str, input: f64, output: f64) -> Value {
         "input_tokens": input, "output_tokens": output})
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn scopes_keys_and_tenants() -> Result<()> {
-    let (edge, admin) = TestEdge::start_with_admin().await?;
+async fn scopes_keys_and_tenants(backend: Backend) -> Result<()> {
+    let (edge, admin) = TestEdge::with_admin(backend).await?;
     // An ingest+query key cannot administer; an admin key can.
     let (status, _) = edge.http("GET", "/api/v1/admin/keys", Some(&edge.key), Value::Null).await?;
     assert_eq!(status, StatusCode::FORBIDDEN);
@@ -73,9 +81,8 @@ async fn scopes_keys_and_tenants() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn per_unit_and_package_prices_are_exact_at_ingest() -> Result<()> {
-    let (edge, admin) = TestEdge::start_with_admin().await?;
+async fn per_unit_and_package_prices_are_exact_at_ingest(backend: Backend) -> Result<()> {
+    let (edge, admin) = TestEdge::with_admin(backend).await?;
     let input_rule = json!({"service_type": "llm_service", "service_provider": "openai", "model": "m1",
         "unit": "input_tokens", "method": "per_unit", "rate": "0.000003"});
     let output_rule = json!({"service_type": "llm_service", "model": "m1", "unit": "output_tokens",
@@ -92,35 +99,30 @@ async fn per_unit_and_package_prices_are_exact_at_ingest() -> Result<()> {
         llm("c", "m1", 0.0, 0.0), llm("d", "m2", 10.0, 10.0)]});
     let (status, body) = post(&edge, "/api/v1/events/batch", &edge.key, events).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let mut db = edge.connect_db().await?;
-    let rows: Vec<(String, Option<Decimal>, Option<Vec<Uuid>>)> =
-        sqlx::query_as("SELECT user_id, cost, price_rule_ids FROM usage_events ORDER BY user_id")
-            .fetch_all(&mut db)
-            .await?;
-    let costs: Vec<Option<Decimal>> = rows.iter().map(|row| row.1).collect();
+    let rows = edge.events().await?;
+    let users: Vec<&str> = rows.iter().map(|row| row.user_id.as_str()).collect();
+    assert_eq!(users, ["a", "b", "c", "d"]);
+    let costs: Vec<Option<Decimal>> = rows.iter().map(|row| row.cost).collect();
     assert_eq!(costs, vec![Some(decimal("0.0145")), Some(decimal("0.020003")), Some(decimal("0")), None]);
-    assert_eq!(rows[0].2.as_ref().map(Vec::len), Some(2), "both rule versions are recorded");
-    assert_eq!(rows[3].2, None);
-    let (cost, unpriced): (Decimal, i64) =
-        sqlx::query_as("SELECT sum(cost), sum(unpriced_count)::bigint FROM usage_rollup_hourly")
-            .fetch_one(&mut db)
-            .await?;
+    assert_eq!(rows[0].price_rule_ids.as_ref().map(Vec::len), Some(2), "both rule versions are recorded");
+    assert_eq!(rows[3].price_rule_ids, None);
+    let rollups = edge.rollups().await?;
+    let cost: Decimal = rollups.values().map(|rollup| rollup.cost).sum();
+    let unpriced: i64 = rollups.values().map(|rollup| rollup.unpriced_count).sum();
     assert_eq!((cost, unpriced), (decimal("0.034503"), 1));
-    assert_rollups_match_raw(&mut db).await?;
+    edge.assert_rollups_match_raw().await?;
     Ok(())
 }
 
-async fn total(db: &mut sqlx::PgConnection) -> Result<(Decimal, Decimal)> {
-    Ok(sqlx::query_as(
-        "SELECT (SELECT sum(cost) FROM usage_events), (SELECT sum(cost) FROM usage_rollup_hourly)",
-    )
-    .fetch_one(db)
-    .await?)
+/// The cost of all events, summed from raw events and from the rollups.
+async fn total(edge: &TestEdge) -> Result<(Decimal, Decimal)> {
+    let raw = edge.events().await?.iter().filter_map(|event| event.cost).sum();
+    let rolled_up = edge.rollups().await?.values().map(|rollup| rollup.cost).sum();
+    Ok((raw, rolled_up))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_new_rule_version_and_a_rerate_move_events_and_rollups_together() -> Result<()> {
-    let (edge, admin) = TestEdge::start_with_admin().await?;
+async fn a_new_rule_version_and_a_rerate_move_events_and_rollups_together(backend: Backend) -> Result<()> {
+    let (edge, admin) = TestEdge::with_admin(backend).await?;
     let rule = |rate: &str| json!({"service_type": "custom", "service_provider": "p", "unit": "events", "method": "per_unit", "rate": rate});
     let (status, v1) = post(&edge, "/api/v1/admin/prices", &admin, rule("0.001")).await?;
     assert_eq!(status, StatusCode::CREATED, "{v1}");
@@ -129,8 +131,7 @@ async fn a_new_rule_version_and_a_rerate_move_events_and_rollups_together() -> R
         .collect();
     let (status, _) = post(&edge, "/api/v1/events/batch", &edge.key, json!({"events": events})).await?;
     assert_eq!(status, StatusCode::OK);
-    let mut db = edge.connect_db().await?;
-    assert_eq!(total(&mut db).await?, (decimal("0.01"), decimal("0.01")));
+    assert_eq!(total(&edge).await?, (decimal("0.01"), decimal("0.01")));
 
     let mut replacement = rule("0.002");
     replacement["replaces"] = v1["id"].clone();
@@ -153,29 +154,21 @@ async fn a_new_rule_version_and_a_rerate_move_events_and_rollups_together() -> R
         ),
         (decimal("0.01"), decimal("0.02"))
     );
-    assert_eq!(total(&mut db).await?, (decimal("0.02"), decimal("0.02")));
+    assert_eq!(total(&edge).await?, (decimal("0.02"), decimal("0.02")));
     let v2_id: Uuid = v2["id"].as_str().unwrap_or_default().parse()?;
-    let recorded: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE price_rule_ids = ARRAY[$1]::uuid[]")
-            .bind(v2_id)
-            .fetch_one(&mut db)
-            .await?;
+    let events = edge.events().await?;
+    let recorded = events.iter().filter(|event| event.price_rule_ids == Some(vec![v2_id])).count();
     assert_eq!(recorded, 10, "events record the version that priced them");
     // Idempotent: a second run changes nothing; both runs are audited.
     let (_, again) = post(&edge, "/api/v1/admin/rerate", &admin, range).await?;
     assert_eq!(again["events_changed"].as_i64(), Some(0));
-    let audits: Vec<(i64, i64)> =
-        sqlx::query_as("SELECT events_scanned, events_changed FROM rerate_runs ORDER BY started_at")
-            .fetch_all(&mut db)
-            .await?;
-    assert_eq!(audits, vec![(10, 10), (10, 0)]);
-    assert_rollups_match_raw(&mut db).await?;
+    assert_eq!(edge.rerate_runs().await?, vec![(10, 10), (10, 0)]);
+    edge.assert_rollups_match_raw().await?;
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_registry_validates_custom_types_and_prices_them() -> Result<()> {
-    let (edge, admin) = TestEdge::start_with_admin().await?;
+async fn the_registry_validates_custom_types_and_prices_them(backend: Backend) -> Result<()> {
+    let (edge, admin) = TestEdge::with_admin(backend).await?;
     let service = json!({"service_type": "ml_predictions", "service_name": "Custom ML Service",
         "providers": ["provider_a", "provider_b"],
         "required_fields": ["model_version", {"name": "predictions", "kind": "number"}],
@@ -224,10 +217,8 @@ async fn the_registry_validates_custom_types_and_prices_them() -> Result<()> {
     assert!(errors[2].starts_with("predictions: must be a number"), "{}", errors[2]);
     assert!(errors[3].starts_with("model_version: is required"), "{}", errors[3]);
     assert!(errors[4].starts_with("service_type: unknown service type \"unheard_of\""), "{}", errors[4]);
-    let mut db = edge.connect_db().await?;
-    let cost: Option<Decimal> =
-        sqlx::query_scalar("SELECT cost FROM usage_events").fetch_one(&mut db).await?;
-    assert_eq!(cost, Some(decimal("0.25")), "250 predictions at 0.001 from the billing_config");
+    let costs: Vec<Option<Decimal>> = edge.events().await?.iter().map(|event| event.cost).collect();
+    assert_eq!(costs, vec![Some(decimal("0.25"))], "250 predictions at 0.001 from the billing_config");
     Ok(())
 }
 
@@ -242,9 +233,8 @@ async fn put_settings(edge: &TestEdge, admin: &str, changes: Value) -> Result<()
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rate_limits_answer_429_and_busy() -> Result<()> {
-    let (edge, admin) = TestEdge::start_with_admin().await?;
+async fn rate_limits_answer_429_and_busy(backend: Backend) -> Result<()> {
+    let (edge, admin) = TestEdge::with_admin(backend).await?;
     put_settings(&edge, &admin, json!({"rate_limit_per_second": 1, "rate_limit_burst": 10})).await?;
     let ten: Vec<Value> = (0..10).map(|i| llm(&format!("u{i}"), "gpt-4o", 1.0, 1.0)).collect();
     let (status, body) = post(&edge, "/api/v1/events/batch", &edge.key, json!({"events": ten})).await?;
@@ -260,15 +250,12 @@ async fn rate_limits_answer_429_and_busy() -> Result<()> {
         Message::Busy(busy) => assert!(busy.retry_after_ms > 0 && busy.sequence == 1),
         other => panic!("expected busy, got {other:?}"),
     }
-    let mut db = edge.connect_db().await?;
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events").fetch_one(&mut db).await?;
-    assert_eq!(stored, 10);
+    assert_eq!(edge.events().await?.len(), 10);
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn quotas_reject_or_flag_once_exceeded() -> Result<()> {
-    let (edge, admin) = TestEdge::start_with_admin().await?;
+async fn quotas_reject_or_flag_once_exceeded(backend: Backend) -> Result<()> {
+    let (edge, admin) = TestEdge::with_admin(backend).await?;
     put_settings(&edge, &admin, json!({"monthly_event_quota": 3, "quota_policy": "reject"})).await?;
     let three: Vec<Value> = (0..3).map(|i| llm(&format!("u{i}"), "gpt-4o", 1.0, 1.0)).collect();
     let (status, _) = post(&edge, "/api/v1/events/batch", &edge.key, json!({"events": three})).await?;
@@ -279,9 +266,8 @@ async fn quotas_reject_or_flag_once_exceeded() -> Result<()> {
     put_settings(&edge, &admin, json!({"quota_policy": "flag"})).await?;
     let (status, _) = post(&edge, "/api/v1/events", &edge.key, llm("y", "gpt-4o", 1.0, 1.0)).await?;
     assert_eq!(status, StatusCode::OK);
-    let mut db = edge.connect_db().await?;
-    let flagged: Vec<(String, i16)> =
-        sqlx::query_as("SELECT user_id, flags FROM usage_events ORDER BY user_id").fetch_all(&mut db).await?;
+    let flagged: Vec<(String, i64)> =
+        edge.events().await?.into_iter().map(|event| (event.user_id, event.flags)).collect();
     assert_eq!(flagged, vec![("u0".into(), 0), ("u1".into(), 0), ("u2".into(), 0), ("y".into(), 1)]);
     Ok(())
 }

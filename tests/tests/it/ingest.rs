@@ -1,28 +1,27 @@
-//! Durable ingest end to end: binary protocol and HTTP into PostgreSQL, dedup, rollups, tenant
-//! isolation, bad input, and no ack for a failed commit.
+//! Durable ingest end to end, on PostgreSQL and on SQLite: binary protocol and HTTP, dedup,
+//! rollups, tenant isolation, bad input, and no ack for a failed commit.
 
-use anyhow::Result;
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
 use axum::http::StatusCode;
 use serde_json::json;
+use sqlx::Connection;
 use wire::{ErrorCode, Message, QuantityKind};
 
-use crate::support::{RawConnection, TestEdge, assert_rollups_match_raw, llm_event, stored_count};
+use crate::support::{
+    Backend, RawConnection, TestEdge, assert_rollups_match_raw, both_backends, llm_event, stored_count,
+};
 
-#[derive(sqlx::FromRow)]
-struct StoredRow {
-    user_id: String,
-    service_type: String,
-    model: Option<String>,
-    input_tokens: rust_decimal::Decimal,
-    cached_input_tokens: rust_decimal::Decimal,
-    custom: String,
-    latency_us: i64,
-    metadata: serde_json::Value,
-    session_id: serde_json::Value,
-    tags: Vec<String>,
-    cost: Option<rust_decimal::Decimal>,
-    occurred_at_us: i64,
-}
+both_backends!(
+    binary_ingest_stores_exact_values,
+    http_accepts_flat_and_nested_shapes,
+    resent_batch_is_stored_once_and_acked_as_duplicates,
+    rollups_equal_raw_sums_after_concurrent_mixed_batches,
+    a_key_of_one_tenant_cannot_write_as_another,
+    bad_events_are_rejected_alone_with_specific_errors,
+    protocol_errors_are_specific,
+);
 
 fn ack(message: Message) -> wire::Ack {
     match message {
@@ -31,9 +30,8 @@ fn ack(message: Message) -> wire::Ack {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn binary_ingest_stores_exact_values() -> Result<()> {
-    let edge = TestEdge::start().await?;
+async fn binary_ingest_stores_exact_values(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
     let mut connection = RawConnection::open(&edge, &edge.key).await?;
     assert_eq!(connection.welcome.tenant_id, edge.tenant.id.to_string());
     let event = llm_event("user-1", 1200.0, 350.0)
@@ -46,36 +44,28 @@ async fn binary_ingest_stores_exact_values() -> Result<()> {
     let answer = ack(connection.round_trip(1, vec![event.clone()]).await?);
     assert_eq!((answer.sequence, answer.stored, answer.duplicate, answer.rejected.len()), (1, 1, 0, 0));
 
-    let mut db = edge.connect_db().await?;
-    let row: StoredRow = sqlx::query_as(
-        "SELECT user_id, service_type, model, input_tokens, cached_input_tokens, custom_quantities::text AS custom,
-                latency_us, metadata, to_jsonb(session_id) AS session_id, tags, cost,
-                (EXTRACT(EPOCH FROM occurred_at) * 1000000)::bigint AS occurred_at_us
-         FROM usage_events WHERE tenant_id = $1 AND event_id = $2",
-    )
-    .bind(edge.tenant.id)
-    .bind(event.id())
-    .fetch_one(&mut db)
-    .await?;
+    let events = edge.events().await?;
+    let row = events.iter().find(|row| row.event_id == event.id()).context("the event is stored")?;
+    assert_eq!(row.tenant_id, edge.tenant.id);
     assert_eq!(row.user_id, "user-1");
     assert_eq!(row.service_type, "llm_service");
     assert_eq!(row.model.as_deref(), Some("in-house-7b"));
-    assert_eq!(row.input_tokens.to_string(), "1200");
-    assert_eq!(row.cached_input_tokens.to_string(), "0.25");
-    assert_eq!(row.custom, r#"{"images": 3}"#);
-    assert_eq!(row.latency_us, 120_500);
-    assert_eq!(row.metadata, json!({"region": "eu \"west\""}));
-    assert_eq!(row.session_id, json!("s-1"));
-    assert_eq!(row.tags, vec!["beta".to_owned()]);
+    assert_eq!(row.quantity("input_tokens").as_deref(), Some("1200"));
+    assert_eq!(row.quantity("cached_input_tokens").as_deref(), Some("0.25"));
+    let images: BTreeMap<String, rust_decimal::Decimal> = [("images".to_owned(), 3.into())].into();
+    assert_eq!(row.custom_quantities, Some(images));
+    assert_eq!(row.latency_us, Some(120_500));
+    assert_eq!(row.metadata, Some(json!({"region": "eu \"west\""})));
+    assert_eq!(row.session_id.as_deref(), Some("s-1"));
+    assert_eq!(row.tags, Some(vec!["beta".to_owned()]));
     assert_eq!(row.cost, None, "no price rule for this model: stored unpriced, never as 0");
     assert_eq!(row.occurred_at_us, event.timestamp_us);
-    assert_rollups_match_raw(&mut db).await?;
+    edge.assert_rollups_match_raw().await?;
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn http_accepts_flat_and_nested_shapes() -> Result<()> {
-    let edge = TestEdge::start().await?;
+async fn http_accepts_flat_and_nested_shapes(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
     let flat = json!({"tenant_id": "acme", "user_id": "u-flat", "service_type": "llm_service",
         "service_provider": "openai", "model": "gpt-4", "input_tokens": 150, "output_tokens": 75,
         "latency_ms": 2500});
@@ -93,26 +83,25 @@ async fn http_accepts_flat_and_nested_shapes() -> Result<()> {
     assert_eq!(body["processed_count"], 1);
     assert_eq!(body["results"][0]["status"], "stored");
 
-    let mut db = edge.connect_db().await?;
-    let rows: Vec<(String, Option<String>, rust_decimal::Decimal, rust_decimal::Decimal, i64)> = sqlx::query_as(
-        "SELECT user_id, model, input_tokens, output_tokens, latency_us FROM usage_events ORDER BY user_id",
-    )
-    .fetch_all(&mut db)
-    .await?;
+    let rows = edge.events().await?;
     assert_eq!(rows.len(), 2);
     for row in &rows {
         assert_eq!(
-            (row.1.as_deref(), row.2.to_string(), row.3.to_string(), row.4),
-            (Some("gpt-4"), "150".into(), "75".into(), 2_500_000)
+            (
+                row.model.as_deref(),
+                row.quantity("input_tokens"),
+                row.quantity("output_tokens"),
+                row.latency_us
+            ),
+            (Some("gpt-4"), Some("150".into()), Some("75".into()), Some(2_500_000))
         );
     }
-    assert_rollups_match_raw(&mut db).await?;
+    edge.assert_rollups_match_raw().await?;
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn resent_batch_is_stored_once_and_acked_as_duplicates() -> Result<()> {
-    let edge = TestEdge::start().await?;
+async fn resent_batch_is_stored_once_and_acked_as_duplicates(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
     let events: Vec<_> =
         (0..50).map(|i| llm_event(&format!("user-{}", i % 7), 10.0 + f64::from(i), 5.0)).collect();
     let mut first = RawConnection::open(&edge, &edge.key).await?;
@@ -142,13 +131,10 @@ async fn resent_batch_is_stored_once_and_acked_as_duplicates() -> Result<()> {
     assert_eq!(body["duplicate_count"], 1);
     assert_eq!(body["results"][0]["status"], "duplicate");
 
-    let mut db = edge.connect_db().await?;
-    assert_eq!(stored_count(&mut db, edge.tenant.id).await?, 60);
-    let rollup_events: i64 = sqlx::query_scalar("SELECT sum(event_count)::bigint FROM usage_rollup_hourly")
-        .fetch_one(&mut db)
-        .await?;
+    assert_eq!(edge.stored_count(edge.tenant.id).await?, 60);
+    let rollup_events: i64 = edge.rollups().await?.values().map(|rollup| rollup.event_count).sum();
     assert_eq!(rollup_events, 60);
-    assert_rollups_match_raw(&mut db).await?;
+    edge.assert_rollups_match_raw().await?;
     Ok(())
 }
 
@@ -158,9 +144,8 @@ fn rfc3339(timestamp_us: i64) -> String {
     at.format(&time::format_description::well_known::Rfc3339).expect("formats")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rollups_equal_raw_sums_after_concurrent_mixed_batches() -> Result<()> {
-    let edge = TestEdge::start().await?;
+async fn rollups_equal_raw_sums_after_concurrent_mixed_batches(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
     let mut tasks = Vec::new();
     for connection_index in 0..4u64 {
         let mut connection = RawConnection::open(&edge, &edge.key).await?;
@@ -190,9 +175,8 @@ async fn rollups_equal_raw_sums_after_concurrent_mixed_batches() -> Result<()> {
     for task in tasks {
         task.await??;
     }
-    let mut db = edge.connect_db().await?;
-    assert_eq!(stored_count(&mut db, edge.tenant.id).await?, 4000);
-    let compared = assert_rollups_match_raw(&mut db).await?;
+    assert_eq!(edge.stored_count(edge.tenant.id).await?, 4000);
+    let compared = edge.assert_rollups_match_raw().await?;
     assert!(compared > 13, "rollups spread over users and hours: {compared}");
     Ok(())
 }
@@ -201,9 +185,8 @@ fn wire_now_us() -> i64 {
     edge::auth::now_us()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_key_of_one_tenant_cannot_write_as_another() -> Result<()> {
-    let edge = TestEdge::start().await?;
+async fn a_key_of_one_tenant_cannot_write_as_another(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
     let (other, other_key) = edge.other_tenant("globex").await?;
     let event = json!({"tenant_id": "acme", "user_id": "u", "service_type": "custom",
         "service_provider": "p", "event_type": "e"});
@@ -223,9 +206,8 @@ async fn a_key_of_one_tenant_cannot_write_as_another() -> Result<()> {
     let mut connection = RawConnection::open(&edge, &other_key).await?;
     assert_eq!(connection.welcome.tenant_id, other.id.to_string());
     ack(connection.round_trip(1, vec![llm_event("u", 1.0, 1.0)]).await?);
-    let mut db = edge.connect_db().await?;
-    assert_eq!(stored_count(&mut db, edge.tenant.id).await?, 0);
-    assert_eq!(stored_count(&mut db, other.id).await?, 1);
+    assert_eq!(edge.stored_count(edge.tenant.id).await?, 0);
+    assert_eq!(edge.stored_count(other.id).await?, 1);
 
     let (status, body) = edge.http("POST", "/api/v1/events", None, event.clone()).await?;
     assert_eq!((status, body["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("authentication_required")));
@@ -239,9 +221,8 @@ async fn a_key_of_one_tenant_cannot_write_as_another() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_events_are_rejected_alone_with_specific_errors() -> Result<()> {
-    let edge = TestEdge::start().await?;
+async fn bad_events_are_rejected_alone_with_specific_errors(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
     let good = || llm_event("u", 5.0, 5.0);
     let mut no_model = good();
     no_model.model = None;
@@ -309,16 +290,14 @@ async fn bad_events_are_rejected_alone_with_specific_errors() -> Result<()> {
         edge.http("POST", "/api/v1/events/batch", Some(&edge.key), json!({"events": many})).await?;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
 
-    let mut db = edge.connect_db().await?;
-    assert_eq!(stored_count(&mut db, edge.tenant.id).await?, 3);
-    assert_rollups_match_raw(&mut db).await?;
+    assert_eq!(edge.stored_count(edge.tenant.id).await?, 3);
+    edge.assert_rollups_match_raw().await?;
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn protocol_errors_are_specific() -> Result<()> {
+async fn protocol_errors_are_specific(backend: Backend) -> Result<()> {
     use futures_util::SinkExt;
-    let edge = TestEdge::start().await?;
+    let edge = TestEdge::on(backend).await?;
     // Too many events for the negotiated batch size: refused as a batch, connection stays up.
     let mut connection = RawConnection::open(&edge, &edge.key).await?;
     let max = connection.welcome.max_events_per_batch as usize;
@@ -355,6 +334,7 @@ async fn protocol_errors_are_specific() -> Result<()> {
     Ok(())
 }
 
+/// PostgreSQL only: the server is stopped mid-run. The SQLite analogue is the next test.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_ack_for_a_batch_whose_commit_failed() -> Result<()> {
     let server = tests::dedicated_postgres().await?;
@@ -385,5 +365,39 @@ async fn no_ack_for_a_batch_whose_commit_failed() -> Result<()> {
     let mut db = edge.connect_db().await?;
     assert_eq!(stored_count(&mut db, edge.tenant.id).await?, 21);
     assert_rollups_match_raw(&mut db).await?;
+    Ok(())
+}
+
+/// SQLite's way for a commit to fail: another process (a backup, an `sqlite3` shell inside a
+/// transaction) holds the write lock for longer than the store's `busy_timeout`. The batch is
+/// answered with a retryable error and nothing of it is stored; the resend lands exactly once.
+/// Deleting the file or making it read-only mid-run would not be comparable: open connections
+/// go on writing to the unlinked or already-open file, so there is nothing to observe.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_ack_while_another_process_holds_the_sqlite_write_lock() -> Result<()> {
+    let options = sink::sqlite::SqliteOptions {
+        busy_timeout: std::time::Duration::from_millis(300),
+        ..sink::sqlite::SqliteOptions::default()
+    };
+    let edge = TestEdge::launch_sqlite(options, edge::EdgeConfig::default()).await?;
+    let mut connection = RawConnection::open(&edge, &edge.key).await?;
+    ack(connection.round_trip(1, vec![llm_event("before", 1.0, 1.0)]).await?);
+    let mut other_process = edge.connect_sqlite().await?;
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut other_process).await?;
+    let events: Vec<_> = (0..20).map(|i| llm_event("during", f64::from(i) + 1.0, 1.0)).collect();
+    match connection.round_trip(2, events.clone()).await? {
+        Message::Error(error) => {
+            assert_eq!((error.code, error.fatal, error.sequence), (ErrorCode::Unavailable, false, Some(2)));
+            assert!(error.code.is_retryable());
+        }
+        other => panic!("a failed commit must not be acked: {other:?}"),
+    }
+    assert_eq!(edge.stored_count(edge.tenant.id).await?, 1, "nothing of the failed batch is stored");
+    sqlx::query("ROLLBACK").execute(&mut other_process).await?;
+    other_process.close().await?;
+    let answer = ack(connection.round_trip(3, events).await?);
+    assert_eq!((answer.stored, answer.duplicate), (20, 0));
+    assert_eq!(edge.stored_count(edge.tenant.id).await?, 21);
+    edge.assert_rollups_match_raw().await?;
     Ok(())
 }

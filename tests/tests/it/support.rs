@@ -1,5 +1,6 @@
-//! What the integration tests share: an edge on a fresh database, a raw protocol connection,
-//! HTTP requests without a socket, and queries that check what was stored.
+//! What the integration tests share: an edge on a fresh database of either backend, a raw
+//! protocol connection, HTTP requests without a socket, and checks of what was stored (backend
+//! neutral ones in `inspect.rs`, PostgreSQL SQL ones here).
 
 use std::sync::Arc;
 
@@ -8,21 +9,61 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use futures_util::{SinkExt, StreamExt};
 use sink::pg::{PgOptions, PgStore};
+use sink::sqlite::{SqliteOptions, SqliteStore};
 use sink::{NewApiKey, Scope, Store};
 use sqlx::PgConnection;
-use tests::TestDb;
+use tests::{TestDb, TestSqlite};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 use tower::ServiceExt;
 use wire::{AckMode, EventBatch, Hello, Message, Welcome, WireCodec};
 
-/// The operator key of edges started with [`TestEdge::start_with_admin`].
+/// The operator key of edges started with [`TestEdge::with_admin`].
 pub const OPERATOR_KEY: &str = "operator-key-for-tests-0123456789abcdef";
+
+/// The storage backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A fresh database on the shared PostgreSQL server.
+    Postgres,
+    /// A fresh SQLite file in a temporary directory.
+    Sqlite,
+}
+
+/// Defines each `async fn name(backend: Backend) -> Result<()>` as two tests, `name::postgres`
+/// and `name::sqlite`, so one body checks both backends.
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn postgres() -> anyhow::Result<()> {
+                super::$name(crate::support::Backend::Postgres).await
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn sqlite() -> anyhow::Result<()> {
+                super::$name(crate::support::Backend::Sqlite).await
+            }
+        }
+    )+};
+}
+pub(crate) use both_backends;
+
+/// A test's database: its URL (`postgres://...` or `sqlite://<path>`) and what keeps it alive.
+pub struct TestDatabase {
+    pub url: String,
+    pub(crate) location: Location,
+}
+
+pub(crate) enum Location {
+    Postgres(TestDb),
+    Sqlite(TestSqlite),
+}
 
 /// An edge listening on loopback ports over a fresh, migrated database.
 pub struct TestEdge {
-    pub db: TestDb,
-    pub store: Arc<PgStore>,
+    pub db: TestDatabase,
+    pub store: Arc<dyn Store>,
     pub edge: edge::RunningEdge,
     pub tenant: sink::Tenant,
     pub key: String,
@@ -31,28 +72,59 @@ pub struct TestEdge {
 impl TestEdge {
     /// On the shared PostgreSQL server.
     pub async fn start() -> Result<TestEdge> {
-        Self::start_on(tests::postgres().await, edge::EdgeConfig::default()).await
+        Self::on(Backend::Postgres).await
     }
 
-    /// With an operator key and an admin key for tenant "acme" (returned).
-    pub async fn start_with_admin() -> Result<(TestEdge, String)> {
+    /// On a fresh database of `backend`.
+    pub async fn on(backend: Backend) -> Result<TestEdge> {
+        Self::launch(backend, edge::EdgeConfig::default()).await
+    }
+
+    /// On `backend`, with an operator key and an admin key for tenant "acme" (returned).
+    pub async fn with_admin(backend: Backend) -> Result<(TestEdge, String)> {
         let config =
             edge::EdgeConfig { operator_key: Some(OPERATOR_KEY.into()), ..edge::EdgeConfig::default() };
-        let edge = Self::start_on(tests::postgres().await, config).await?;
+        let edge = Self::launch(backend, config).await?;
         let admin = create_key(&edge.store, &edge.tenant, vec![Scope::Admin]).await?;
         Ok((edge, admin))
     }
 
-    pub async fn start_on(server: &tests::PgServer, mut config: edge::EdgeConfig) -> Result<TestEdge> {
+    /// On a fresh database of `backend` (PostgreSQL: on the shared server).
+    pub async fn launch(backend: Backend, config: edge::EdgeConfig) -> Result<TestEdge> {
+        match backend {
+            Backend::Postgres => Self::start_on(tests::postgres().await, config).await,
+            Backend::Sqlite => Self::launch_sqlite(SqliteOptions::default(), config).await,
+        }
+    }
+
+    /// On a fresh SQLite file opened with `options`.
+    pub async fn launch_sqlite(options: SqliteOptions, config: edge::EdgeConfig) -> Result<TestEdge> {
+        let file = tests::fresh_sqlite()?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(file.path(), &options).await?);
+        let db = TestDatabase { url: file.url(), location: Location::Sqlite(file) };
+        Self::serve(db, store, config).await
+    }
+
+    /// On a fresh database of a given PostgreSQL server.
+    pub async fn start_on(server: &tests::PgServer, config: edge::EdgeConfig) -> Result<TestEdge> {
         let db = server.fresh_database().await?;
-        let store = Arc::new(PgStore::connect_lazy(&db.url, &PgOptions::default())?);
+        let store = PgStore::connect_lazy(&db.url, &PgOptions::default())?;
         store.migrate().await?;
+        let db = TestDatabase { url: db.url.clone(), location: Location::Postgres(db) };
+        Self::serve(db, Arc::new(store), config).await
+    }
+
+    async fn serve(
+        db: TestDatabase,
+        store: Arc<dyn Store>,
+        mut config: edge::EdgeConfig,
+    ) -> Result<TestEdge> {
         config.wire_addr = "127.0.0.1:0".parse()?;
         config.http_addr = "127.0.0.1:0".parse()?;
         store.maintain(&config.retention_with_window()).await?;
         let tenant = store.create_tenant("acme").await?;
         let key = create_key(&store, &tenant, vec![Scope::Ingest, Scope::Query]).await?;
-        let edge = edge::start(config, store.clone() as Arc<dyn Store>).await?;
+        let edge = edge::start(config, store.clone()).await?;
         Ok(TestEdge { db, store, edge, tenant, key })
     }
 
@@ -63,8 +135,23 @@ impl TestEdge {
         Ok((tenant, key))
     }
 
+    /// A connection to the PostgreSQL database; an error on SQLite (use the checks in
+    /// `inspect.rs`, which work on both).
     pub async fn connect_db(&self) -> Result<PgConnection> {
-        self.db.connect().await
+        match &self.db.location {
+            Location::Postgres(db) => db.connect().await,
+            Location::Sqlite(_) => bail!("connect_db is for PostgreSQL; this edge runs on SQLite"),
+        }
+    }
+
+    /// A connection of its own to the SQLite database, as another process would open it; an
+    /// error on PostgreSQL.
+    pub async fn connect_sqlite(&self) -> Result<sqlx::SqliteConnection> {
+        use sqlx::Connection;
+        match &self.db.location {
+            Location::Sqlite(file) => Ok(sqlx::SqliteConnection::connect(&file.url()).await?),
+            Location::Postgres(_) => bail!("connect_sqlite is for SQLite; this edge runs on PostgreSQL"),
+        }
     }
 
     /// Sends an HTTP request through the edge's router (no socket).
@@ -93,7 +180,7 @@ impl TestEdge {
     }
 }
 
-pub async fn create_key(store: &PgStore, tenant: &sink::Tenant, scopes: Vec<Scope>) -> Result<String> {
+pub async fn create_key(store: &Arc<dyn Store>, tenant: &sink::Tenant, scopes: Vec<Scope>) -> Result<String> {
     let key = edge::auth::generate_api_key();
     let new_key = NewApiKey {
         tenant_id: tenant.id,
@@ -123,7 +210,15 @@ impl RawConnection {
 
     /// The connection, or the message the server refused the handshake with.
     pub async fn try_open(edge: &TestEdge, key: &str) -> Result<std::result::Result<RawConnection, Message>> {
-        let stream = TcpStream::connect(edge.edge.wire_addr).await?;
+        Self::try_open_at(edge.edge.wire_addr, key).await
+    }
+
+    /// The same, to any address.
+    pub async fn try_open_at(
+        addr: std::net::SocketAddr,
+        key: &str,
+    ) -> Result<std::result::Result<RawConnection, Message>> {
+        let stream = TcpStream::connect(addr).await?;
         let mut framed = Framed::new(stream, WireCodec::new());
         let hello = Hello {
             protocol_version: wire::PROTOCOL_VERSION,
@@ -171,7 +266,7 @@ pub fn llm_event(user: &str, input_tokens: f64, output_tokens: f64) -> wire::Eve
         .with_latency_ms(120.5)
 }
 
-/// Rows stored for a tenant.
+/// Rows stored for a tenant (PostgreSQL; `TestEdge::stored_count` works on both backends).
 pub async fn stored_count(conn: &mut PgConnection, tenant: uuid::Uuid) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE tenant_id = $1")
         .bind(tenant)
@@ -180,7 +275,8 @@ pub async fn stored_count(conn: &mut PgConnection, tenant: uuid::Uuid) -> Result
 }
 
 /// Checks that for every rollup key, the rollup row equals sums computed from raw events, and
-/// that no raw event lacks its rollup. Returns the number of rollup rows compared.
+/// that no raw event lacks its rollup, in PostgreSQL's own arithmetic. Returns the number of
+/// rollup rows compared. `TestEdge::assert_rollups_match_raw` does the same on both backends.
 pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
     let mismatches: i64 = sqlx::query_scalar(
         "WITH raw AS (
