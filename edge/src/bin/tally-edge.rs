@@ -114,12 +114,39 @@ struct ServeArgs {
     /// Operator key (at least 32 characters): manages all tenants through /api/v1/admin/tenants.
     #[arg(long, env = "TALLY_OPERATOR_KEY", hide_env_values = true)]
     operator_key: Option<String>,
+    /// Redis URL of the overflow that takes batches while PostgreSQL is slow or down.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Redis Cluster seed nodes of the overflow, comma-separated (instead of --redis-url).
+    #[arg(long, env = "TALLY_REDIS_CLUSTER", value_delimiter = ',', hide_env_values = true)]
+    redis_cluster: Vec<String>,
+    /// Acknowledge durable events once the overflow holds them; only with Redis AOF on (checked).
+    #[arg(long, env = "TALLY_OVERFLOW_DURABLE")]
+    overflow_durable: bool,
+    /// Bytes the overflow may hold over all its streams.
+    #[arg(long, env = "TALLY_OVERFLOW_BYTES_MAX", default_value_t = 1 << 30)]
+    overflow_bytes_max: u64,
     /// Seconds a graceful shutdown may take.
     #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     shutdown_timeout_secs: u64,
 }
 
 impl ServeArgs {
+    fn overflow(&self) -> Option<sink::overflow::OverflowConfig> {
+        let (urls, cluster) = match (&self.redis_url, self.redis_cluster.is_empty()) {
+            (_, false) => (self.redis_cluster.clone(), true),
+            (Some(url), true) if !url.is_empty() => (vec![url.clone()], false),
+            _ => return None,
+        };
+        Some(sink::overflow::OverflowConfig {
+            urls,
+            cluster,
+            durable: self.overflow_durable,
+            bytes_max: self.overflow_bytes_max,
+            ..sink::overflow::OverflowConfig::default()
+        })
+    }
+
     fn config(&self) -> EdgeConfig {
         let defaults = EdgeConfig::default();
         EdgeConfig {
@@ -141,6 +168,7 @@ impl ServeArgs {
             },
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             operator_key: self.operator_key.clone(),
+            overflow: self.overflow(),
             ..defaults
         }
     }
