@@ -23,7 +23,7 @@ pub struct BatchLimits {
     pub events_max: usize,
     /// Approximate in-memory bytes of one batch.
     pub bytes_max: usize,
-    /// Age of the oldest submission in a batch at which it is committed regardless.
+    /// How long a worker may keep adding queued submissions to one batch before committing it.
     pub age_max: Duration,
     /// How long a batch holding `accepted` submissions (whose callers have their ack already)
     /// is retried while storage is unavailable before its events are given up and counted lost.
@@ -82,14 +82,17 @@ impl Worker {
     /// Pops submissions until the queue is empty or a batch limit is reached.
     fn collect(&self, submissions: &mut Vec<Submission>) {
         let (mut events, mut bytes) = (0usize, 0usize);
+        // The age limit counts from the moment this batch took its first submission: measured from
+        // enqueue time, every batch of a backlogged queue would be one submission long, exactly
+        // when big batches matter most.
+        let started = Instant::now();
         while let Some(submission) = self.queue.pop(self.shard) {
             events += submission.rows.len();
             bytes += submission.rows.iter().map(EventRow::approximate_bytes).sum::<usize>();
             submissions.push(submission);
-            let oldest_age = submissions[0].enqueued_at.elapsed();
             if events >= self.limits.events_max
                 || bytes >= self.limits.bytes_max
-                || oldest_age >= self.limits.age_max
+                || started.elapsed() >= self.limits.age_max
             {
                 break;
             }
