@@ -83,6 +83,9 @@ pub enum BackendError {
     /// Anything else: a bug, a schema problem, a tenant with an unknown time zone.
     #[error("storage error: {0}")]
     Internal(String),
+    /// The backend cannot answer this question (the embedded one and time zones other than UTC).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// An API key and its tenant, as stored.

@@ -65,6 +65,7 @@ impl From<BackendError> for ApiError {
         match error {
             BackendError::Unavailable(detail) => ApiError::Unavailable(detail),
             BackendError::Internal(detail) => ApiError::Internal(detail),
+            BackendError::Unsupported(detail) => ApiError::InvalidParameter(format!("time_zone: {detail}")),
         }
     }
 }

@@ -156,7 +156,7 @@ fn require_utc(time_zone: &str) -> Result<(), BackendError> {
     if time_zone == UTC {
         Ok(())
     } else {
-        Err(BackendError::Internal(format!("{UTC_ONLY}, not {time_zone:?}")))
+        Err(BackendError::Unsupported(format!("{UTC_ONLY}, not {time_zone:?}")))
     }
 }
 
