@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use pricing::{PriceBook, PriceRule, PriceRuleSpec, RuleSource};
+use pricing::{PriceBook, PriceRule};
 use rust_decimal::Decimal;
 use sink::{Store, StoreError, StoredPriceRule, TenantSettings};
 use uuid::Uuid;
@@ -178,27 +178,19 @@ impl Tenants {
 }
 
 /// The tenant's price book: the catalog, then the tenant's own rules (which win at equal
-/// specificity). Rules retired before they started are left out.
+/// specificity); see [`pricing::tenant_price_book`], which the query service's billing summary
+/// uses too. Rules retired before they started are left out.
 pub fn price_book(catalog: &[PriceRule], stored: &[StoredPriceRule]) -> Result<PriceBook, StoreError> {
-    let mut rules = catalog.to_vec();
-    for rule in stored {
-        if rule.retired && rule.effective_until_us.is_none() {
-            continue;
-        }
-        rules.push(tenant_rule(rule)?);
-    }
-    PriceBook::new(rules)
+    pricing::tenant_price_book(catalog, stored.iter().map(as_stored_rule))
         .map_err(|error| StoreError::Internal(format!("stored price rules are inconsistent: {error}")))
 }
 
-/// A stored rule as the pricing crate's rule; the stored bounds win over the definition's.
-pub fn tenant_rule(stored: &StoredPriceRule) -> Result<PriceRule, StoreError> {
-    let spec: PriceRuleSpec = serde_json::from_value(stored.definition.clone())
-        .map_err(|error| StoreError::Internal(format!("price rule {} is unreadable: {error}", stored.id)))?;
-    let mut rule = spec
-        .into_rule(stored.id, RuleSource::Tenant, stored.effective_from_us)
-        .map_err(|error| StoreError::Internal(format!("price rule {} is invalid: {error}", stored.id)))?;
-    rule.effective_from_us = stored.effective_from_us;
-    rule.effective_until_us = stored.effective_until_us;
-    Ok(rule)
+fn as_stored_rule(stored: &StoredPriceRule) -> pricing::StoredRule<'_> {
+    pricing::StoredRule {
+        id: stored.id,
+        definition: &stored.definition,
+        effective_from_us: stored.effective_from_us,
+        effective_until_us: stored.effective_until_us,
+        retired: stored.retired,
+    }
 }

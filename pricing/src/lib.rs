@@ -80,6 +80,7 @@ pub mod catalog;
 mod error;
 mod method;
 mod rule;
+mod stored;
 mod unit;
 
 pub use bill::{Bill, BillingLine, RuledUsage};
@@ -89,6 +90,7 @@ pub use error::{PricingError, RuleError};
 pub use method::{Method, Tier, apply_minimum, period_charge};
 pub use rule::{PriceRule, PriceRuleSpec, RuleSource};
 pub use rust_decimal::Decimal;
+pub use stored::{StoredRule, StoredRuleError, tenant_price_book};
 pub use unit::{EVENTS_UNIT, Unit, UnitRef};
 
 /// Decimal places of a per-event cost part and of a period charge (banker's rounding).

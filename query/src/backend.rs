@@ -72,6 +72,34 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
         &'a self,
         query: &'a AggregateQuery,
     ) -> BoxFuture<'a, Result<Vec<CustomQuantityRow>, BackendError>>;
+
+    /// A tenant's price rules as stored, retired versions included (the billing summary builds
+    /// the tenant's price book from them exactly as the edge does).
+    fn price_rules(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<PriceRuleRecord>, BackendError>>;
+}
+
+/// A row of `price_rules`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PriceRuleRecord {
+    pub id: Uuid,
+    /// `pricing::PriceRuleSpec` JSON, as the admin API accepted it.
+    pub definition: serde_json::Value,
+    pub effective_from_us: i64,
+    pub effective_until_us: Option<i64>,
+    pub retired: bool,
+}
+
+impl PriceRuleRecord {
+    /// The record as the pricing crate reads stored rules.
+    pub fn as_stored(&self) -> pricing::StoredRule<'_> {
+        pricing::StoredRule {
+            id: self.id,
+            definition: &self.definition,
+            effective_from_us: self.effective_from_us,
+            effective_until_us: self.effective_until_us,
+            retired: self.retired,
+        }
+    }
 }
 
 /// A storage failure.

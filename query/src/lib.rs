@@ -22,6 +22,8 @@
 //! - Money (`total_cost`) is an exact decimal written as a JSON string; quantities are exact
 //!   decimals written as JSON numbers. Events without a price are never counted as $0: they are
 //!   reported as `unpriced_event_count` (and `total_cost: null` on a listed event).
+//! - Bills ([`api::billing`]): per-event costs exactly as stored, graduated and volume charges and
+//!   minimums on the month's total units per rule, from the rollups and the tenant's price book.
 //!
 //! # Freshness
 //! An aggregate answer may be served from the cache for `cache_ttl` (default 15 s) after it was

@@ -365,6 +365,16 @@ pub struct CostsParams {
     pub model: Option<String>,
 }
 
+/// `GET /api/v1/billing/summary`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct BillingSummaryParams {
+    pub tenant_id: Option<String>,
+    /// `YYYY-MM` in the tenant's time zone; default: the current month.
+    pub month: Option<String>,
+}
+
 /// `GET /api/v1/analytics/trends`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]

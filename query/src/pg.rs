@@ -18,10 +18,12 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use time::{OffsetDateTime, PrimitiveDateTime};
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use crate::backend::{
     AggregateQuery, AggregateRow, Backend, BackendError, BoxFuture, CustomQuantityRow, EventRecord,
-    EventStatus, GroupKey, KeyRecord, LATENCY_BUCKETS, ListQuery, QUANTITY_NAMES, Scope, Stats,
+    EventStatus, GroupKey, KeyRecord, LATENCY_BUCKETS, ListQuery, PriceRuleRecord, QUANTITY_NAMES, Scope,
+    Stats,
 };
 use crate::params::{Dimension, Metric, Period};
 
@@ -159,6 +161,33 @@ impl Backend for PgBackend {
             })
             .transpose()
             .map_err(classify)
+        })
+    }
+
+    fn price_rules(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<PriceRuleRecord>, BackendError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT id, definition, (EXTRACT(EPOCH FROM effective_from) * 1000000)::bigint AS from_us, \
+                   (EXTRACT(EPOCH FROM effective_until) * 1000000)::bigint AS until_us, \
+                   retired_at IS NOT NULL AS retired \
+                 FROM price_rules WHERE tenant_id = $1 ORDER BY effective_from, id",
+            )
+            .bind(tenant_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+            rows.iter()
+                .map(|row| {
+                    Ok(PriceRuleRecord {
+                        id: row.try_get("id")?,
+                        definition: row.try_get("definition")?,
+                        effective_from_us: row.try_get("from_us")?,
+                        effective_until_us: row.try_get("until_us")?,
+                        retired: row.try_get("retired")?,
+                    })
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(classify)
         })
     }
 

@@ -31,10 +31,12 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
 use time::{Date, OffsetDateTime, PrimitiveDateTime};
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use crate::backend::{
     AggregateQuery, AggregateRow, Backend, BackendError, BoxFuture, CustomQuantityRow, EventRecord,
-    EventStatus, GroupKey, KeyRecord, LATENCY_BUCKETS, ListQuery, QUANTITY_NAMES, Scope, Stats,
+    EventStatus, GroupKey, KeyRecord, LATENCY_BUCKETS, ListQuery, PriceRuleRecord, QUANTITY_NAMES, Scope,
+    Stats,
 };
 use crate::params::{Dimension, Metric, Period};
 
@@ -269,6 +271,32 @@ impl Backend for SqliteBackend {
                 expires_at_us: row.try_get(6).map_err(classify)?,
                 revoked: row.try_get(7).map_err(classify)?,
             }))
+        })
+    }
+
+    fn price_rules(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<PriceRuleRecord>, BackendError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT id, definition, effective_from, effective_until, retired_at IS NOT NULL \
+                 FROM price_rules WHERE tenant_id = ?1 ORDER BY effective_from, id",
+            )
+            .bind(tenant_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+            rows.iter()
+                .map(|row| {
+                    let definition: String = row.try_get(1).map_err(classify)?;
+                    Ok(PriceRuleRecord {
+                        id: row.try_get(0).map_err(classify)?,
+                        definition: serde_json::from_str(&definition)
+                            .map_err(|_| corrupt("price_rules.definition", &definition))?,
+                        effective_from_us: row.try_get(2).map_err(classify)?,
+                        effective_until_us: row.try_get(3).map_err(classify)?,
+                        retired: row.try_get(4).map_err(classify)?,
+                    })
+                })
+                .collect()
         })
     }
 

@@ -2,10 +2,11 @@
 //! authentication, the time range, the response cache).
 //!
 //! Areas: [`usage`] (the older `/api/v1/usage*` endpoints), [`listing`] (the raw event listing
-//! and its JSON/CSV streaming), [`analytics`] (`/api/v1/analytics/*`). A billing area
-//! (`/api/v1/billing/*`) belongs next to them once the pricing model exists.
+//! and its JSON/CSV streaming), [`analytics`] (`/api/v1/analytics/*`), [`billing`]
+//! (`/api/v1/billing/summary`).
 
 pub mod analytics;
+pub mod billing;
 pub mod listing;
 pub mod schema;
 pub mod usage;
@@ -48,6 +49,7 @@ pub fn router(state: Arc<QueryState>) -> Router {
         .route("/api/v1/analytics/breakdown", get(analytics::breakdown))
         .route("/api/v1/analytics/compare", get(analytics::compare))
         .route("/api/v1/analytics/errors", get(analytics::errors))
+        .route("/api/v1/billing/summary", get(billing::summary))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
@@ -81,6 +83,7 @@ pub fn usage_routes(state: Arc<QueryState>) -> Router {
         analytics::breakdown,
         analytics::compare,
         analytics::errors,
+        billing::summary,
         health,
         ready,
     ),

@@ -447,3 +447,120 @@ pub fn change(previous: &Totals, current: &Totals, previous_stats: &Stats, curre
         },
     }
 }
+
+/// `GET /api/v1/billing/summary`: a month's bill.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BillingSummaryBody {
+    pub tenant_id: String,
+    /// `YYYY-MM`, in the tenant's time zone.
+    pub month: String,
+    pub time_zone: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub period_start: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub period_end: OffsetDateTime,
+    /// When the summary was computed; it covers events stored until then.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub as_of: OffsetDateTime,
+    /// True once the month has ended.
+    pub complete: bool,
+    pub event_count: i64,
+    /// Events no price rule matched: stored with no cost, never counted as 0.
+    pub unpriced_event_count: i64,
+    /// Per-event (per-unit and package) charges, exactly the costs stored on the events.
+    #[schema(value_type = String)]
+    pub usage_cost: String,
+    /// Graduated and volume charges on the month's total units.
+    #[schema(value_type = String)]
+    pub tiered_charges: String,
+    /// What minimum charges add to rules that charged less.
+    #[schema(value_type = String)]
+    pub minimum_top_ups: String,
+    /// `usage_cost + tiered_charges + minimum_top_ups`.
+    #[schema(value_type = String)]
+    pub total_cost: String,
+    /// Per service type, provider and model, costliest first.
+    pub by_service: Vec<BillingServiceLine>,
+    /// Tiered charges and top-ups of rules that priced more than one service/provider/model
+    /// group (a rule with no model, say), which no single group owns.
+    #[schema(value_type = String)]
+    pub shared_period_charges: String,
+    /// One line per price rule that priced usage this month.
+    pub rules: Vec<BillingRuleLine>,
+    /// Stored per-event cost of events whose rule is no longer in the book (deleted before it
+    /// ended); part of `usage_cost`.
+    #[schema(value_type = String)]
+    pub unattributed_cost: String,
+    /// Where the month ends if usage goes on at the month's rate so far; `null` once complete.
+    pub projection: Option<BillingProjection>,
+}
+
+/// One service type, provider and model in a bill.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BillingServiceLine {
+    pub service_type: String,
+    pub service_provider: String,
+    /// `""`: events without a model.
+    pub model: String,
+    pub event_count: i64,
+    pub unpriced_event_count: i64,
+    #[schema(value_type = String)]
+    pub usage_cost: String,
+    /// Tiered charges and minimum top-ups of rules that priced only this group.
+    #[schema(value_type = String)]
+    pub period_charges: String,
+    #[schema(value_type = String)]
+    pub total_cost: String,
+}
+
+/// One price rule in a bill.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BillingRuleLine {
+    pub rule_id: String,
+    /// `tenant` or `catalog`.
+    pub source: String,
+    pub service_type: String,
+    pub service_provider: Option<String>,
+    pub model: Option<String>,
+    pub event_type: Option<String>,
+    pub unit: String,
+    /// `per_unit`, `package`, `graduated` or `volume`.
+    pub method: String,
+    /// The month's units the rule priced.
+    #[schema(value_type = f64)]
+    pub units: Quantity,
+    /// Per-event charges stored on the events (per-unit and package rules).
+    #[schema(value_type = String)]
+    pub usage_cost: String,
+    /// The graduated or volume charge on `units` (0 for per-event rules).
+    #[schema(value_type = String)]
+    pub tiered_charge: String,
+    #[schema(value_type = Option<String>)]
+    pub minimum_charge: Option<String>,
+    #[schema(value_type = String)]
+    pub minimum_top_up: String,
+    #[schema(value_type = String)]
+    pub total_cost: String,
+}
+
+/// A linear projection to the end of the month.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BillingProjection {
+    /// `linear`: every unit and per-event cost scaled by the month's length over its elapsed part,
+    /// then tiers and minimums applied to the projected totals.
+    pub method: String,
+    /// Elapsed part of the month, 0 to 1.
+    pub elapsed_fraction: f64,
+    pub event_count: i64,
+    #[schema(value_type = String)]
+    pub usage_cost: String,
+    #[schema(value_type = String)]
+    pub tiered_charges: String,
+    #[schema(value_type = String)]
+    pub minimum_top_ups: String,
+    #[schema(value_type = String)]
+    pub total_cost: String,
+}

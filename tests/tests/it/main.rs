@@ -1,6 +1,7 @@
 //! Tally's integration tests: one binary, with real PostgreSQL and Redis from the `tests` harness,
 //! and most of them run on the embedded SQLite backend too (`support::both_backends!`).
 
+mod billing;
 mod control;
 mod faults;
 mod harness_smoke;

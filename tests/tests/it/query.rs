@@ -694,6 +694,7 @@ const DATA_PATHS: &[&str] = &[
     "/api/v1/analytics/breakdown",
     "/api/v1/analytics/compare",
     "/api/v1/analytics/errors",
+    "/api/v1/billing/summary",
 ];
 
 #[tokio::test(flavor = "multi_thread")]
@@ -815,6 +816,9 @@ async fn bad_parameters_are_refused_by_name() -> Result<()> {
         let (status, body, _) = fixture.get(Some(&fixture.edge.key), &format!("{path}?bogus=1")).await?;
         ensure!(status == StatusCode::BAD_REQUEST && body["error"] == "invalid_parameter", "{path}: {body}");
         ensure!(body["detail"].as_str().unwrap_or("").contains("bogus"), "{path}: names the field: {body}");
+        if path.starts_with("/api/v1/billing") {
+            continue; // A bill covers one month, named by `month`.
+        }
         let too_long = format!("{path}?start_date=2020-01-01T00:00:00Z&end_date=2021-06-01T00:00:00Z");
         let (status, body, _) = fixture.get(Some(&fixture.edge.key), &too_long).await?;
         ensure!(
@@ -841,6 +845,7 @@ async fn bad_parameters_are_refused_by_name() -> Result<()> {
         ("/api/v1/analytics/top-users?by=error_rate", "by"),
         ("/api/v1/analytics/breakdown?group_by=model,user_id,event_type", "group_by"),
         ("/api/v1/analytics/compare?group_by=model,user_id", "group_by"),
+        ("/api/v1/billing/summary?month=2026-13", "month"),
     ] {
         let (status, body, _) = fixture.get(Some(&fixture.edge.key), path).await?;
         ensure!(
