@@ -10,7 +10,9 @@
 //! - [`cache`]: finished answers, in process and optionally in Redis.
 //!
 //! # Numbers
-//! - Aggregates read `usage_rollup_hourly`; only the listing reads `usage_events` in bulk.
+//! - Aggregates read the hourly rollups: on PostgreSQL `usage_rollup_service_hourly` (no user)
+//!   unless the question needs users, else `usage_rollup_hourly`; only the listing reads
+//!   `usage_events` in bulk.
 //!   Hours that a range edge or a period boundary cuts are read from raw events, so every sum
 //!   is exact, also for time zones with non-whole-hour offsets (see [`pg`]).
 //! - Days, weeks (Monday to Sunday) and months are bounded in the tenant's `tenants.time_zone`,

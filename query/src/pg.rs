@@ -398,7 +398,7 @@ const RAW_BUCKET_SQL: &str = "CASE WHEN e.latency_us IS NULL THEN NULL WHEN e.la
 /// hours), in one shape. Parameters: `$1` tenant, `$2`/`$3` range,
 /// `$4`/`$5` whole hours, `$6` time zone, `$7`..`$11` filters, `$12` custom metric name,
 /// `$13` limit, `$14` straddled hours.
-fn source_sql(histogram: bool, straddled: bool) -> String {
+fn source_sql(histogram: bool, straddled: bool, users: bool) -> String {
     let quantities = QUANTITY_NAMES.join(", ");
     let raw_quantities: Vec<String> =
         QUANTITY_NAMES.iter().map(|name| format!("coalesce(e.{name}, 0) AS {name}")).collect();
@@ -432,12 +432,13 @@ fn source_sql(histogram: bool, straddled: bool) -> String {
     let _ = write!(
         sql,
         "src AS ( \
-           SELECT r.hour AS at, service_type, service_provider, model, user_id, event_type, event_count, error_count, \
-             {quantities}, custom_quantities, cost, unpriced_count, latency_count, latency_sum_us, latency_max_us{rollup_buckets} \
-           FROM usage_rollup_hourly r \
+           SELECT r.hour AS at, service_type, service_provider, model, {rollup_user} AS user_id, event_type, event_count, \
+             error_count, {quantities}, custom_quantities, cost, unpriced_count, latency_count, latency_sum_us, \
+             latency_max_us{rollup_buckets} \
+           FROM {rollup_table} r \
            WHERE r.tenant_id = $1 AND r.hour >= $4::timestamptz AND r.hour < $5::timestamptz{straddle_filter} \
              AND ($7::text IS NULL OR r.service_type = $7::text) AND ($8::text IS NULL OR r.service_provider = $8::text) \
-             AND ($9::text IS NULL OR r.user_id = $9::text) AND ($10::text IS NULL OR r.model = $10::text) \
+             AND ($9::text IS NULL OR {rollup_user} = $9::text) AND ($10::text IS NULL OR r.model = $10::text) \
              AND ($11::text IS NULL OR r.event_type = $11::text) \
            UNION ALL {raw_select} FROM usage_events e {raw_bucket} \
            WHERE e.tenant_id = $1 AND e.occurred_at >= $2::timestamptz AND e.occurred_at < $4::timestamptz AND {raw_filter} \
@@ -455,8 +456,20 @@ fn source_sql(histogram: bool, straddled: bool) -> String {
             String::new()
         },
         straddle_filter = if straddled { " AND NOT (r.hour = ANY ($14::timestamptz[]))" } else { "" },
+        rollup_table = if users { "usage_rollup_hourly" } else { "usage_rollup_service_hourly" },
+        rollup_user = if users { "r.user_id" } else { "''::text" },
     );
     sql
+}
+
+/// Whether a query needs the per-user rollups: it groups by, filters on, counts or ranks users.
+/// Every other aggregate reads `usage_rollup_service_hourly`, the same sums without the user,
+/// which has one row per user fewer for every hour and service.
+fn needs_users(query: &AggregateQuery) -> bool {
+    query.filter.user_id.is_some()
+        || query.measures.unique_users
+        || query.grouping_sets.iter().flatten().any(|dimension| *dimension == Dimension::UserId)
+        || matches!(query.top, Some((Metric::UniqueUsers, _)))
 }
 
 /// Which dimensions a statement groups on, and how rows map back to grouping sets.
@@ -547,7 +560,7 @@ fn metric_column(metric: &Metric) -> String {
 
 fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
     let measures = &query.measures;
-    let mut sql = source_sql(measures.latency_histogram, straddled);
+    let mut sql = source_sql(measures.latency_histogram, straddled, needs_users(query));
     sql.push_str("SELECT g.*");
     if let (Some(period), true) = (query.period, plan.dimensions.contains(&Dimension::Period)) {
         let _ = write!(sql, ", {} AS period_end", period_end_sql(period, "g.period_start"));
@@ -600,7 +613,7 @@ fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -
 }
 
 fn custom_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
-    let mut sql = source_sql(false, straddled);
+    let mut sql = source_sql(false, straddled, needs_users(query));
     sql.push_str("SELECT ");
     sql.push_str(&dimension_columns_sql(query, plan));
     if let (Some(period), true) = (query.period, plan.dimensions.contains(&Dimension::Period)) {

@@ -152,6 +152,24 @@ pub fn aggregate<'a>(rows: impl IntoIterator<Item = &'a EventRow>) -> BTreeMap<R
     deltas
 }
 
+/// The same sums without the user: per-user deltas merged by every other key field, with
+/// `user_id` empty. In key order, like any rollup write.
+pub fn without_users<'a>(
+    deltas: &BTreeMap<RollupKey<'a>, RollupDelta>,
+) -> BTreeMap<RollupKey<'a>, RollupDelta> {
+    let mut services: BTreeMap<RollupKey<'a>, RollupDelta> = BTreeMap::new();
+    for (key, delta) in deltas {
+        let key = RollupKey { user_id: "", ..key.clone() };
+        match services.get_mut(&key) {
+            Some(sum) => sum.merge(delta),
+            None => {
+                services.insert(key, delta.clone());
+            }
+        }
+    }
+    services
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +241,27 @@ mod tests {
         assert_eq!(merged.quantities[0].to_string(), "0.6");
         assert_eq!(merged.custom_quantities["images"].to_string(), "0.6");
         assert_eq!(merged.latency_max_us, 900_000);
+    }
+
+    #[test]
+    fn without_users_sums_over_users() {
+        let tenant = Uuid::from_u128(7);
+        let event = |user: &str, model: &str| {
+            wire::Event::new(user, "llm_service", "openai", "completion")
+                .at(1_700_000_000_000_000)
+                .with_model(model)
+                .with_quantity(wire::QuantityKind::InputTokens, 10.0)
+        };
+        let rows = vec![
+            EventRow::new(tenant, event("u1", "a"), Some(Decimal::ONE)),
+            EventRow::new(tenant, event("u2", "a"), None),
+            EventRow::new(tenant, event("u2", "b"), Some(Decimal::TWO)),
+        ];
+        let services = without_users(&aggregate(&rows));
+        assert_eq!(services.len(), 2);
+        let (key, a) = services.iter().next().expect("model a");
+        assert_eq!((key.user_id, key.model), ("", "a"));
+        assert_eq!((a.event_count, a.cost, a.unpriced_count), (2, Decimal::ONE, 1));
+        assert_eq!(a.quantities[0], Decimal::from(20));
     }
 }

@@ -284,7 +284,8 @@ impl PgStore {
 
     pub(super) async fn month_usage_impl(&self, tenant_id: Uuid) -> Result<(i64, Decimal), StoreError> {
         let (events, cost): (Option<i64>, Option<Decimal>) = sqlx::query_as(
-            "SELECT sum(r.event_count)::bigint, sum(r.cost) FROM usage_rollup_hourly r JOIN tenants t ON t.id = r.tenant_id
+            "SELECT sum(r.event_count)::bigint, sum(r.cost) FROM usage_rollup_service_hourly r
+             JOIN tenants t ON t.id = r.tenant_id
              WHERE r.tenant_id = $1 AND r.hour >= date_trunc('month', now(), t.time_zone)",
         )
         .bind(tenant_id)

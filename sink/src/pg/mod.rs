@@ -44,6 +44,7 @@ pub struct PgStore {
     copy_events: String,
     copy_staging: String,
     upsert_rollups: std::sync::Arc<str>,
+    upsert_service_rollups: std::sync::Arc<str>,
 }
 
 impl PgStore {
@@ -61,7 +62,8 @@ impl PgStore {
             pool,
             copy_events: format!("COPY usage_events ({columns}) FROM STDIN (FORMAT binary)"),
             copy_staging: format!("COPY events_staging ({columns}) FROM STDIN (FORMAT binary)"),
-            upsert_rollups: upsert_rollups_sql().into(),
+            upsert_rollups: upsert_rollups_sql(RollupTable::PerUser).into(),
+            upsert_service_rollups: upsert_rollups_sql(RollupTable::PerService).into(),
         })
     }
 
@@ -136,6 +138,7 @@ impl PgStore {
         Ok(outcomes)
     }
 
+    /// Grows both rollup tables by the deltas: per user, then the same sums without the user.
     async fn upsert(
         &self,
         conn: &mut PgConnection,
@@ -144,8 +147,19 @@ impl PgStore {
         if deltas.is_empty() {
             return Ok(());
         }
-        let columns = RollupColumns::from_deltas(&deltas);
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(self.upsert_rollups.clone()))
+        let services = rollup::without_users(&deltas);
+        self.upsert_into(conn, &self.upsert_rollups, &deltas).await?;
+        self.upsert_into(conn, &self.upsert_service_rollups, &services).await
+    }
+
+    async fn upsert_into(
+        &self,
+        conn: &mut PgConnection,
+        statement: &std::sync::Arc<str>,
+        deltas: &std::collections::BTreeMap<RollupKey<'_>, RollupDelta>,
+    ) -> Result<(), sqlx::Error> {
+        let columns = RollupColumns::from_deltas(deltas);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
             .bind(columns.tenant_ids)
             .bind(columns.hours_us)
             .bind(columns.service_types)
@@ -238,9 +252,22 @@ impl<'a> RollupColumns<'a> {
     }
 }
 
-/// The rollup upsert. Rows arrive in key order (a `BTreeMap`), so concurrent writers lock rollup
-/// rows in the same order and cannot deadlock on them.
-fn upsert_rollups_sql() -> String {
+/// The two rollup tables: per user, and without the user (`usage_rollup_service_hourly`, which
+/// aggregates that need no user read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RollupTable {
+    PerUser,
+    PerService,
+}
+
+/// The rollup upsert into one table. Rows arrive in key order (a `BTreeMap`), so concurrent
+/// writers lock rollup rows in the same order and cannot deadlock on them. Both statements take
+/// the same parameters; the per-service one ignores the user ids.
+fn upsert_rollups_sql(table: RollupTable) -> String {
+    let (table_name, user) = match table {
+        RollupTable::PerUser => ("usage_rollup_hourly", "user_id, "),
+        RollupTable::PerService => ("usage_rollup_service_hourly", ""),
+    };
     let quantity_names: Vec<&str> = wire::QuantityKind::ALL.iter().map(|kind| kind.as_str()).collect();
     let quantity_params: Vec<String> =
         (0..quantity_names.len()).map(|index| format!("${}::numeric[]", 10 + index)).collect();
@@ -251,10 +278,10 @@ fn upsert_rollups_sql() -> String {
         .map(|i| format!("r.latency_buckets[{i}] + excluded.latency_buckets[{i}]"))
         .collect();
     format!(
-        "INSERT INTO usage_rollup_hourly AS r (tenant_id, hour, service_type, service_provider, model, user_id, \
+        "INSERT INTO {table_name} AS r (tenant_id, hour, service_type, service_provider, model, {user}\
            event_type, event_count, error_count, {quantities}, custom_quantities, cost, unpriced_count, \
            latency_count, latency_sum_us, latency_max_us, latency_buckets) \
-         SELECT tenant_id, to_timestamp(hour_us / 1000000), service_type, service_provider, model, user_id, \
+         SELECT tenant_id, to_timestamp(hour_us / 1000000), service_type, service_provider, model, {user}\
            event_type, event_count, error_count, {quantities}, custom_quantities::jsonb, cost, unpriced_count, \
            latency_count, latency_sum_us, latency_max_us, \
            (${buckets}::bigint[])[(ord - 1) * {n} + 1 : ord * {n}] \
@@ -265,7 +292,7 @@ fn upsert_rollups_sql() -> String {
            error_count, {quantities}, custom_quantities, cost, unpriced_count, latency_count, latency_sum_us, \
            latency_max_us, ord) \
          ORDER BY ord \
-         ON CONFLICT (tenant_id, hour, service_type, service_provider, model, user_id, event_type) DO UPDATE SET \
+         ON CONFLICT (tenant_id, hour, service_type, service_provider, model, {user}event_type) DO UPDATE SET \
            event_count = r.event_count + excluded.event_count, \
            error_count = r.error_count + excluded.error_count, \
            {quantity_updates}, \
@@ -446,13 +473,15 @@ impl Store for PgStore {
             .await
             .map_err(classify)?;
             if let Some(days) = retention.aggregate_retention_days {
-                sqlx::query(
-                    "DELETE FROM usage_rollup_hourly WHERE hour < now() - make_interval(days => $1::int)",
-                )
-                .bind(days as i32)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
+                for table in ["usage_rollup_hourly", "usage_rollup_service_hourly"] {
+                    let statement =
+                        format!("DELETE FROM {table} WHERE hour < now() - make_interval(days => $1::int)");
+                    sqlx::query(sqlx::AssertSqlSafe(statement))
+                        .bind(days as i32)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify)?;
+                }
             }
             tx.commit().await.map_err(classify)?;
             tracing::info!(created, dropped, "partition maintenance done");

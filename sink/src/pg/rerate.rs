@@ -98,30 +98,70 @@ impl Changes {
         .bind(&self.rule_ids)
         .execute(&mut *conn)
         .await?;
-        let mut hours_us = Vec::new();
-        let mut texts: [Vec<String>; 5] = Default::default();
-        let (mut cost_deltas, mut unpriced_deltas) = (Vec::new(), Vec::new());
-        for ((_, hour_us, service_type, provider, model, user_id, event_type), (cost, unpriced)) in
-            self.rollups
+        // The same deltas without the user, for the user-less rollups.
+        let mut services: BTreeMap<RollupKey, (Decimal, i64)> = BTreeMap::new();
+        for ((tenant, hour_us, service_type, provider, model, _, event_type), (cost, unpriced)) in
+            &self.rollups
         {
-            hours_us.push(hour_us);
-            for (column, value) in texts.iter_mut().zip([service_type, provider, model, user_id, event_type])
-            {
-                column.push(value);
-            }
-            cost_deltas.push(cost);
-            unpriced_deltas.push(unpriced);
+            let key = (
+                *tenant,
+                *hour_us,
+                service_type.clone(),
+                provider.clone(),
+                model.clone(),
+                String::new(),
+                event_type.clone(),
+            );
+            let sum = services.entry(key).or_default();
+            sum.0 += cost;
+            sum.1 += unpriced;
         }
-        let [service_types, providers, models, user_ids, event_types] = texts;
-        sqlx::query(
+        move_rollups(conn, tenant_id, self.rollups, true).await?;
+        move_rollups(conn, tenant_id, services, false).await
+    }
+}
+
+/// Moves the cost and unpriced counts of rollup rows by the deltas: per user, or (`per_user`
+/// false, the user ids ignored) in the user-less table.
+async fn move_rollups(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    deltas: BTreeMap<RollupKey, (Decimal, i64)>,
+    per_user: bool,
+) -> Result<(), sqlx::Error> {
+    let mut hours_us = Vec::new();
+    let mut texts: [Vec<String>; 5] = Default::default();
+    let (mut cost_deltas, mut unpriced_deltas) = (Vec::new(), Vec::new());
+    for ((_, hour_us, service_type, provider, model, user_id, event_type), (cost, unpriced)) in deltas {
+        hours_us.push(hour_us);
+        for (column, value) in texts.iter_mut().zip([service_type, provider, model, user_id, event_type]) {
+            column.push(value);
+        }
+        cost_deltas.push(cost);
+        unpriced_deltas.push(unpriced);
+    }
+    let [service_types, providers, models, user_ids, event_types] = texts;
+    let statement = match per_user {
+        true => {
             "UPDATE usage_rollup_hourly r SET cost = r.cost + d.cost, unpriced_count = r.unpriced_count + d.unpriced
              FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::numeric[],
                          $9::bigint[]) AS d(hour_us, service_type, service_provider, model, user_id, event_type,
                                             cost, unpriced)
              WHERE r.tenant_id = $1 AND r.hour = tally_timestamptz(d.hour_us) AND r.service_type = d.service_type
                AND r.service_provider = d.service_provider AND r.model = d.model AND r.user_id = d.user_id
-               AND r.event_type = d.event_type",
-        )
+               AND r.event_type = d.event_type"
+        }
+        false => {
+            "UPDATE usage_rollup_service_hourly r
+             SET cost = r.cost + d.cost, unpriced_count = r.unpriced_count + d.unpriced
+             FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::numeric[],
+                         $9::bigint[]) AS d(hour_us, service_type, service_provider, model, user_id, event_type,
+                                            cost, unpriced)
+             WHERE r.tenant_id = $1 AND r.hour = tally_timestamptz(d.hour_us) AND r.service_type = d.service_type
+               AND r.service_provider = d.service_provider AND r.model = d.model AND r.event_type = d.event_type"
+        }
+    };
+    sqlx::query(statement)
         .bind(tenant_id)
         .bind(hours_us)
         .bind(service_types)
@@ -133,6 +173,5 @@ impl Changes {
         .bind(unpriced_deltas)
         .execute(conn)
         .await?;
-        Ok(())
-    }
+    Ok(())
 }

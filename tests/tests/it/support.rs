@@ -318,5 +318,38 @@ pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
     if bucket_mismatch != 0 {
         bail!("{bucket_mismatch} rollup rows have histograms that do not add up to their latency count");
     }
+    // The user-less rollups equal the per-user rollups (just checked against raw) summed over users.
+    let service_mismatches: i64 = sqlx::query_scalar(
+        "WITH s AS (
+           SELECT tenant_id, hour, service_type, service_provider, model, event_type,
+                  sum(event_count) AS event_count, sum(error_count) AS error_count,
+                  sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+                  sum(cached_input_tokens) AS cached_input_tokens, sum(reasoning_tokens) AS reasoning_tokens,
+                  sum(pages) AS pages, sum(characters) AS characters, sum(requests) AS requests,
+                  sum(bytes) AS bytes, sum(duration_ms) AS duration_ms,
+                  tally_sum_quantities(custom_quantities) AS custom_quantities, sum(cost) AS cost,
+                  sum(unpriced_count) AS unpriced_count, sum(latency_count) AS latency_count,
+                  sum(latency_sum_us) AS latency_sum_us, max(latency_max_us) AS latency_max_us,
+                  tally_sum_buckets(latency_buckets) AS latency_buckets
+           FROM usage_rollup_hourly GROUP BY 1, 2, 3, 4, 5, 6)
+         SELECT count(*) FROM s FULL JOIN usage_rollup_service_hourly r USING
+           (tenant_id, hour, service_type, service_provider, model, event_type)
+         WHERE (s.event_count, s.error_count, s.input_tokens, s.output_tokens, s.cached_input_tokens,
+                s.reasoning_tokens, s.pages, s.characters, s.requests, s.bytes, s.duration_ms, s.cost,
+                s.unpriced_count, s.latency_count, s.latency_sum_us, s.latency_max_us)
+               IS DISTINCT FROM
+               (r.event_count, r.error_count, r.input_tokens, r.output_tokens, r.cached_input_tokens,
+                r.reasoning_tokens, r.pages, r.characters, r.requests, r.bytes, r.duration_ms, r.cost,
+                r.unpriced_count, r.latency_count, r.latency_sum_us, r.latency_max_us)
+            OR s.custom_quantities IS DISTINCT FROM r.custom_quantities
+            OR s.latency_buckets IS DISTINCT FROM r.latency_buckets",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if service_mismatches != 0 {
+        bail!(
+            "{service_mismatches} user-less rollup rows differ from the per-user rollups summed over users"
+        );
+    }
     Ok(sqlx::query_scalar("SELECT count(*) FROM usage_rollup_hourly").fetch_one(&mut *conn).await?)
 }
