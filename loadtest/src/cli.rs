@@ -12,7 +12,7 @@ use crate::load::Mode;
 ///
 /// Without a subcommand: drive an edge (`--spawn` one, or a running one) open-loop at `--rate`
 /// events/s, or as fast as it acknowledges, for `--duration` and/or `--events`; then verify what
-/// was acknowledged against what PostgreSQL holds.
+/// was acknowledged against what the database holds (PostgreSQL, or SQLite with `--embedded`).
 #[derive(Debug, Parser)]
 #[command(name = "tally-load", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
@@ -26,6 +26,7 @@ pub struct Cli {
 pub enum Command {
     /// Measure the raw binary COPY ceiling and the full ingest path with the same events on the
     /// same (spawned) server, and print their ratio, bytes per event and the CPU split.
+    /// PostgreSQL only: there is no `--embedded` here.
     Ratio(RatioArgs),
 }
 
@@ -58,7 +59,7 @@ pub struct RunArgs {
     pub max_in_flight: usize,
     #[command(flatten)]
     pub events_shape: EventArgs,
-    /// Verify against PostgreSQL after the run (default with --spawn; needs --database-url otherwise).
+    /// Verify against the database after the run (default with --spawn; needs --database-url otherwise).
     #[arg(long)]
     pub verify: bool,
     /// Skip verification.
@@ -78,6 +79,11 @@ pub struct TargetArgs {
     /// with tenants and keys; all removed on exit.
     #[arg(long)]
     pub spawn: bool,
+    /// With --spawn: no PostgreSQL; the edge stores into its embedded SQLite backend in a
+    /// temporary data directory, and verification reads that file. Not with --pg-durable,
+    /// --pg-socket or --database-url.
+    #[arg(long)]
+    pub embedded: bool,
     /// Binary protocol address of a running edge.
     #[arg(long, env = "TALLY_WIRE_ADDR", default_value = "127.0.0.1:7000")]
     pub wire_addr: String,

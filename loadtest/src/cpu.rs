@@ -85,7 +85,8 @@ pub fn postgres_cpu(postmaster: u32) -> Result<Duration> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct CpuSplit {
     pub edge_s: f64,
-    pub postgres_s: f64,
+    /// `None` with the embedded backend: SQLite runs inside the edge.
+    pub postgres_s: Option<f64>,
     pub loader_s: f64,
     /// Wall-clock seconds of the phase, to read the above as cores busy.
     pub wall_s: f64,
@@ -94,7 +95,7 @@ pub struct CpuSplit {
 impl CpuSplit {
     /// `edge 12.3 s (41%), postgres ...`: shares of the CPU the three used together.
     pub fn line(&self) -> String {
-        let total = (self.edge_s + self.postgres_s + self.loader_s).max(f64::EPSILON);
+        let total = (self.edge_s + self.postgres_s.unwrap_or(0.0) + self.loader_s).max(f64::EPSILON);
         let part = |name: &str, seconds: f64| {
             format!(
                 "{name} {seconds:.1} s ({:.0}%, {:.2} cores)",
@@ -102,13 +103,21 @@ impl CpuSplit {
                 seconds / self.wall_s.max(f64::EPSILON)
             )
         };
-        format!(
-            "{}, {}, {} over {:.1} s",
-            part("edge", self.edge_s),
-            part("postgres", self.postgres_s),
-            part("load generator", self.loader_s),
-            self.wall_s
-        )
+        match self.postgres_s {
+            Some(postgres_s) => format!(
+                "{}, {}, {} over {:.1} s",
+                part("edge", self.edge_s),
+                part("postgres", postgres_s),
+                part("load generator", self.loader_s),
+                self.wall_s
+            ),
+            None => format!(
+                "{}, {} over {:.1} s",
+                part("edge (with SQLite)", self.edge_s),
+                part("load generator", self.loader_s),
+                self.wall_s
+            ),
+        }
     }
 }
 
@@ -116,23 +125,24 @@ impl CpuSplit {
 #[derive(Debug, Clone, Copy)]
 pub struct CpuMark {
     edge: Duration,
-    postgres: Duration,
+    postgres: Option<Duration>,
     loader: Duration,
     at: std::time::Instant,
 }
 
-/// The processes to measure: the edge child (if spawned) and the postmaster.
+/// The processes to measure: the edge child (if spawned) and the postmaster (none with the
+/// embedded backend).
 #[derive(Debug, Clone, Copy)]
 pub struct CpuProbe {
     pub edge_pid: Option<u32>,
-    pub postmaster_pid: u32,
+    pub postmaster_pid: Option<u32>,
 }
 
 impl CpuProbe {
     pub fn mark(&self) -> CpuMark {
         CpuMark {
             edge: self.edge_pid.and_then(|pid| process_cpu(pid).ok()).unwrap_or_default(),
-            postgres: postgres_cpu(self.postmaster_pid).unwrap_or_default(),
+            postgres: self.postmaster_pid.map(|pid| postgres_cpu(pid).unwrap_or_default()),
             loader: own_cpu(),
             at: std::time::Instant::now(),
         }
@@ -143,7 +153,10 @@ impl CpuProbe {
         let end = self.mark();
         CpuSplit {
             edge_s: end.edge.saturating_sub(start.edge).as_secs_f64(),
-            postgres_s: end.postgres.saturating_sub(start.postgres).as_secs_f64(),
+            postgres_s: end
+                .postgres
+                .zip(start.postgres)
+                .map(|(end, start)| end.saturating_sub(start).as_secs_f64()),
             loader_s: end.loader.saturating_sub(start.loader).as_secs_f64(),
             wall_s: end.at.duration_since(start.at).as_secs_f64(),
         }

@@ -1,12 +1,13 @@
 //! `tally-load`: an open-loop load generator for Tally's edge that verifies what was acknowledged
-//! against what PostgreSQL stored, and the raw `COPY` ceiling benchmark (`tally-load ratio`).
+//! against what the database (PostgreSQL, or the embedded SQLite file) stored, and the raw `COPY`
+//! ceiling benchmark (`tally-load ratio`).
 //!
 //! A run ([`run_and_report`]) opens its connections, sends a seeded traffic mix
 //! ([`generator`]) on a fixed schedule at `--rate` (latency counted from each batch's intended
 //! send time, so a stalled server cannot hide behind a slow sender) or as fast as acks come back,
 //! books every answer per tenant ([`ledger`]), and then checks the database ([`verify`]). With
-//! `--spawn` it brings its own PostgreSQL and `tally-edge` ([`spawn`]) and reports the CPU each
-//! used ([`cpu`]).
+//! `--spawn` it brings its own PostgreSQL (none with `--embedded`) and `tally-edge` ([`spawn`])
+//! and reports the CPU each used ([`cpu`]).
 
 pub mod cli;
 pub mod cpu;
@@ -26,7 +27,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 
 use crate::cli::{Cli, Command, OutputArgs, RatioArgs, RunArgs, TargetArgs};
 use crate::cpu::CpuProbe;
@@ -35,7 +37,7 @@ use crate::progress::Progress;
 use crate::ratio::{RatioOptions, run_ratio};
 use crate::report::RunReport;
 use crate::spawn::{Environment, SpawnOptions};
-use crate::verify::Scope;
+use crate::verify::{Database, Scope};
 
 /// Sending time when neither `--duration` nor `--events` is given.
 const DEFAULT_DURATION: Duration = Duration::from_secs(10);
@@ -52,11 +54,17 @@ pub async fn main_entry() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    // `DATABASE_URL` in the environment is not a reason to refuse `--embedded`; the flag is.
+    let database_url_on_command_line = matches.value_source("database_url") == Some(ValueSource::CommandLine);
     let work = async move {
         match cli.command {
             Some(Command::Ratio(args)) => ratio_command(args).await,
-            None => run_command(cli.run).await,
+            None => run_command(cli.run, database_url_on_command_line).await,
         }
     };
     tokio::select! {
@@ -82,7 +90,7 @@ pub struct RunPlan {
     pub load: LoadOptions,
     pub target: Target,
     /// For verification and the report's description of the server.
-    pub database_url: Option<String>,
+    pub database: Option<Database>,
     pub scope: Scope,
     pub verify: bool,
     /// The processes whose CPU time the report splits.
@@ -99,8 +107,8 @@ pub struct RunResult {
 
 /// Runs the load, verifies, and judges the result.
 pub async fn run_and_report(plan: &RunPlan, progress: &Progress) -> Result<RunResult> {
-    let postgres = match &plan.database_url {
-        Some(url) => spawn::describe_postgres(url).await.ok(),
+    let description = match &plan.database {
+        Some(database) => database.describe().await.ok(),
         None => None,
     };
     let mark = plan.cpu.map(|probe| probe.mark());
@@ -109,17 +117,17 @@ pub async fn run_and_report(plan: &RunPlan, progress: &Progress) -> Result<RunRe
     let outcome = outcome?;
     let mut report = RunReport::new(&plan.load, plan.target.api_keys.len(), &outcome);
     report.cpu = plan.cpu.zip(mark).map(|(probe, mark)| probe.since(&mark));
-    report.postgres = postgres;
+    report.database = description;
     if plan.verify {
-        let url = plan.database_url.as_deref().context("verification needs --database-url")?;
+        let database = plan.database.as_ref().context("verification needs --database-url")?;
         report.verification =
-            Some(verify::verify(url, &plan.target.api_keys, &outcome.ledgers, plan.scope).await?);
+            Some(verify::verify(database, &plan.target.api_keys, &outcome.ledgers, plan.scope).await?);
     }
     report.judge(plan.fail_under);
     Ok(RunResult { report, ledgers: outcome.ledgers })
 }
 
-async fn run_command(args: RunArgs) -> Result<bool> {
+async fn run_command(args: RunArgs, database_url_on_command_line: bool) -> Result<bool> {
     let generator =
         args.events_shape.generator(RUN_RESEND_FRACTION, RUN_INVALID_FRACTION).map_err(anyhow::Error::msg)?;
     let duration = match (args.duration, args.events) {
@@ -140,10 +148,12 @@ async fn run_command(args: RunArgs) -> Result<bool> {
         generator,
     };
     let progress = Progress::new(args.output.quiet);
+    check_embedded(&args.target, database_url_on_command_line)?;
     if args.target.spawn {
         let spawn = spawn_options(&args.target);
         check_connections(load.connections, spawn.tenants)?;
-        progress.note(&format!("starting PostgreSQL and tally-edge with {} tenants", spawn.tenants));
+        let what = if spawn.embedded { "tally-edge (embedded SQLite)" } else { "PostgreSQL and tally-edge" };
+        progress.note(&format!("starting {what} with {} tenants", spawn.tenants));
         let environment = Environment::start(&spawn).await?;
         progress.note(&format!(
             "tally-edge (pid {}) on {} (binary) and http://{} (metrics at /metrics)",
@@ -158,7 +168,7 @@ async fn run_command(args: RunArgs) -> Result<bool> {
                 api_keys: environment.api_keys(),
             },
             load,
-            database_url: Some(environment.database.url.clone()),
+            database: Some(environment.storage.database()),
             scope: Scope::Exclusive,
             verify: !args.no_verify,
             cpu: Some(CpuProbe {
@@ -191,7 +201,7 @@ async fn run_command(args: RunArgs) -> Result<bool> {
             http_addr: args.target.http_addr.clone(),
             api_keys: args.target.api_key.clone(),
         },
-        database_url: args.target.database_url.clone(),
+        database: args.target.database_url.clone().map(Database::Postgres),
         scope: Scope::Shared,
         verify,
         cpu: None,
@@ -225,6 +235,7 @@ async fn ratio_command(args: RatioArgs) -> Result<bool> {
             edge_args: args.edge_arg.clone(),
             pg_durable: args.pg_durable,
             pg_socket: args.pg_socket,
+            embedded: false,
         },
         verify: !args.no_verify,
     };
@@ -249,7 +260,27 @@ fn spawn_options(target: &TargetArgs) -> SpawnOptions {
         edge_args: target.edge_arg.clone(),
         pg_durable: target.pg_durable,
         pg_socket: target.pg_socket,
+        embedded: target.embedded,
     }
+}
+
+/// `--embedded` only with `--spawn`, and without the flags that configure PostgreSQL.
+fn check_embedded(target: &TargetArgs, database_url_on_command_line: bool) -> Result<()> {
+    if !target.embedded {
+        return Ok(());
+    }
+    if !target.spawn {
+        bail!("--embedded needs --spawn: it starts tally-edge on a temporary SQLite data directory");
+    }
+    let postgres_flags = [
+        (target.pg_durable, "--pg-durable"),
+        (target.pg_socket, "--pg-socket"),
+        (database_url_on_command_line, "--database-url"),
+    ];
+    if let Some((_, flag)) = postgres_flags.iter().find(|(given, _)| *given) {
+        bail!("{flag} configures PostgreSQL and cannot be used with --embedded (which stores into SQLite)");
+    }
+    Ok(())
 }
 
 fn check_connections(connections: usize, tenants: usize) -> Result<()> {

@@ -21,7 +21,7 @@ use crate::cpu::{CpuProbe, CpuSplit};
 use crate::generator::{Batch, Generator, GeneratorConfig};
 use crate::load::{LoadOptions, Mode, Target, run_load};
 use crate::progress::Progress;
-use crate::spawn::{self, EdgeChild, SpawnOptions};
+use crate::spawn::{self, EdgeChild, EdgeStorage, SpawnOptions};
 use crate::stats::{LatencySummary, rate};
 use crate::verify::{self, Scope, Verification};
 
@@ -77,10 +77,11 @@ pub async fn run_ratio(options: &RatioOptions, progress: &Progress) -> Result<Ra
     let mut edge_db = postgres.fresh_database().await?;
     copy_db.url = spawn::database_url(&postgres, &copy_db, options.spawn.pg_socket);
     edge_db.url = spawn::database_url(&postgres, &edge_db, options.spawn.pg_socket);
-    spawn::migrate(&edge_bin, &copy_db.url).await?;
-    spawn::migrate(&edge_bin, &edge_db.url).await?;
+    let edge_storage = EdgeStorage::Postgres(edge_db.url.clone());
+    spawn::migrate(&edge_bin, &EdgeStorage::Postgres(copy_db.url.clone())).await?;
+    spawn::migrate(&edge_bin, &edge_storage).await?;
     let tenants =
-        spawn::create_tenants(&edge_bin, &edge_db.url, options.spawn.tenants.max(1), "ratio").await?;
+        spawn::create_tenants(&edge_bin, &edge_storage, options.spawn.tenants.max(1), "ratio").await?;
     let description = spawn::describe_postgres(&edge_db.url).await?;
     let postmaster_pid = spawn::cpu_postmaster(&postgres)?;
 
@@ -92,11 +93,11 @@ pub async fn run_ratio(options: &RatioOptions, progress: &Progress) -> Result<Ra
         "raw COPY: {} batches of up to {COPY_BATCH_ROWS} rows, {COPY_WRITERS} writers",
         buffers.len()
     ));
-    let raw_probe = CpuProbe { edge_pid: None, postmaster_pid };
+    let raw_probe = CpuProbe { edge_pid: None, postmaster_pid: Some(postmaster_pid) };
     let raw_copy = copy_phase(&copy_db.url, buffers, &raw_probe).await?;
     checkpoint(&edge_db.url).await?;
 
-    let edge = EdgeChild::start(&edge_bin, &edge_db.url, &options.spawn.edge_args).await?;
+    let edge = EdgeChild::start(&edge_bin, &edge_storage, &options.spawn.edge_args).await?;
     progress.note(&format!(
         "full path: {} binary connections, batches of {}",
         options.connections, options.batch_size
@@ -116,7 +117,7 @@ pub async fn run_ratio(options: &RatioOptions, progress: &Progress) -> Result<Ra
         max_in_flight: options.max_in_flight,
         generator: options.generator.clone(),
     };
-    let probe = CpuProbe { edge_pid: Some(edge.pid()), postmaster_pid };
+    let probe = CpuProbe { edge_pid: Some(edge.pid()), postmaster_pid: Some(postmaster_pid) };
     let mark = probe.mark();
     let outcome = run_load(&load, &target, progress, Some(batches)).await?;
     let cpu = probe.since(&mark);
@@ -124,9 +125,10 @@ pub async fn run_ratio(options: &RatioOptions, progress: &Progress) -> Result<Ra
     let elapsed = outcome.stats.last_answer();
     let (ack_latency, _) = outcome.stats.latencies();
     let verification = match options.verify {
-        true => {
-            Some(verify::verify(&edge_db.url, &target.api_keys, &outcome.ledgers, Scope::Exclusive).await?)
-        }
+        true => Some(
+            verify::verify(&edge_storage.database(), &target.api_keys, &outcome.ledgers, Scope::Exclusive)
+                .await?,
+        ),
         false => None,
     };
     drop(edge);

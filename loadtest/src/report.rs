@@ -43,7 +43,8 @@ pub struct RunReport {
     /// From the actual send time, per event.
     pub service_latency: LatencySummary,
     pub cpu: Option<CpuSplit>,
-    pub postgres: Option<String>,
+    /// The database's version and settings (PostgreSQL, or the embedded SQLite file).
+    pub database: Option<String>,
     pub verification: Option<Verification>,
     /// Why the run fails; empty when it passes.
     pub failures: Vec<String>,
@@ -85,7 +86,7 @@ impl RunReport {
             ack_latency,
             service_latency,
             cpu: None,
-            postgres: None,
+            database: None,
             verification: None,
             failures: Vec::new(),
             passed: true,
@@ -126,8 +127,8 @@ impl RunReport {
             "tally-load: {:?} mode, {target}, {} connections, batches of {}, {} tenants\n",
             self.mode, self.connections, self.batch_size, self.tenants
         ));
-        if let Some(postgres) = &self.postgres {
-            out.push_str(&format!("database      {postgres}\n"));
+        if let Some(database) = &self.database {
+            out.push_str(&format!("database      {database}\n"));
         }
         out.push_str(&format!("sent          {}\n", self.sent));
         out.push_str(&format!("acked stored  {}\n", self.acked_stored));

@@ -1,7 +1,8 @@
 //! `--spawn`: a throwaway PostgreSQL (from the `tests` harness) and a `tally-edge` child process
-//! on free loopback ports, with tenants and keys made by `tally-edge` itself. Everything is
-//! removed when the [`Environment`] is dropped, on Ctrl-C, and (through the supervisors) when
-//! this process is killed.
+//! on free loopback ports, with tenants and keys made by `tally-edge` itself. With `--embedded`
+//! no PostgreSQL: the edge stores into SQLite in a fresh data directory inside its scratch
+//! folder. Everything is removed when the [`Environment`] is dropped, on Ctrl-C, and (through the
+//! supervisors) when this process is killed.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use sqlx::{Connection, Executor, PgConnection};
 
 use crate::cpu;
 use crate::http::HttpConnection;
+use crate::verify::Database;
 
 /// How long the edge may take to answer `/health` after it starts (it migrates first).
 const EDGE_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,16 +52,64 @@ pub struct SpawnOptions {
     pub pg_durable: bool,
     /// Connect the edge (and verification) over PostgreSQL's Unix socket instead of TCP.
     pub pg_socket: bool,
+    /// No PostgreSQL: the edge uses its embedded SQLite backend in a temporary data directory.
+    pub embedded: bool,
 }
 
-/// A spawned PostgreSQL and edge. Fields drop in order: the edge stops before the database.
+/// Where a spawned `tally-edge` (server or admin command) stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EdgeStorage {
+    /// `DATABASE_URL` set to this.
+    Postgres(String),
+    /// No `DATABASE_URL`; `--data-dir` this folder (the file is `tally.db` inside).
+    Embedded(PathBuf),
+}
+
+impl EdgeStorage {
+    /// Points a `tally-edge` command at the storage. The embedded case removes `DATABASE_URL`
+    /// and `TALLY_DATA_DIR` from its environment, so nothing inherited can redirect it.
+    fn configure(&self, command: &mut Command) {
+        match self {
+            EdgeStorage::Postgres(url) => {
+                command.env("DATABASE_URL", url);
+            }
+            EdgeStorage::Embedded(data_dir) => {
+                command
+                    .env_remove("DATABASE_URL")
+                    .env_remove("TALLY_DATA_DIR")
+                    .arg("--data-dir")
+                    .arg(data_dir);
+            }
+        }
+    }
+
+    /// The database to verify against.
+    pub fn database(&self) -> Database {
+        match self {
+            EdgeStorage::Postgres(url) => Database::Postgres(url.clone()),
+            EdgeStorage::Embedded(data_dir) => {
+                Database::Sqlite(data_dir.join(sink::sqlite::DATABASE_FILE_NAME))
+            }
+        }
+    }
+}
+
+/// A spawned edge, and the PostgreSQL behind it unless embedded. Fields drop in order: the edge
+/// stops (and its scratch folder, with an embedded data directory, goes) before the database.
 #[derive(Debug)]
 pub struct Environment {
     pub edge: EdgeChild,
-    pub database: tests::TestDb,
     pub tenants: Vec<SpawnedTenant>,
-    pub postgres: tests::PgServer,
+    pub storage: EdgeStorage,
+    pub postgres: Option<SpawnedPostgres>,
     pub edge_bin: PathBuf,
+}
+
+/// A harness PostgreSQL server and the fresh database the edge uses. The database drops first.
+#[derive(Debug)]
+pub struct SpawnedPostgres {
+    pub database: tests::TestDb,
+    pub server: tests::PgServer,
 }
 
 /// A tenant made by `tally-edge tenant create`, with its key.
@@ -71,25 +121,56 @@ pub struct SpawnedTenant {
 }
 
 impl Environment {
-    /// Starts PostgreSQL, migrates a fresh database, creates tenants and keys, starts the edge
-    /// and waits until it answers `/health`.
+    /// Starts PostgreSQL and migrates a fresh database (or, embedded, makes a data directory),
+    /// creates tenants and keys, starts the edge and waits until it answers `/health`.
     pub async fn start(options: &SpawnOptions) -> Result<Environment> {
         let edge_bin = edge_binary(options.edge_bin.as_deref())?;
-        let postgres = start_postgres(options.pg_durable).await?;
-        let mut database = postgres.fresh_database().await?;
-        database.url = database_url(&postgres, &database, options.pg_socket);
-        migrate(&edge_bin, &database.url).await?;
-        let tenants = create_tenants(&edge_bin, &database.url, options.tenants, "load").await?;
-        let edge = EdgeChild::start(&edge_bin, &database.url, &options.edge_args).await?;
-        Ok(Environment { edge, database, tenants, postgres, edge_bin })
+        let scratch = ScratchDir::create()?;
+        let (storage, postgres) = match options.embedded {
+            true => (EdgeStorage::Embedded(scratch.path().join("data")), None),
+            false => {
+                let server = start_postgres(options.pg_durable).await?;
+                let mut database = server.fresh_database().await?;
+                database.url = database_url(&server, &database, options.pg_socket);
+                (EdgeStorage::Postgres(database.url.clone()), Some(SpawnedPostgres { database, server }))
+            }
+        };
+        migrate(&edge_bin, &storage).await?;
+        let tenants = create_tenants(&edge_bin, &storage, options.tenants, "load").await?;
+        let edge = EdgeChild::start_in(scratch, &edge_bin, &storage, &options.edge_args).await?;
+        Ok(Environment { edge, tenants, storage, postgres, edge_bin })
     }
 
     pub fn api_keys(&self) -> Vec<String> {
         self.tenants.iter().map(|tenant| tenant.api_key.clone()).collect()
     }
 
-    pub fn postmaster_pid(&self) -> Result<u32> {
-        cpu_postmaster(&self.postgres)
+    /// The postmaster's pid; `None` when embedded.
+    pub fn postmaster_pid(&self) -> Result<Option<u32>> {
+        self.postgres.as_ref().map(|postgres| cpu_postmaster(&postgres.server)).transpose()
+    }
+}
+
+/// A fresh folder under the system's temporary directory, removed when dropped (and by the edge
+/// supervisor when this process dies).
+#[derive(Debug)]
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub fn create() -> Result<ScratchDir> {
+        let dir = std::env::temp_dir().join(format!("tally-load-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+        Ok(ScratchDir(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -182,30 +263,29 @@ pub async fn describe_postgres(url: &str) -> Result<String> {
     Ok(parts.join(", "))
 }
 
-/// `tally-edge migrate`: the schema and today's partitions.
-pub async fn migrate(edge_bin: &Path, database_url: &str) -> Result<()> {
-    run_admin(edge_bin, database_url, &["migrate"]).await.map(drop)
+/// `tally-edge migrate`: the schema and today's partitions (embedded: the file and its schema).
+pub async fn migrate(edge_bin: &Path, storage: &EdgeStorage) -> Result<()> {
+    run_admin(edge_bin, storage, &["migrate"]).await.map(drop)
 }
 
 /// `tally-edge tenant create` and `key create` for `count` tenants named `{prefix}-{i}`.
 pub async fn create_tenants(
     edge_bin: &Path,
-    database_url: &str,
+    storage: &EdgeStorage,
     count: usize,
     prefix: &str,
 ) -> Result<Vec<SpawnedTenant>> {
     let mut tenants = Vec::with_capacity(count);
     for index in 0..count {
         let name = format!("{prefix}-{index}");
-        let created = run_admin(edge_bin, database_url, &["tenant", "create", &name]).await?;
+        let created = run_admin(edge_bin, storage, &["tenant", "create", &name]).await?;
         let id = created
             .lines()
             .find_map(|line| line.rsplit_once("with id ").map(|(_, id)| id.trim().to_owned()))
             .and_then(|id| uuid::Uuid::parse_str(&id).ok())
             .with_context(|| format!("tally-edge tenant create printed no id: {created:?}"))?;
         let output =
-            run_admin(edge_bin, database_url, &["key", "create", "--tenant", &name, "--scopes", "ingest"])
-                .await?;
+            run_admin(edge_bin, storage, &["key", "create", "--tenant", &name, "--scopes", "ingest"]).await?;
         let api_key = output.lines().last().map(str::trim).filter(|key| !key.is_empty());
         let api_key = api_key.context("tally-edge key create printed no key")?.to_owned();
         tenants.push(SpawnedTenant { name, id, api_key });
@@ -213,15 +293,11 @@ pub async fn create_tenants(
     Ok(tenants)
 }
 
-async fn run_admin(edge_bin: &Path, database_url: &str, args: &[&str]) -> Result<String> {
-    let output = tokio::process::Command::new(edge_bin)
-        .args(args)
-        .env("DATABASE_URL", database_url)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .with_context(|| format!("failed to run {}", edge_bin.display()))?;
+async fn run_admin(edge_bin: &Path, storage: &EdgeStorage, args: &[&str]) -> Result<String> {
+    let mut command = tokio::process::Command::new(edge_bin);
+    command.args(args).env("RUST_LOG", "warn").kill_on_drop(true);
+    storage.configure(command.as_std_mut());
+    let output = command.output().await.with_context(|| format!("failed to run {}", edge_bin.display()))?;
     if !output.status.success() {
         bail!(
             "tally-edge {} failed ({}): {}",
@@ -238,38 +314,41 @@ async fn run_admin(edge_bin: &Path, database_url: &str, args: &[&str]) -> Result
 pub struct EdgeChild {
     supervisor: Child,
     pid: u32,
-    dir: PathBuf,
+    dir: ScratchDir,
     pub wire_addr: String,
     pub http_addr: String,
 }
 
 impl EdgeChild {
     /// Starts the server on two free loopback ports and waits until `/health` answers.
-    pub async fn start(edge_bin: &Path, database_url: &str, extra_args: &[String]) -> Result<EdgeChild> {
-        let dir = std::env::temp_dir().join(format!("tally-load-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    pub async fn start(edge_bin: &Path, storage: &EdgeStorage, extra_args: &[String]) -> Result<EdgeChild> {
+        Self::start_in(ScratchDir::create()?, edge_bin, storage, extra_args).await
+    }
+
+    /// Like [`EdgeChild::start`], with its log in `dir` (which it removes when it stops, with
+    /// whatever else is in it, such as an embedded data directory).
+    pub async fn start_in(
+        dir: ScratchDir,
+        edge_bin: &Path,
+        storage: &EdgeStorage,
+        extra_args: &[String],
+    ) -> Result<EdgeChild> {
         let (wire_addr, http_addr) = free_loopback_addresses()?;
-        let spawned = Command::new("sh")
+        let mut command = Command::new("sh");
+        command
             .arg("-c")
             .arg(SUPERVISOR_SCRIPT)
             .arg("tally-edge-supervisor")
-            .arg(&dir)
+            .arg(dir.path())
             .arg(edge_bin)
             .args(["--wire-addr", &wire_addr, "--http-addr", &http_addr])
             .args(extra_args)
-            .env("DATABASE_URL", database_url)
             .env("RUST_LOG", std::env::var("TALLY_EDGE_LOG").unwrap_or_else(|_| "warn".to_owned()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn();
-        let mut supervisor = match spawned {
-            Ok(supervisor) => supervisor,
-            Err(error) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(error).context("failed to start the edge supervisor");
-            }
-        };
+            .stderr(Stdio::inherit());
+        storage.configure(&mut command);
+        let mut supervisor = command.spawn().context("failed to start the edge supervisor")?;
         let pid = supervisor.stdout.take().and_then(|stdout| {
             let mut line = String::new();
             BufReader::new(stdout).read_line(&mut line).ok()?;
@@ -290,7 +369,7 @@ impl EdgeChild {
 
     /// The last lines of the edge's log.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("edge.log")).unwrap_or_default();
+        let text = std::fs::read_to_string(self.dir.path().join("edge.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
     }
@@ -327,7 +406,7 @@ impl EdgeChild {
 
 impl Drop for EdgeChild {
     /// Closes the supervisor's input (it sends the edge `SIGTERM` and waits), waits a bounded
-    /// time, kills what is left, and removes the log folder.
+    /// time, and kills what is left; the log folder goes when `dir` drops.
     fn drop(&mut self) {
         drop(self.supervisor.stdin.take());
         let deadline = Instant::now() + EDGE_STOP_TIMEOUT;
@@ -344,7 +423,6 @@ impl Drop for EdgeChild {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -1,10 +1,21 @@
 //! After a run: does the database hold exactly what the server acknowledged? Per tenant: every
 //! acked event stored once, nothing stored that was not sent, no rejected event stored, ack
 //! counts consistent with resends, and hourly rollups equal to sums over the raw events.
+//!
+//! The checks are made here, the same for every backend; a backend ([`Reader`], `pg`, `sqlite`)
+//! only reads rows: key to tenant, stored event ids, raw events and rollup rows. Sums are made
+//! in exact decimals in [`rollups`].
+
+mod pg;
+pub mod rollups;
+mod sqlite;
+
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use sqlx::{Connection, PgConnection};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgConnection, SqliteConnection};
 use uuid::Uuid;
 
 use crate::ledger::TenantLedger;
@@ -47,36 +58,133 @@ pub enum Scope {
     Shared,
 }
 
+/// The database a run is verified against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// A PostgreSQL URL.
+    Postgres(String),
+    /// The embedded backend's SQLite file (`tally.db`).
+    Sqlite(PathBuf),
+}
+
+impl Database {
+    /// One line for the report: version and settings.
+    pub async fn describe(&self) -> Result<String> {
+        match self {
+            Database::Postgres(url) => crate::spawn::describe_postgres(url).await,
+            Database::Sqlite(path) => {
+                let mut connection = sqlite::connect(path).await?;
+                let version: String =
+                    sqlx::query_scalar("SELECT sqlite_version()").fetch_one(&mut connection).await?;
+                let journal: String =
+                    sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut connection).await?;
+                connection.close().await?;
+                Ok(format!("SQLite {version} (embedded), journal_mode={journal}, {}", path.display()))
+            }
+        }
+    }
+}
+
+/// An open connection to either backend; each method reads one kind of row.
+enum Reader {
+    Postgres(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+impl Reader {
+    async fn open(database: &Database) -> Result<Reader> {
+        Ok(match database {
+            Database::Postgres(url) => {
+                let options: PgConnectOptions = url.parse().context("invalid database URL")?;
+                // Reading a whole run's raw events is slow by design; sqlx would warn about it.
+                let options = options.disable_statement_logging();
+                Reader::Postgres(options.connect().await.context("failed to connect for verification")?)
+            }
+            Database::Sqlite(path) => Reader::Sqlite(sqlite::connect(path).await?),
+        })
+    }
+
+    async fn tenant_of_key(&mut self, key_hash: &[u8]) -> Result<Option<Uuid>> {
+        match self {
+            Reader::Postgres(connection) => pg::tenant_of_key(connection, key_hash).await,
+            Reader::Sqlite(connection) => sqlite::tenant_of_key(connection, key_hash).await,
+        }
+    }
+
+    async fn stored_ids(&mut self, tenant_id: Uuid, hours: Option<(i64, i64)>) -> Result<Vec<u128>> {
+        match self {
+            Reader::Postgres(connection) => pg::stored_ids(connection, tenant_id, hours).await,
+            Reader::Sqlite(connection) => sqlite::stored_ids(connection, tenant_id, hours).await,
+        }
+    }
+
+    async fn raw_sums(&mut self, tenant_id: Uuid, hours: Option<(i64, i64)>) -> Result<rollups::RawSums> {
+        match self {
+            Reader::Postgres(connection) => pg::raw_sums(connection, tenant_id, hours).await,
+            Reader::Sqlite(connection) => sqlite::raw_sums(connection, tenant_id, hours).await,
+        }
+    }
+
+    async fn rollups(
+        &mut self,
+        tenant_id: Uuid,
+        hours: Option<(i64, i64)>,
+    ) -> Result<Vec<rollups::StoredRollup>> {
+        match self {
+            Reader::Postgres(connection) => pg::rollups(connection, tenant_id, hours, true).await,
+            Reader::Sqlite(connection) => sqlite::rollups(connection, tenant_id, hours).await,
+        }
+    }
+
+    /// PostgreSQL's user-less rollups (SQLite has none).
+    async fn service_rollups(
+        &mut self,
+        tenant_id: Uuid,
+        hours: Option<(i64, i64)>,
+    ) -> Result<Option<Vec<rollups::StoredRollup>>> {
+        match self {
+            Reader::Postgres(connection) => Ok(Some(pg::rollups(connection, tenant_id, hours, false).await?)),
+            Reader::Sqlite(_) => Ok(None),
+        }
+    }
+
+    async fn close(self) -> Result<()> {
+        match self {
+            Reader::Postgres(connection) => connection.close().await?,
+            Reader::Sqlite(connection) => connection.close().await?,
+        }
+        Ok(())
+    }
+}
+
 /// Checks every tenant's ledger (in the order of `api_keys`) against the database.
 pub async fn verify(
-    database_url: &str,
+    database: &Database,
     api_keys: &[String],
     ledgers: &[TenantLedger],
     scope: Scope,
 ) -> Result<Verification> {
-    let mut connection =
-        PgConnection::connect(database_url).await.context("failed to connect for verification")?;
+    let mut reader = Reader::open(database).await?;
     let mut verification = Verification::default();
     for (key, ledger) in api_keys.iter().zip(ledgers) {
-        let tenant_id: Uuid = sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE key_hash = $1")
-            .bind(&sink::hash_api_key(key)[..])
-            .fetch_optional(&mut connection)
+        let tenant_id = reader
+            .tenant_of_key(&sink::hash_api_key(key)[..])
             .await?
             .context("an API key of the run is not in this database")?;
         let mut problems = Vec::new();
-        let check = verify_tenant(&mut connection, tenant_id, ledger, scope, &mut problems).await?;
+        let check = verify_tenant(&mut reader, tenant_id, ledger, scope, &mut problems).await?;
         verification
             .problems
             .extend(problems.into_iter().map(|problem| format!("tenant {tenant_id}: {problem}")));
         verification.tenants.push(check);
     }
-    connection.close().await?;
+    reader.close().await?;
     verification.passed = verification.problems.is_empty();
     Ok(verification)
 }
 
 async fn verify_tenant(
-    connection: &mut PgConnection,
+    reader: &mut Reader,
     tenant_id: Uuid,
     ledger: &TenantLedger,
     scope: Scope,
@@ -86,7 +194,7 @@ async fn verify_tenant(
         (Scope::Shared, Some(min), Some(max)) => Some((hour_floor(min), hour_floor(max) + HOUR_US)),
         _ => None,
     };
-    let mut stored = stored_ids(connection, tenant_id, hours).await?;
+    let mut stored = reader.stored_ids(tenant_id, hours).await?;
     stored.sort_unstable();
     let before = stored.len();
     stored.dedup();
@@ -123,7 +231,7 @@ async fn verify_tenant(
         Scope::Shared => unexplained.len() as u64,
     };
     check_ack_counts(ledger, accepted.len() as u64, unacked.is_empty(), problems);
-    let rollup_rows_compared = check_rollups(connection, tenant_id, hours, problems).await?;
+    let rollup_rows_compared = check_rollups(reader, tenant_id, hours, problems).await?;
     Ok(TenantCheck {
         tenant_id,
         stored_rows: stored.len() as u64 - other_rows,
@@ -184,140 +292,45 @@ fn hour_floor(timestamp_us: i64) -> i64 {
     timestamp_us.div_euclid(HOUR_US) * HOUR_US
 }
 
-/// `[from, to)` in microseconds as SQL parameters; both NULL for the whole table.
-fn range_params(hours: Option<(i64, i64)>) -> (Option<f64>, Option<f64>) {
-    match hours {
-        Some((from, to)) => (Some(from as f64 / 1e6), Some(to as f64 / 1e6)),
-        None => (None, None),
-    }
-}
-
-const RANGE: &str =
-    "($2::float8 IS NULL OR {col} >= to_timestamp($2)) AND ($3::float8 IS NULL OR {col} < to_timestamp($3))";
-
-async fn stored_ids(
-    connection: &mut PgConnection,
-    tenant_id: Uuid,
-    hours: Option<(i64, i64)>,
-) -> Result<Vec<u128>> {
-    let (from, to) = range_params(hours);
-    let sql = format!(
-        "SELECT event_id FROM usage_events WHERE tenant_id = $1 AND {}",
-        RANGE.replace("{col}", "occurred_at")
-    );
-    let ids: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(tenant_id)
-        .bind(from)
-        .bind(to)
-        .fetch_all(connection)
-        .await
-        .context("failed to read stored event ids")?;
-    Ok(ids.iter().map(Uuid::as_u128).collect())
-}
-
 /// Compares every rollup row of the tenant (in the hours) with sums over its raw events.
 async fn check_rollups(
-    connection: &mut PgConnection,
+    reader: &mut Reader,
     tenant_id: Uuid,
     hours: Option<(i64, i64)>,
     problems: &mut Vec<String>,
 ) -> Result<u64> {
-    let (from, to) = range_params(hours);
-    let (mismatched, compared): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(rollup_sql()))
-        .bind(tenant_id)
-        .bind(from)
-        .bind(to)
-        .fetch_one(&mut *connection)
-        .await
-        .context("failed to compare rollups")?;
-    if mismatched > 0 {
-        problems
-            .push(format!("{mismatched} of {compared} rollup rows differ from the sums of their raw events"));
+    let raw = reader.raw_sums(tenant_id, hours).await?;
+    if let Some(stored) = reader.service_rollups(tenant_id, hours).await? {
+        let comparison = rollups::compare(raw.without_users(), stored);
+        let differing = comparison.mismatched + comparison.custom_mismatched + comparison.bad_buckets;
+        if differing > 0 {
+            problems.push(format!(
+                "{differing} differences between the {} user-less rollup rows and their raw events",
+                comparison.compared
+            ));
+        }
     }
-    let custom: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(custom_rollup_sql()))
-        .bind(tenant_id)
-        .bind(from)
-        .bind(to)
-        .fetch_one(&mut *connection)
-        .await
-        .context("failed to compare custom quantity rollups")?;
-    if custom > 0 {
-        problems.push(format!("{custom} custom quantity sums in rollups differ from their raw events"));
+    let stored = reader.rollups(tenant_id, hours).await?;
+    let comparison = rollups::compare(raw, stored);
+    if comparison.mismatched > 0 {
+        problems.push(format!(
+            "{} of {} rollup rows differ from the sums of their raw events",
+            comparison.mismatched, comparison.compared
+        ));
     }
-    let buckets = format!(
-        "SELECT count(*) FROM usage_rollup_hourly WHERE tenant_id = $1 AND {} \
-         AND ((SELECT coalesce(sum(b), 0) FROM unnest(latency_buckets) b) <> latency_count \
-              OR cardinality(latency_buckets) <> {})",
-        RANGE.replace("{col}", "hour"),
-        sink::rollup::LATENCY_BUCKETS
-    );
-    let bad_buckets: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(buckets))
-        .bind(tenant_id)
-        .bind(from)
-        .bind(to)
-        .fetch_one(&mut *connection)
-        .await?;
-    if bad_buckets > 0 {
-        problems.push(format!("{bad_buckets} rollup rows have latency histograms that do not add up"));
+    if comparison.custom_mismatched > 0 {
+        problems.push(format!(
+            "{} custom quantity sums in rollups differ from their raw events",
+            comparison.custom_mismatched
+        ));
     }
-    Ok(compared as u64)
-}
-
-const ROLLUP_KEY: &str = "hour, service_type, service_provider, model, user_id, event_type";
-
-fn rollup_sql() -> String {
-    let quantities: Vec<&str> = wire::QuantityKind::ALL.iter().map(|kind| kind.as_str()).collect();
-    let sums: Vec<String> =
-        quantities.iter().map(|name| format!("coalesce(sum({name}), 0) AS {name}")).collect();
-    let differs: Vec<String> = [
-        "event_count",
-        "error_count",
-        "cost",
-        "unpriced_count",
-        "latency_count",
-        "latency_sum_us",
-        "latency_max_us",
-    ]
-    .iter()
-    .chain(&quantities)
-    .map(|column| format!("raw.{column} IS DISTINCT FROM r.{column}"))
-    .collect();
-    format!(
-        "WITH raw AS (
-           SELECT date_trunc('hour', occurred_at, 'UTC') AS hour, service_type, service_provider,
-                  coalesce(model, '') AS model, user_id, event_type,
-                  count(*) AS event_count, count(*) FILTER (WHERE status = 1) AS error_count, {sums},
-                  coalesce(sum(cost), 0) AS cost, count(*) FILTER (WHERE cost IS NULL) AS unpriced_count,
-                  count(latency_us) AS latency_count, coalesce(sum(latency_us), 0) AS latency_sum_us,
-                  coalesce(max(latency_us), 0) AS latency_max_us
-           FROM usage_events WHERE tenant_id = $1 AND {events_range} GROUP BY 1, 2, 3, 4, 5, 6),
-         r AS (SELECT * FROM usage_rollup_hourly WHERE tenant_id = $1 AND {rollup_range})
-         SELECT count(*) FILTER (WHERE {differs}), count(*)
-         FROM raw FULL JOIN r USING ({ROLLUP_KEY})",
-        sums = sums.join(", "),
-        events_range = RANGE.replace("{col}", "occurred_at"),
-        rollup_range = RANGE.replace("{col}", "hour"),
-        differs = differs.join(" OR "),
-    )
-}
-
-fn custom_rollup_sql() -> String {
-    format!(
-        "WITH raw AS (
-           SELECT date_trunc('hour', e.occurred_at, 'UTC') AS hour, e.service_type, e.service_provider,
-                  coalesce(e.model, '') AS model, e.user_id, e.event_type, q.key, sum(q.value::numeric) AS total
-           FROM usage_events e CROSS JOIN LATERAL jsonb_each_text(e.custom_quantities) q
-           WHERE e.tenant_id = $1 AND {events_range} GROUP BY 1, 2, 3, 4, 5, 6, 7),
-         r AS (
-           SELECT r.hour, r.service_type, r.service_provider, r.model, r.user_id, r.event_type, q.key,
-                  q.value::numeric AS total
-           FROM usage_rollup_hourly r CROSS JOIN LATERAL jsonb_each_text(r.custom_quantities) q
-           WHERE r.tenant_id = $1 AND {rollup_range})
-         SELECT count(*) FROM raw FULL JOIN r USING ({ROLLUP_KEY}, key)
-         WHERE raw.total IS DISTINCT FROM r.total",
-        events_range = RANGE.replace("{col}", "e.occurred_at"),
-        rollup_range = RANGE.replace("{col}", "r.hour"),
-    )
+    if comparison.bad_buckets > 0 {
+        problems.push(format!(
+            "{} rollup rows have latency histograms that do not add up",
+            comparison.bad_buckets
+        ));
+    }
+    Ok(comparison.compared)
 }
 
 fn sorted_set(ids: &[u128]) -> Vec<u128> {

@@ -9,7 +9,7 @@ use anyhow::Result;
 use loadtest::generator::GeneratorConfig;
 use loadtest::load::{LoadOptions, Mode, Target};
 use loadtest::progress::Progress;
-use loadtest::verify::{self, Scope};
+use loadtest::verify::{self, Database, Scope};
 use loadtest::{RunPlan, RunResult, run_and_report};
 use sink::pg::{PgOptions, PgStore};
 use sink::{NewApiKey, Store};
@@ -73,7 +73,7 @@ impl InProcessEdge {
                 http_addr: self.edge.http_addr.to_string(),
                 api_keys: self.keys.clone(),
             },
-            database_url: Some(self.database.url.clone()),
+            database: Some(Database::Postgres(self.database.url.clone())),
             scope: Scope::Exclusive,
             verify: true,
             cpu: None,
@@ -105,7 +105,13 @@ async fn a_binary_run_verifies_and_tampering_is_caught() -> Result<()> {
     let report = &result.report;
     assert!((report.achieved_events_per_s - 2000.0).abs() < 1.0, "kept the rate: {}", report.text());
 
-    let shared = verify::verify(&edge.database.url, &edge.keys, &result.ledgers, Scope::Shared).await?;
+    let shared = verify::verify(
+        &Database::Postgres(edge.database.url.clone()),
+        &edge.keys,
+        &result.ledgers,
+        Scope::Shared,
+    )
+    .await?;
     assert!(shared.passed, "{:?}", shared.problems);
     assert!(shared.tenants.iter().all(|tenant| tenant.other_rows == 0));
 
@@ -119,7 +125,13 @@ async fn a_binary_run_verifies_and_tampering_is_caught() -> Result<()> {
     )
     .execute(&mut connection)
     .await?;
-    let tampered = verify::verify(&edge.database.url, &edge.keys, &result.ledgers, Scope::Exclusive).await?;
+    let tampered = verify::verify(
+        &Database::Postgres(edge.database.url.clone()),
+        &edge.keys,
+        &result.ledgers,
+        Scope::Exclusive,
+    )
+    .await?;
     assert!(!tampered.passed);
     let problems = tampered.problems.join("\n");
     assert!(problems.contains("acknowledged events are not stored"), "{problems}");
