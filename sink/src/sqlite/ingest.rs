@@ -127,6 +127,9 @@ impl SqliteStore {
         let arguments: Vec<(Range<usize>, SqliteArguments)> = chunks(rows.len())
             .map(|range| (range.clone(), event_arguments(&rows[range], ingested_at_us)))
             .collect();
+        // Rolled up as if every row were new, also before the writer is taken; recomputed from
+        // the stored rows only if some turn out to be duplicates.
+        let all_new = rollup::aggregate(rows);
         // The connection is held until the cache is updated, so that the cache changes in the
         // order the transactions commit.
         let mut writer = self.writer.acquire().await.map_err(classify)?;
@@ -135,11 +138,13 @@ impl SqliteStore {
         for (range, arguments) in arguments {
             self.insert_chunk(&mut tx, &rows[range], arguments, ingested_at_us, &mut outcomes).await?;
         }
-        if outcomes.contains(&Outcome::Duplicate) {
+        let deltas = if outcomes.contains(&Outcome::Duplicate) {
             metrics::counter!("tally_dedup_path_total").increment(1);
-        }
-        let stored = rows.iter().zip(&outcomes).filter(|(_, outcome)| **outcome == Outcome::Stored);
-        let deltas = rollup::aggregate(stored.map(|(row, _)| row));
+            let stored = rows.iter().zip(&outcomes).filter(|(_, outcome)| **outcome == Outcome::Stored);
+            rollup::aggregate(stored.map(|(row, _)| row))
+        } else {
+            all_new
+        };
         let grown = rollups::grow(&mut tx, &self.statements, &self.rollup_cache, deltas).await;
         let committed = match grown {
             Ok(grown) => tx.commit().await.map(|()| grown).map_err(classify),
