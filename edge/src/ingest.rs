@@ -2,6 +2,7 @@
 //! durable mode) the commit's outcome per event.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sink::{EventRow, IngestQueue, Outcome, StoreError, Submission, SubmitError, WhenFull};
@@ -64,6 +65,19 @@ impl IngestError {
             IngestError::Storage(error) => error.code(),
         }
     }
+}
+
+/// Set only by `tally-edge --bench-skip-pricing-and-validation`. A process-wide switch rather
+/// than a field of [`EdgeConfig`](crate::EdgeConfig) threaded into [`Ingestor::new`], so that a
+/// benchmark-only knob changes no constructor; read once per request, never per event.
+static BENCH_SKIP_PRICING_AND_VALIDATION: AtomicBool = AtomicBool::new(false);
+
+/// For benchmarks only: from now on, [`Ingestor::prepare`] in this process neither checks events
+/// against the tenant's service registry nor prices them (rows are stored unpriced: cost NULL,
+/// no rule ids). Time window, dedup and rollups stay on. It exists to measure what validation
+/// and pricing cost on the ingest path; nothing else may call it.
+pub fn bench_skip_pricing_and_validation() {
+    BENCH_SKIP_PRICING_AND_VALIDATION.store(true, Ordering::Relaxed);
 }
 
 /// Delay suggested to clients refused because the queue is full.
@@ -152,49 +166,18 @@ impl Ingestor {
 
     /// Checks each event (decoded and protocol-validated by the caller, or refused with its
     /// error) against the tenant's registry and time window, prices it, and makes rows of the
-    /// good ones.
+    /// good ones. Under [`bench_skip_pricing_and_validation`] the registry check and pricing
+    /// are left out.
     pub fn prepare(
         &self,
         context: &TenantContext,
         over_quota: bool,
         events: impl IntoIterator<Item = Result<Event, EventError>>,
     ) -> Prepared {
-        let now_us = now_us();
-        let window = TimeWindow {
-            late: Duration::from_secs(u64::from(context.settings.late_window_seconds)),
-            ahead: Duration::from_secs(u64::from(context.settings.future_window_seconds)),
+        let prepared = match BENCH_SKIP_PRICING_AND_VALIDATION.load(Ordering::Relaxed) {
+            false => prepare_rows::<true>(context, over_quota, events),
+            true => prepare_rows::<false>(context, over_quota, events),
         };
-        let oldest_us = now_us - window.late.as_micros() as i64;
-        let newest_us = now_us + window.ahead.as_micros() as i64;
-        let mut prepared = Prepared::default();
-        let mut price = pricing::EventPrice::default();
-        for event in events {
-            let checked = event.and_then(|event| {
-                context.registry.check(&event)?;
-                check_window(event.timestamp_us, oldest_us, newest_us, &window)?;
-                Ok(event)
-            });
-            match checked {
-                Ok(event) => {
-                    context.prices.price_event_into(&event, &mut price);
-                    let mut row = EventRow::new(context.tenant_id, event, price.cost);
-                    row.price_rule_ids.extend_from_slice(&price.rule_ids);
-                    if price.cost.is_none() {
-                        metrics::counter!("tally_events_unpriced_total").increment(1);
-                    }
-                    if over_quota {
-                        row.flags |= sink::FLAG_OVER_QUOTA;
-                    }
-                    prepared.cost += price.cost.unwrap_or_default();
-                    prepared.rows.push(row);
-                    prepared.slots.push(Ok(()));
-                }
-                Err(error) => {
-                    metrics::counter!("tally_events_rejected_total", "cause" => "invalid_event").increment(1);
-                    prepared.slots.push(Err((ErrorCode::InvalidEvent, error.to_string())));
-                }
-            }
-        }
         metrics::counter!("tally_events_received_total").increment(prepared.slots.len() as u64);
         context.record(prepared.rows.len() as i64, prepared.cost);
         prepared
@@ -237,6 +220,56 @@ impl Ingestor {
             .map_err(IngestError::Storage)?;
         Ok(Prepared::statuses(slots, Some(outcomes)))
     }
+}
+
+/// [`Ingestor::prepare`]'s loop; `PRICE_AND_VALIDATE` is false only when benchmarking, and is a
+/// constant so that the normal loop carries no per-event test of it.
+fn prepare_rows<const PRICE_AND_VALIDATE: bool>(
+    context: &TenantContext,
+    over_quota: bool,
+    events: impl IntoIterator<Item = Result<Event, EventError>>,
+) -> Prepared {
+    let now_us = now_us();
+    let window = TimeWindow {
+        late: Duration::from_secs(u64::from(context.settings.late_window_seconds)),
+        ahead: Duration::from_secs(u64::from(context.settings.future_window_seconds)),
+    };
+    let oldest_us = now_us - window.late.as_micros() as i64;
+    let newest_us = now_us + window.ahead.as_micros() as i64;
+    let mut prepared = Prepared::default();
+    let mut price = pricing::EventPrice::default();
+    for event in events {
+        let checked = event.and_then(|event| {
+            if PRICE_AND_VALIDATE {
+                context.registry.check(&event)?;
+            }
+            check_window(event.timestamp_us, oldest_us, newest_us, &window)?;
+            Ok(event)
+        });
+        match checked {
+            Ok(event) => {
+                if PRICE_AND_VALIDATE {
+                    context.prices.price_event_into(&event, &mut price);
+                }
+                let mut row = EventRow::new(context.tenant_id, event, price.cost);
+                row.price_rule_ids.extend_from_slice(&price.rule_ids);
+                if PRICE_AND_VALIDATE && price.cost.is_none() {
+                    metrics::counter!("tally_events_unpriced_total").increment(1);
+                }
+                if over_quota {
+                    row.flags |= sink::FLAG_OVER_QUOTA;
+                }
+                prepared.cost += price.cost.unwrap_or_default();
+                prepared.rows.push(row);
+                prepared.slots.push(Ok(()));
+            }
+            Err(error) => {
+                metrics::counter!("tally_events_rejected_total", "cause" => "invalid_event").increment(1);
+                prepared.slots.push(Err((ErrorCode::InvalidEvent, error.to_string())));
+            }
+        }
+    }
+    prepared
 }
 
 fn check_window(

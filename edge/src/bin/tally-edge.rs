@@ -129,6 +129,12 @@ struct ServeArgs {
     /// Seconds a graceful shutdown may take.
     #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     shutdown_timeout_secs: u64,
+    /// Benchmarks only: skip the service-registry check and pricing of every event, storing
+    /// events unpriced. It exists only to measure what validation and pricing cost on the ingest
+    /// path (`tally-load ratio --edge-arg=--bench-skip-pricing-and-validation`); never in
+    /// production. Hidden, and deliberately without an environment variable.
+    #[arg(long, hide = true)]
+    bench_skip_pricing_and_validation: bool,
 }
 
 impl ServeArgs {
@@ -191,7 +197,17 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(cli: &Cli, storage: &Storage) -> anyhow::Result<()> {
     match &cli.command {
-        None => serve(storage, cli.serve.config()).await,
+        None => {
+            if cli.serve.bench_skip_pricing_and_validation {
+                tracing::warn!(
+                    "BENCHMARK MODE (--bench-skip-pricing-and-validation): events are NOT checked \
+                     against the service registry and NOT priced; they are stored with cost NULL. \
+                     Never run this in production"
+                );
+                edge::ingest::bench_skip_pricing_and_validation();
+            }
+            serve(storage, cli.serve.config()).await
+        }
         Some(Command::Migrate) => {
             storage.migrate().await?;
             storage.store.maintain(&cli.serve.config().retention_with_window()).await?;
