@@ -8,6 +8,7 @@
 //! the range's ends plus one hour per straddled boundary). SQL text is assembled only from
 //! fixed fragments chosen by allow-listed enums; every user value is a bound parameter.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::str::FromStr;
 use std::time::Duration;
@@ -285,13 +286,31 @@ impl Backend for PgBackend {
             let plan = GroupingPlan::new(query);
             let straddled = self.straddled_hours(query).await?;
             let sql = aggregate_sql(query, &plan, !straddled.is_empty());
-            let rows = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(classify)?;
+            let sums = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled).fetch_all(&self.pool);
+            let count_apart = query.measures.unique_users && !groups_by_users(query);
+            let (rows, user_counts) = if count_apart {
+                let sql = unique_users_sql(query, &plan, !straddled.is_empty());
+                let counts =
+                    bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled).fetch_all(&self.pool);
+                tokio::try_join!(sums, counts).map_err(classify)?
+            } else {
+                (sums.await.map_err(classify)?, Vec::new())
+            };
+            let mut unique_users = HashMap::with_capacity(user_counts.len());
+            for row in &user_counts {
+                let count: i64 = row.try_get("unique_users").map_err(classify)?;
+                unique_users.insert(group_key(row, &plan).map_err(classify)?, count);
+            }
             rows.iter()
-                .map(|row| aggregate_row(row, query, &plan))
-                .collect::<Result<_, _>>()
+                .map(|row| {
+                    let mut row = aggregate_row(row, query, &plan)?;
+                    if count_apart {
+                        let count = unique_users.get(&(row.set, row.key.clone())).copied().unwrap_or(0);
+                        row.stats.unique_users = Some(count);
+                    }
+                    Ok(row)
+                })
+                .collect::<Result<_, sqlx::Error>>()
                 .map_err(classify)
         })
     }
@@ -397,8 +416,10 @@ const RAW_BUCKET_SQL: &str = "CASE WHEN e.latency_us IS NULL THEN NULL WHEN e.la
 /// from raw events for the rest (the partial hours before `$4` and after `$5`, and straddled
 /// hours), in one shape. Parameters: `$1` tenant, `$2`/`$3` range,
 /// `$4`/`$5` whole hours, `$6` time zone, `$7`..`$11` filters, `$12` custom metric name,
-/// `$13` limit, `$14` straddled hours.
-fn source_sql(histogram: bool, straddled: bool, users: bool) -> String {
+/// `$13` limit, `$14` straddled hours. [`Source::UserKeys`] selects only the key columns, so
+/// the per-user rollups are read by an index-only scan of their primary key.
+fn source_sql(histogram: bool, straddled: bool, source: Source) -> String {
+    let users = source != Source::PerService;
     let quantities = QUANTITY_NAMES.join(", ");
     let raw_quantities: Vec<String> =
         QUANTITY_NAMES.iter().map(|name| format!("coalesce(e.{name}, 0) AS {name}")).collect();
@@ -416,7 +437,7 @@ fn source_sql(histogram: bool, straddled: bool, users: bool) -> String {
         (String::new(), String::new())
     };
     let mut sql = String::from("WITH ");
-    let raw_select = format!(
+    let mut raw_select = format!(
         "SELECT e.occurred_at, e.service_type, e.service_provider, coalesce(e.model, ''), e.user_id, e.event_type, \
            1::bigint, (e.status = 1)::int::bigint, {raw_quantities}, coalesce(e.custom_quantities, '{{}}'::jsonb), \
            coalesce(e.cost, 0), (e.cost IS NULL)::int::bigint, (e.latency_us IS NOT NULL)::int::bigint, \
@@ -426,15 +447,25 @@ fn source_sql(histogram: bool, straddled: bool, users: bool) -> String {
     let raw_filter = "($7::text IS NULL OR e.service_type = $7::text) AND ($8::text IS NULL OR e.service_provider = $8::text) \
         AND ($9::text IS NULL OR e.user_id = $9::text) AND ($10::text IS NULL OR coalesce(e.model, '') = $10::text) \
         AND ($11::text IS NULL OR e.event_type = $11::text)";
-    let raw_bucket = format!("CROSS JOIN LATERAL (SELECT {RAW_BUCKET_SQL} AS b) lb");
+    let mut raw_bucket = format!("CROSS JOIN LATERAL (SELECT {RAW_BUCKET_SQL} AS b) lb");
+    let mut rollup_values = format!(
+        ", event_count, error_count, {quantities}, custom_quantities, cost, unpriced_count, latency_count, \
+         latency_sum_us, latency_max_us{rollup_buckets}"
+    );
+    if source == Source::UserKeys {
+        raw_select =
+            "SELECT e.occurred_at, e.service_type, e.service_provider, coalesce(e.model, ''), e.user_id, \
+            e.event_type"
+                .to_owned();
+        raw_bucket = String::new();
+        rollup_values = String::new();
+    }
     // Each raw part is its own range scan of the (tenant_id, occurred_at) index, so only the
     // partitions of those hours are read.
     let _ = write!(
         sql,
         "src AS ( \
-           SELECT r.hour AS at, service_type, service_provider, model, {rollup_user} AS user_id, event_type, event_count, \
-             error_count, {quantities}, custom_quantities, cost, unpriced_count, latency_count, latency_sum_us, \
-             latency_max_us{rollup_buckets} \
+           SELECT r.hour AS at, service_type, service_provider, model, {rollup_user} AS user_id, event_type{rollup_values} \
            FROM {rollup_table} r \
            WHERE r.tenant_id = $1 AND r.hour >= $4::timestamptz AND r.hour < $5::timestamptz{straddle_filter} \
              AND ($7::text IS NULL OR r.service_type = $7::text) AND ($8::text IS NULL OR r.service_provider = $8::text) \
@@ -462,14 +493,40 @@ fn source_sql(histogram: bool, straddled: bool, users: bool) -> String {
     sql
 }
 
-/// Whether a query needs the per-user rollups: it groups by, filters on, counts or ranks users.
-/// Every other aggregate reads `usage_rollup_service_hourly`, the same sums without the user,
-/// which has one row per user fewer for every hour and service.
-fn needs_users(query: &AggregateQuery) -> bool {
+/// What `src` reads its whole hours from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// `usage_rollup_hourly`, every column.
+    PerUser,
+    /// `usage_rollup_service_hourly`: the same sums without the user.
+    PerService,
+    /// `usage_rollup_hourly`, only the key columns (for counting distinct users).
+    UserKeys,
+}
+
+/// Whether a query's groups depend on users: it groups by, filters on or ranks by them. Such a
+/// query reads the per-user rollups for everything. Any other query reads its sums from
+/// `usage_rollup_service_hourly` (one row per hour and service instead of one per user too) and,
+/// if it counts distinct users, counts them in a second statement over the per-user rollups'
+/// keys only ([`Source::UserKeys`]).
+fn groups_by_users(query: &AggregateQuery) -> bool {
     query.filter.user_id.is_some()
-        || query.measures.unique_users
         || query.grouping_sets.iter().flatten().any(|dimension| *dimension == Dimension::UserId)
         || matches!(query.top, Some((Metric::UniqueUsers, _)))
+}
+
+/// `count(DISTINCT user_id)` per group, over the per-user rollups' keys and raw events.
+fn unique_users_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
+    let mut sql = source_sql(false, straddled, Source::UserKeys);
+    sql.push_str("SELECT ");
+    sql.push_str(&dimension_columns_sql(query, plan));
+    if let (Some(period), true) = (query.period, plan.dimensions.contains(&Dimension::Period)) {
+        let start = dimension_sql(Dimension::Period, query.period);
+        let _ = write!(sql, "{} AS period_end, ", period_end_sql(period, &start));
+    }
+    sql.push_str("count(DISTINCT user_id) AS unique_users FROM src");
+    sql.push_str(&group_by_sql(query, plan, None));
+    sql
 }
 
 /// Which dimensions a statement groups on, and how rows map back to grouping sets.
@@ -560,7 +617,8 @@ fn metric_column(metric: &Metric) -> String {
 
 fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
     let measures = &query.measures;
-    let mut sql = source_sql(measures.latency_histogram, straddled, needs_users(query));
+    let source = if groups_by_users(query) { Source::PerUser } else { Source::PerService };
+    let mut sql = source_sql(measures.latency_histogram, straddled, source);
     sql.push_str("SELECT g.*");
     if let (Some(period), true) = (query.period, plan.dimensions.contains(&Dimension::Period)) {
         let _ = write!(sql, ", {} AS period_end", period_end_sql(period, "g.period_start"));
@@ -587,7 +645,7 @@ fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -
          coalesce(max(latency_max_us), 0)::bigint AS latency_max_us, \
          NOT coalesce(bool_or(custom_quantities <> '{}'::jsonb), false) AS no_custom_quantities",
     );
-    if measures.unique_users {
+    if measures.unique_users && source == Source::PerUser {
         sql.push_str(", count(DISTINCT user_id) AS unique_users");
     }
     if measures.latency_histogram {
@@ -613,7 +671,8 @@ fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -
 }
 
 fn custom_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
-    let mut sql = source_sql(false, straddled, needs_users(query));
+    let source = if groups_by_users(query) { Source::PerUser } else { Source::PerService };
+    let mut sql = source_sql(false, straddled, source);
     sql.push_str("SELECT ");
     sql.push_str(&dimension_columns_sql(query, plan));
     if let (Some(period), true) = (query.period, plan.dimensions.contains(&Dimension::Period)) {
@@ -664,7 +723,10 @@ fn aggregate_row(
     let stats = Stats {
         event_count: row.try_get("event_count")?,
         error_count: row.try_get("error_count")?,
-        unique_users: if query.measures.unique_users { Some(row.try_get("unique_users")?) } else { None },
+        unique_users: match query.measures.unique_users && groups_by_users(query) {
+            true => Some(row.try_get("unique_users")?),
+            false => None,
+        },
         quantities,
         cost: row.try_get("cost")?,
         unpriced_count: row.try_get("unpriced_count")?,
