@@ -143,20 +143,24 @@ pub async fn by_service(
     let top_users = parse_u32("top_users", params.top_users.as_deref(), 5, 1, 50)? as usize;
     let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
     let service = vec![Dimension::ServiceType, Dimension::ServiceProvider];
+    // Two questions, asked at once: totals and services (with distinct users), and sums per
+    // user of each service for the top users (per-user rows, so kept as lean as possible).
     let query = AggregateQuery {
         scope,
         filter: Filter::default(),
         period: None,
-        grouping_sets: vec![
-            vec![],
-            service.clone(),
-            vec![Dimension::ServiceType, Dimension::ServiceProvider, Dimension::UserId],
-        ],
+        grouping_sets: vec![vec![], service.clone()],
         measures: Measures { unique_users: true, latency_histogram: false, custom_metric: None },
         top: None,
     };
+    let per_user = AggregateQuery {
+        grouping_sets: vec![vec![Dimension::ServiceType, Dimension::ServiceProvider, Dimension::UserId]],
+        measures: Measures::default(),
+        ..query.clone()
+    };
     cached(&state, &caller, "by-service", &(&query, limit, top_users), || async {
-        let rows = state.backend.aggregate(&query).await?;
+        let (rows, user_rows) =
+            tokio::try_join!(state.backend.aggregate(&query), state.backend.aggregate(&per_user))?;
         let totals = total_of(&rows, 0);
         let mut services: Vec<&AggregateRow> = rows_of(&rows, 1).collect();
         services
@@ -165,7 +169,7 @@ pub async fn by_service(
             .into_iter()
             .take(limit)
             .map(|service| {
-                let mut users: Vec<&AggregateRow> = rows_of(&rows, 2)
+                let mut users: Vec<&AggregateRow> = rows_of(&user_rows, 0)
                     .filter(|user| {
                         user.key.service_type == service.key.service_type
                             && user.key.service_provider == service.key.service_provider
