@@ -141,7 +141,7 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 
 fn print_banner(storage: &str, http: SocketAddr, wire: SocketAddr, query: SocketAddr, key: &str) {
     println!(
-        "\nTally is running on {storage}.\n\n  ingest HTTP   http://{http}\n  ingest binary {wire}\n  query         http://{query}   (API docs: http://{query}/docs)\n\nDemo tenant \"{DEMO_TENANT}\", API key:\n  {key}\n\nStore an event:\n  curl -s http://{http}/api/v1/events -H 'X-API-Key: {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"user_id\":\"user-1\",\"service_type\":\"llm_service\",\"service_provider\":\"openai\",\"model\":\"gpt-4o\",\"input_tokens\":150,\"output_tokens\":75}}'\n\nList it:\n  curl -s 'http://{query}/api/v1/usage' -H 'X-API-Key: {key}'\n\nCtrl-C stops Tally; data stays for the next start.\n"
+        "\nTally is running on {storage}.\n\n  ingest HTTP   http://{http}\n  ingest binary {wire}\n  query         http://{query}   (API docs: http://{query}/docs)\n\nDemo tenant \"{DEMO_TENANT}\", API key:\n  {key}\n\nStore an event:\n  curl -s http://{http}/api/v1/events -H 'X-API-Key: {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"user_id\":\"user-1\",\"service_type\":\"llm_service\",\"service_provider\":\"openai\",\"model\":\"gpt-4o\",\"input_tokens\":150,\"output_tokens\":75}}'\n\nList it:\n  curl -s 'http://{query}/api/v1/usage' -H 'X-API-Key: {key}'\n\nThis month's bill:\n  curl -s 'http://{query}/api/v1/billing/summary' -H 'X-API-Key: {key}'\n\nCtrl-C stops Tally; data stays for the next start.\n"
     );
 }
 
