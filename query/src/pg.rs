@@ -515,15 +515,22 @@ fn groups_by_users(query: &AggregateQuery) -> bool {
         || matches!(query.top, Some((Metric::UniqueUsers, _)))
 }
 
-/// `count(DISTINCT user_id)` per group, over the per-user rollups' keys and raw events.
-fn unique_users_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
-    let mut sql = source_sql(false, straddled, Source::UserKeys);
-    sql.push_str("SELECT ");
-    sql.push_str(&dimension_columns_sql(query, plan));
+/// The dimension columns of a statement grouping `src` directly, with `period_end` when it
+/// groups by period.
+fn group_columns_sql(query: &AggregateQuery, plan: &GroupingPlan) -> String {
+    let mut sql = dimension_columns_sql(query, plan);
     if let (Some(period), true) = (query.period, plan.dimensions.contains(&Dimension::Period)) {
         let start = dimension_sql(Dimension::Period, query.period);
         let _ = write!(sql, "{} AS period_end, ", period_end_sql(period, &start));
     }
+    sql
+}
+
+/// `count(DISTINCT user_id)` per group, over the per-user rollups' keys and raw events.
+fn unique_users_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
+    let mut sql = source_sql(false, straddled, Source::UserKeys);
+    sql.push_str("SELECT ");
+    sql.push_str(&group_columns_sql(query, plan));
     sql.push_str("count(DISTINCT user_id) AS unique_users FROM src");
     sql.push_str(&group_by_sql(query, plan, None));
     sql
@@ -674,11 +681,7 @@ fn custom_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> S
     let source = if groups_by_users(query) { Source::PerUser } else { Source::PerService };
     let mut sql = source_sql(false, straddled, source);
     sql.push_str("SELECT ");
-    sql.push_str(&dimension_columns_sql(query, plan));
-    if let (Some(period), true) = (query.period, plan.dimensions.contains(&Dimension::Period)) {
-        let start = dimension_sql(Dimension::Period, query.period);
-        let _ = write!(sql, "{} AS period_end, ", period_end_sql(period, &start));
-    }
+    sql.push_str(&group_columns_sql(query, plan));
     sql.push_str("kv.key AS name, sum(kv.value::numeric) AS value ");
     sql.push_str("FROM src CROSS JOIN LATERAL jsonb_each_text(src.custom_quantities) AS kv ");
     sql.push_str("WHERE src.custom_quantities <> '{}'::jsonb");
