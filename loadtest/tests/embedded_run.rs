@@ -7,6 +7,8 @@
 //! starts: `cargo test -p loadtest` does not build another package's binaries, so a child could
 //! be missing or stale. `tally-load --spawn --embedded` itself is what BENCHMARKS.md runs.
 
+mod common;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +20,8 @@ use loadtest::progress::Progress;
 use loadtest::spawn::ScratchDir;
 use loadtest::verify::{self, Database, Scope};
 use loadtest::{RunPlan, run_and_report};
+use sink::Store;
 use sink::sqlite::{DATABASE_FILE_NAME, SqliteStore};
-use sink::{NewApiKey, Store};
 use sqlx::{ConnectOptions, Connection};
 
 /// An edge on loopback over a fresh SQLite file, and keys for `tenants` tenants.
@@ -36,26 +38,8 @@ impl EmbeddedEdge {
         let dir = ScratchDir::create()?;
         let path = dir.path().join(DATABASE_FILE_NAME);
         let store = Arc::new(SqliteStore::open(&path).await?);
-        let config = edge::EdgeConfig {
-            wire_addr: "127.0.0.1:0".parse()?,
-            http_addr: "127.0.0.1:0".parse()?,
-            ..edge::EdgeConfig::default()
-        };
-        let mut keys = Vec::new();
-        for index in 0..tenants {
-            let tenant = store.create_tenant(&format!("load-{index}")).await?;
-            let key = edge::auth::generate_api_key();
-            let new_key = NewApiKey {
-                tenant_id: tenant.id,
-                key_hash: sink::hash_api_key(&key),
-                prefix: key[..12].to_owned(),
-                scopes: vec![sink::Scope::Ingest],
-                label: None,
-                expires_at_us: None,
-            };
-            store.create_api_key(&new_key).await?;
-            keys.push(key);
-        }
+        let config = common::loopback_config()?;
+        let keys = common::tenants_with_ingest_keys(store.as_ref(), tenants).await?;
         let edge = edge::start(config, store as Arc<dyn Store>).await?;
         Ok(EmbeddedEdge { edge, keys, database: Database::Sqlite(path), _dir: dir })
     }

@@ -2,6 +2,8 @@
 //! PostgreSQL, loaded for a second or two, then verified end to end. Also proves verification
 //! can fail: a lost row and a wrong rollup are caught.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +13,8 @@ use loadtest::load::{LoadOptions, Mode, Target};
 use loadtest::progress::Progress;
 use loadtest::verify::{self, Database, Scope};
 use loadtest::{RunPlan, RunResult, run_and_report};
+use sink::Store;
 use sink::pg::{PgOptions, PgStore};
-use sink::{NewApiKey, Store};
 
 /// An edge on loopback over a fresh, migrated database, and keys for `tenants` tenants.
 struct InProcessEdge {
@@ -26,27 +28,9 @@ impl InProcessEdge {
         let database = tests::postgres().await.fresh_database().await?;
         let store = Arc::new(PgStore::connect_lazy(&database.url, &PgOptions::default())?);
         store.migrate().await?;
-        let config = edge::EdgeConfig {
-            wire_addr: "127.0.0.1:0".parse()?,
-            http_addr: "127.0.0.1:0".parse()?,
-            ..edge::EdgeConfig::default()
-        };
+        let config = common::loopback_config()?;
         store.maintain(&config.retention_with_window()).await?;
-        let mut keys = Vec::new();
-        for index in 0..tenants {
-            let tenant = store.create_tenant(&format!("load-{index}")).await?;
-            let key = edge::auth::generate_api_key();
-            let new_key = NewApiKey {
-                tenant_id: tenant.id,
-                key_hash: sink::hash_api_key(&key),
-                prefix: key[..12].to_owned(),
-                scopes: vec![sink::Scope::Ingest],
-                label: None,
-                expires_at_us: None,
-            };
-            store.create_api_key(&new_key).await?;
-            keys.push(key);
-        }
+        let keys = common::tenants_with_ingest_keys(store.as_ref(), tenants).await?;
         let edge = edge::start(config, store as Arc<dyn Store>).await?;
         Ok(InProcessEdge { database, edge, keys })
     }

@@ -89,9 +89,11 @@ pub async fn summary(
             state.backend.custom_quantities(&query),
             state.backend.price_rules(caller.tenant_id),
         )?;
-        let book =
-            pricing::tenant_price_book(&pricing::catalog_rules(), rules.iter().map(|rule| rule.as_stored()))
-                .map_err(|error| ApiError::Internal(format!("the tenant's price book: {error}")))?;
+        let book = pricing::tenant_price_book(
+            &pricing::catalog::catalog().rules,
+            rules.iter().map(|rule| rule.as_stored()),
+        )
+        .map_err(|error| ApiError::Internal(format!("the tenant's price book: {error}")))?;
         let mut custom_by_group: HashMap<&GroupKey, Vec<(&str, Decimal)>> = HashMap::new();
         for row in &custom {
             custom_by_group.entry(&row.key).or_default().push((&row.name, row.value));
@@ -194,10 +196,9 @@ struct RuleUsage {
     groups: BTreeSet<ServiceKey>,
 }
 
-/// A per-event rule's units in one rollup group.
+/// A per-event rule's part of one rollup group's cost.
 struct PerEventPart {
     rule_id: Uuid,
-    units: Decimal,
     cost: Decimal,
 }
 
@@ -247,7 +248,7 @@ impl MonthUsage {
                 rule_usage.groups.insert(service.clone());
                 if let Some(charge) = rule.method.event_charge(units) {
                     let cost = charge.round_dp(COST_DECIMAL_PLACES);
-                    parts.push(PerEventPart { rule_id: rule.id, units, cost });
+                    parts.push(PerEventPart { rule_id: rule.id, cost });
                 }
             }
             usage.attribute(row.stats.cost, &mut parts);
@@ -267,7 +268,6 @@ impl MonthUsage {
         let recomputed: Decimal = parts.iter().map(|part| part.cost).sum();
         parts[largest].cost += stored - recomputed;
         for part in parts.iter() {
-            debug_assert!(!part.units.is_zero());
             self.rules.entry(part.rule_id).or_default().per_event_cost += part.cost;
         }
     }
@@ -313,10 +313,11 @@ impl MonthUsage {
             }
             rules.push(BillingRuleLine {
                 rule_id: rule.id.to_string(),
-                source: serde_json::to_value(rule.source)
-                    .ok()
-                    .and_then(|value| value.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
+                source: match rule.source {
+                    pricing::RuleSource::Tenant => "tenant",
+                    pricing::RuleSource::Catalog => "catalog",
+                }
+                .to_owned(),
                 service_type: rule.service_type.clone(),
                 service_provider: rule.service_provider.clone(),
                 model: rule.model.clone(),
@@ -331,25 +332,26 @@ impl MonthUsage {
                 total_cost: stats::money(line.total()),
             });
         }
-        let mut by_service: Vec<BillingServiceLine> = self
+        // Costliest first, ordered on the decimals before they become text.
+        let mut groups: Vec<(&ServiceKey, &GroupUsage, Decimal)> = self
             .groups
             .iter()
-            .map(|(key, group)| {
-                let period_charges = group_charges.get(key).copied().unwrap_or_default();
-                BillingServiceLine {
-                    service_type: key.0.clone(),
-                    service_provider: key.1.clone(),
-                    model: key.2.clone(),
-                    event_count: group.event_count,
-                    unpriced_event_count: group.unpriced_count,
-                    usage_cost: stats::money(group.cost),
-                    period_charges: stats::money(period_charges),
-                    total_cost: stats::money(group.cost + period_charges),
-                }
+            .map(|(key, group)| (key, group, group_charges.get(key).copied().unwrap_or_default()))
+            .collect();
+        groups.sort_by_key(|(_, group, period_charges)| std::cmp::Reverse(group.cost + period_charges));
+        let by_service = groups
+            .into_iter()
+            .map(|(key, group, period_charges)| BillingServiceLine {
+                service_type: key.0.clone(),
+                service_provider: key.1.clone(),
+                model: key.2.clone(),
+                event_count: group.event_count,
+                unpriced_event_count: group.unpriced_count,
+                usage_cost: stats::money(group.cost),
+                period_charges: stats::money(period_charges),
+                total_cost: stats::money(group.cost + period_charges),
             })
             .collect();
-        by_service
-            .sort_by_key(|line| std::cmp::Reverse(line.total_cost.parse::<Decimal>().unwrap_or_default()));
         let projection = match elapsed {
             Some(fraction) => Some(self.projection(book, fraction)?),
             None => None,
