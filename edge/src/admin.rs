@@ -65,6 +65,15 @@ fn storage(error: sink::StoreError) -> ApiError {
     }
 }
 
+/// Refuses text that storage cannot hold or that would confuse a reader: NUL and other control
+/// characters (PostgreSQL refuses NUL outright).
+fn check_text(field: &str, text: &str) -> Result<(), ApiError> {
+    if text.chars().any(char::is_control) {
+        return Err(invalid(format!("{field}: must not contain control characters (such as NUL)")));
+    }
+    Ok(())
+}
+
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|error| invalid(format!("invalid body: {error}")))
 }
@@ -113,6 +122,10 @@ async fn create_tenant(
     if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
         return Err(invalid("name: must be 1 to 64 characters without control characters"));
     }
+    // Tenants are found by name or id; a name that reads as an id would make that ambiguous.
+    if Uuid::parse_str(name).is_ok() {
+        return Err(invalid("name: must not be a UUID (tenants are also found by id)"));
+    }
     let tenant = state.store.create_tenant(name).await.map_err(storage)?;
     Ok((StatusCode::CREATED, Json(json!({"id": tenant.id, "name": tenant.name, "disabled": false})))
         .into_response())
@@ -148,7 +161,7 @@ async fn set_disabled(
     let tenant = tenant_by_path(state, tenant).await?;
     state.store.set_tenant_disabled(tenant.id, disabled).await.map_err(storage)?;
     state.ingestor.tenants().invalidate(tenant.id);
-    state.auth.forget_all();
+    state.auth.forget_tenant(tenant.id);
     Ok(Json(json!({"id": tenant.id, "name": tenant.name, "disabled": disabled})))
 }
 
@@ -202,6 +215,9 @@ async fn new_key(state: &EdgeState, tenant_id: Uuid, request: KeyRequest) -> Res
     }
     if request.label.as_ref().is_some_and(|label| label.len() > 200) {
         return Err(invalid("label: at most 200 bytes"));
+    }
+    if let Some(label) = &request.label {
+        check_text("label", label)?;
     }
     let key = generate_api_key();
     let new_key = NewApiKey {
@@ -265,7 +281,7 @@ async fn revoke_key(
     if !state.store.revoke_api_key(caller.tenant_id, id).await.map_err(storage)? {
         return Err(not_found(format!("no key {id}")));
     }
-    state.auth.forget_all();
+    state.auth.forget_key(id);
     Ok(Json(json!({"id": id, "revoked": true})))
 }
 
@@ -291,8 +307,27 @@ async fn put_settings(
     if settings.rate_limit_burst.is_some() && settings.rate_limit_per_second.is_none() {
         return Err(invalid("rate_limit_burst: needs rate_limit_per_second"));
     }
-    if settings.late_window_seconds > 400 * 86_400 {
-        return Err(invalid("late_window_seconds: at most 400 days"));
+    // Storage keeps partitions for the edge's widest window only: a wider tenant window would
+    // accept events that could never be stored.
+    let window_max = state.ingestor.window_max();
+    if u64::from(settings.late_window_seconds) > window_max.late.as_secs() {
+        return Err(invalid(format!(
+            "late_window_seconds: at most {} (the edge's late-event window)",
+            window_max.late.as_secs()
+        )));
+    }
+    if u64::from(settings.future_window_seconds) > window_max.ahead.as_secs() {
+        return Err(invalid(format!(
+            "future_window_seconds: at most {} (the edge's early-event window)",
+            window_max.ahead.as_secs()
+        )));
+    }
+    check_text("time_zone", &settings.time_zone)?;
+    if settings.time_zone.is_empty() || settings.time_zone.len() > 64 {
+        return Err(invalid("time_zone: must be an IANA time zone name such as Europe/Paris"));
+    }
+    if settings.monthly_cost_quota.is_some_and(|quota| quota.is_sign_negative()) {
+        return Err(invalid("monthly_cost_quota: must not be negative"));
     }
     state.store.update_tenant_settings(caller.tenant_id, &settings).await.map_err(storage)?;
     state.ingestor.tenants().invalidate(caller.tenant_id);
@@ -304,8 +339,9 @@ async fn list_prices(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let caller = admin(&state, &headers).await?;
-    let rules = state.store.list_price_rules(caller.tenant_id).await.map_err(storage)?;
-    let rules: Vec<Value> = rules.iter().map(price_json).collect();
+    let stored = state.store.list_price_rules(caller.tenant_id).await.map_err(storage)?;
+    let (_, problems) = crate::tenants::price_book(state.ingestor.tenants().catalog(), &stored);
+    let rules: Vec<Value> = stored.iter().map(price_json).collect();
     let catalog: Vec<Value> = state
         .ingestor
         .tenants()
@@ -313,7 +349,8 @@ async fn list_prices(
         .iter()
         .map(|rule| json!({"id": rule.id, "source": "catalog", "rule": pricing::PriceRuleSpec::from_rule(rule)}))
         .collect();
-    Ok(Json(json!({"rules": rules, "catalog": catalog})))
+    // Rules left out of the book, or ties decided by it: retire the rules named to repair them.
+    Ok(Json(json!({"rules": rules, "catalog": catalog, "problems": problems})))
 }
 
 fn price_json(rule: &StoredPriceRule) -> Value {
@@ -370,16 +407,15 @@ async fn create_price(
             (rule.effective_from_us > old.effective_from_us).then_some(rule.effective_from_us);
     }
     existing.push(stored.clone());
-    crate::tenants::price_book(state.ingestor.tenants().catalog(), &existing)
-        .map_err(|error| invalid(error.to_string()))?;
-    if let Some(replaced) = request.replaces {
-        state
-            .store
-            .retire_price_rule(caller.tenant_id, replaced, rule.effective_from_us)
-            .await
-            .map_err(storage)?;
-    }
-    state.store.insert_price_rule(&stored).await.map_err(storage)?;
+    crate::tenants::check_price_change(state.ingestor.tenants().catalog(), &existing, &[id])
+        .map_err(invalid)?;
+    let retire: Vec<(Uuid, i64)> =
+        request.replaces.map(|replaced| (replaced, rule.effective_from_us)).into_iter().collect();
+    state
+        .store
+        .change_price_rules(caller.tenant_id, &retire, std::slice::from_ref(&stored))
+        .await
+        .map_err(storage)?;
     state.ingestor.tenants().invalidate(caller.tenant_id);
     Ok((StatusCode::CREATED, Json(price_json(&stored))).into_response())
 }
@@ -425,10 +461,15 @@ async fn rerate(
         return Err(invalid(format!("end_date: a re-rate covers at most {RERATE_RANGE_DAYS_MAX} days")));
     }
     let stored = state.store.list_price_rules(caller.tenant_id).await.map_err(storage)?;
-    let book = crate::tenants::price_book(state.ingestor.tenants().catalog(), &stored).map_err(storage)?;
-    let reprice = move |event: &wire::Event| {
-        let price = book.price_event(event);
-        Repriced { cost: price.cost, rule_ids: price.rule_ids }
+    let (book, _) = crate::tenants::price_book(state.ingestor.tenants().catalog(), &stored);
+    let reprice = move |event: &wire::Event| match book.price_event(event) {
+        Ok(price) => Repriced { cost: price.cost, rule_ids: price.rule_ids },
+        // Its cost under today's rules is past the bound of one event: stored unpriced (and so
+        // counted as unpriced in bills), never as a wrong amount.
+        Err(error) => {
+            tracing::warn!(event_id = %event.id(), %error, "re-rated event left unpriced");
+            Repriced { cost: None, rule_ids: Vec::new() }
+        }
     };
     let job =
         RerateRequest { tenant_id: caller.tenant_id, start_us, end_us, batch_events: RERATE_BATCH_EVENTS };
@@ -449,8 +490,8 @@ async fn rerate(
         let batch = state.store.rerate_batch(&job, after, &reprice).await.map_err(storage)?;
         run.events_scanned += batch.scanned;
         run.events_changed += batch.changed;
-        run.cost_before += batch.cost_before;
-        run.cost_after += batch.cost_after;
+        run.cost_before = sink::add_money(run.cost_before, batch.cost_before).map_err(storage)?;
+        run.cost_after = sink::add_money(run.cost_after, batch.cost_after).map_err(storage)?;
         match batch.last {
             Some(last) => after = Some(last),
             None => break,
@@ -580,21 +621,37 @@ async fn save_service(
         if field.name().is_empty() || field.name().len() > 64 {
             return Err(invalid(format!("fields[{index}]: names are 1 to 64 bytes")));
         }
+        check_text(&format!("fields[{index}]"), field.name())?;
     }
-    if create {
-        let existing = state.store.list_services(caller.tenant_id).await.map_err(storage)?;
-        if existing.iter().any(|service| service.service_type == service_type) {
-            return Err(ApiError::with_status(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!("{service_type} exists; use PUT to change it"),
-            ));
-        }
+    check_text("service_name", &body.service_name)?;
+    if let Some(description) = &body.description {
+        check_text("description", description)?;
     }
-    let rules = match &body.billing_config {
-        Some(config) => billing_config_rules(&service_type, config)?,
+    let services = state.store.list_services(caller.tenant_id).await.map_err(storage)?;
+    let previous = services.iter().find(|service| service.service_type == service_type);
+    if create && previous.is_some() {
+        return Err(ApiError::with_status(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("{service_type} exists; use PUT to change it"),
+        ));
+    }
+    // Everything is checked before anything is written: a refused billing_config saves nothing.
+    let current_hour_us = now_us().div_euclid(MICROS_PER_HOUR) * MICROS_PER_HOUR;
+    let inserts = match &body.billing_config {
+        Some(config) => billing_config_rules(&service_type, config)?
+            .into_iter()
+            .map(|spec| stored_rule(caller.tenant_id, spec, current_hour_us))
+            .collect::<Result<Vec<_>, _>>()?,
         None => Vec::new(),
     };
+    let stored = state.store.list_price_rules(caller.tenant_id).await.map_err(storage)?;
+    let previous_config = previous.and_then(|service| service.billing_config.as_ref());
+    let retire = owned_rules(&service_type, previous_config, body.billing_config.as_ref(), &stored, current_hour_us);
+    let after = rules_after(stored, &retire, &inserts);
+    let inserted: Vec<Uuid> = inserts.iter().map(|rule| rule.id).collect();
+    crate::tenants::check_price_change(state.ingestor.tenants().catalog(), &after, &inserted)
+        .map_err(|problem| invalid(format!("billing_config: {problem}")))?;
     let record = ServiceRecord {
         service_type: service_type.clone(),
         service_name: body.service_name,
@@ -605,26 +662,88 @@ async fn save_service(
         billing_config: body.billing_config,
     };
     let created = state.store.put_service(caller.tenant_id, &record).await.map_err(storage)?;
-    let current_hour_us = now_us().div_euclid(MICROS_PER_HOUR) * MICROS_PER_HOUR;
-    for spec in rules {
-        let id = Uuid::now_v7();
-        let rule = spec
-            .into_rule(id, pricing::RuleSource::Tenant, current_hour_us)
-            .map_err(|error| invalid(error.to_string()))?;
-        let definition = serde_json::to_value(pricing::PriceRuleSpec::from_rule(&rule)).unwrap_or_default();
-        let stored = StoredPriceRule {
-            id,
-            tenant_id: caller.tenant_id,
-            definition,
-            effective_from_us: rule.effective_from_us,
-            effective_until_us: None,
-            retired: false,
-        };
-        state.store.insert_price_rule(&stored).await.map_err(storage)?;
-    }
+    // The service's own rules change in one transaction: the previous ones end where the new
+    // ones start (a rule that started this hour is voided), so repeated PUTs never pile up rules
+    // that tie.
+    state.store.change_price_rules(caller.tenant_id, &retire, &inserts).await.map_err(storage)?;
     state.ingestor.tenants().invalidate(caller.tenant_id);
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(service_json(&record))).into_response())
+}
+
+/// A price rule from the admin shape, starting this hour.
+fn stored_rule(
+    tenant_id: Uuid,
+    spec: pricing::PriceRuleSpec,
+    current_hour_us: i64,
+) -> Result<StoredPriceRule, ApiError> {
+    let id = Uuid::now_v7();
+    let rule = spec
+        .into_rule(id, pricing::RuleSource::Tenant, current_hour_us)
+        .map_err(|error| invalid(format!("billing_config: {error}")))?;
+    let definition = serde_json::to_value(pricing::PriceRuleSpec::from_rule(&rule))
+        .map_err(|error| invalid(format!("billing_config: {error}")))?;
+    Ok(StoredPriceRule {
+        id,
+        tenant_id,
+        definition,
+        effective_from_us: rule.effective_from_us,
+        effective_until_us: None,
+        retired: false,
+    })
+}
+
+/// The rules a service's `billing_config` owns and a change of it retires: the tenant's rules
+/// still in force for the service type, per unit, with no provider or event type, whose (unit,
+/// model) the previous or the new configuration names. Each ends at `at_us`.
+fn owned_rules(
+    service_type: &str,
+    previous: Option<&Value>,
+    next: Option<&Value>,
+    stored: &[StoredPriceRule],
+    at_us: i64,
+) -> Vec<(Uuid, i64)> {
+    let slot = |spec: &pricing::PriceRuleSpec| (spec.unit.name().to_owned(), spec.model.clone());
+    let slots: Vec<(String, Option<String>)> = [previous, next]
+        .into_iter()
+        .flatten()
+        .filter_map(|config| billing_config_rules(service_type, config).ok())
+        .flatten()
+        .map(|spec| slot(&spec))
+        .collect();
+    stored
+        .iter()
+        .filter(|rule| !(rule.retired && rule.effective_until_us.is_none()))
+        .filter(|rule| rule.effective_until_us.is_none_or(|until| until > at_us))
+        .filter(|rule| {
+            serde_json::from_value::<pricing::PriceRuleSpec>(rule.definition.clone()).is_ok_and(|spec| {
+                spec.service_type == service_type
+                    && spec.service_provider.is_none()
+                    && spec.event_type.is_none()
+                    && matches!(spec.method, pricing::Method::PerUnit { .. })
+                    && slots.contains(&slot(&spec))
+            })
+        })
+        .map(|rule| (rule.id, at_us))
+        .collect()
+}
+
+/// The stored rules as they will be once `retire` and `insert` are applied, as the store applies
+/// them ([`sink::Store::retire_price_rule`]).
+fn rules_after(
+    mut stored: Vec<StoredPriceRule>,
+    retire: &[(Uuid, i64)],
+    insert: &[StoredPriceRule],
+) -> Vec<StoredPriceRule> {
+    for rule in &mut stored {
+        if let Some((_, at_us)) = retire.iter().find(|(id, _)| *id == rule.id) {
+            rule.retired = true;
+            rule.effective_until_us = (*at_us > rule.effective_from_us)
+                .then(|| rule.effective_until_us.map_or(*at_us, |until| until.min(*at_us)));
+        }
+    }
+    stored.extend_from_slice(insert);
+    stored
 }
 
 /// The older system's `billing_config {unit, calculation_method, rates}` as per-unit price rules:

@@ -65,6 +65,29 @@ impl Authenticator {
         self.cache.invalidate_all();
     }
 
+    /// Forgets one key (after its revocation), so the revocation applies at once on this edge,
+    /// open binary connections included (they check their key on every batch).
+    pub fn forget_key(&self, key_id: Uuid) {
+        self.forget_where(|key| key.id == key_id);
+    }
+
+    /// Forgets a tenant's keys (after the tenant was disabled or enabled).
+    pub fn forget_tenant(&self, tenant_id: Uuid) {
+        self.forget_where(|key| key.tenant_id == tenant_id);
+    }
+
+    fn forget_where(&self, matches: impl Fn(&ApiKey) -> bool) {
+        let stale: Vec<[u8; 32]> = self
+            .cache
+            .iter()
+            .filter(|(_, record)| record.as_deref().is_some_and(&matches))
+            .map(|(hash, _)| *hash)
+            .collect();
+        for hash in stale {
+            self.cache.invalidate(&hash);
+        }
+    }
+
     /// Checks `key` and that it carries `scope`.
     pub async fn authenticate(&self, key: Option<&str>, scope: Scope) -> Result<Caller, AuthError> {
         let key = key.map(str::trim).filter(|key| !key.is_empty()).ok_or(AuthError::Missing)?;

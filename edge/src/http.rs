@@ -112,18 +112,7 @@ impl From<IngestError> for ApiError {
             IngestError::QuotaExceeded(_) => None,
             IngestError::ShuttingDown | IngestError::Storage(_) => Some(1),
         };
-        let detail = match &error {
-            IngestError::Storage(store) if store.is_retryable() => {
-                tracing::warn!(error = %store, "ingest failed");
-                "storage is unavailable; nothing was stored, retry later".to_owned()
-            }
-            IngestError::Storage(store) => {
-                tracing::error!(error = %store, "ingest failed");
-                "internal error; nothing was stored".to_owned()
-            }
-            other => other.to_string(),
-        };
-        ApiError { retry_after_s, ..ApiError::new(error.code(), detail) }
+        ApiError { retry_after_s, ..ApiError::new(error.code(), error.public_message()) }
     }
 }
 
@@ -323,9 +312,18 @@ async fn ready(State(state): State<Arc<EdgeState>>) -> Response {
         "events_queued": queue.events_queued(),
         "events_max": queue.events_max(),
     });
-    let is_ready = storage["status"] == "ok" && !saturated;
+    let (down, stalled) =
+        (state.workers.workers_down(), state.workers.workers_stalled(state.config.batch.commit_timeout));
+    let workers = json!({
+        "status": if down + stalled == 0 { "ok" } else { "down" },
+        "workers": state.config.queue.shards,
+        "down": down,
+        "stalled": stalled,
+    });
+    let is_ready = storage["status"] == "ok" && !saturated && down + stalled == 0;
     let status = if is_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = json!({"status": if is_ready { "ready" } else { "not_ready" }, "components": {"storage": storage, "queue": queue_status}});
+    let body = json!({"status": if is_ready { "ready" } else { "not_ready" },
+        "components": {"storage": storage, "queue": queue_status, "sink_workers": workers}});
     (status, Json(body)).into_response()
 }
 

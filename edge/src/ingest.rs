@@ -57,6 +57,23 @@ pub enum IngestError {
 }
 
 impl IngestError {
+    /// What a client is told, over HTTP and the binary protocol alike: never the text of an
+    /// internal error (it is logged here, once, instead).
+    pub fn public_message(&self) -> String {
+        match self {
+            IngestError::Storage(store) if store.is_retryable() => {
+                tracing::warn!(error = %store, "ingest failed");
+                "storage is unavailable; nothing was stored, retry later".to_owned()
+            }
+            IngestError::Storage(StoreError::Invalid(detail)) => detail.clone(),
+            IngestError::Storage(store) => {
+                tracing::error!(error = %store, "ingest failed");
+                "internal error; nothing was stored".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             IngestError::Busy { .. } => ErrorCode::Busy,
@@ -79,6 +96,9 @@ static BENCH_SKIP_PRICING_AND_VALIDATION: AtomicBool = AtomicBool::new(false);
 pub fn bench_skip_pricing_and_validation() {
     BENCH_SKIP_PRICING_AND_VALIDATION.store(true, Ordering::Relaxed);
 }
+
+/// Why an event the database refused alone was not stored (its batch was).
+const STORAGE_REFUSED: &str = "storage refused this event alone; it was not stored (the other events were)";
 
 /// Delay suggested to clients refused because the queue is full.
 pub const BUSY_RETRY_AFTER_MS: u32 = 1000;
@@ -115,6 +135,10 @@ impl Prepared {
                 Ok(()) => match outcomes.as_mut().and_then(Iterator::next) {
                     Some(Outcome::Stored) => EventStatus::Stored,
                     Some(Outcome::Duplicate) => EventStatus::Duplicate,
+                    Some(Outcome::Rejected) => EventStatus::Rejected {
+                        code: ErrorCode::InvalidEvent,
+                        message: STORAGE_REFUSED.to_owned(),
+                    },
                     Some(Outcome::Spilled) | None => EventStatus::Accepted,
                 },
             })
@@ -127,11 +151,19 @@ impl Prepared {
 pub struct Ingestor {
     queue: Arc<IngestQueue>,
     tenants: Arc<Tenants>,
+    /// The widest window any tenant may have: storage has partitions for it (see
+    /// `EdgeConfig::retention_with_window`), so an event validation accepts can always be stored.
+    window_max: TimeWindow,
 }
 
 impl Ingestor {
-    pub fn new(queue: Arc<IngestQueue>, tenants: Arc<Tenants>) -> Ingestor {
-        Ingestor { queue, tenants }
+    pub fn new(queue: Arc<IngestQueue>, tenants: Arc<Tenants>, window_max: TimeWindow) -> Ingestor {
+        Ingestor { queue, tenants, window_max }
+    }
+
+    /// The widest late and early windows a tenant may set.
+    pub fn window_max(&self) -> TimeWindow {
+        self.window_max
     }
 
     pub fn queue(&self) -> &Arc<IngestQueue> {
@@ -174,9 +206,14 @@ impl Ingestor {
         over_quota: bool,
         events: impl IntoIterator<Item = Result<Event, EventError>>,
     ) -> Prepared {
+        let window = TimeWindow {
+            late: Duration::from_secs(u64::from(context.settings.late_window_seconds)).min(self.window_max.late),
+            ahead: Duration::from_secs(u64::from(context.settings.future_window_seconds))
+                .min(self.window_max.ahead),
+        };
         let prepared = match BENCH_SKIP_PRICING_AND_VALIDATION.load(Ordering::Relaxed) {
-            false => prepare_rows::<true>(context, over_quota, events),
-            true => prepare_rows::<false>(context, over_quota, events),
+            false => prepare_rows::<true>(context, window, over_quota, events),
+            true => prepare_rows::<false>(context, window, over_quota, events),
         };
         metrics::counter!("tally_events_received_total").increment(prepared.slots.len() as u64);
         context.record(prepared.rows.len() as i64, prepared.cost);
@@ -226,14 +263,11 @@ impl Ingestor {
 /// constant so that the normal loop carries no per-event test of it.
 fn prepare_rows<const PRICE_AND_VALIDATE: bool>(
     context: &TenantContext,
+    window: TimeWindow,
     over_quota: bool,
     events: impl IntoIterator<Item = Result<Event, EventError>>,
 ) -> Prepared {
     let now_us = now_us();
-    let window = TimeWindow {
-        late: Duration::from_secs(u64::from(context.settings.late_window_seconds)),
-        ahead: Duration::from_secs(u64::from(context.settings.future_window_seconds)),
-    };
     let oldest_us = now_us - window.late.as_micros() as i64;
     let newest_us = now_us + window.ahead.as_micros() as i64;
     let mut prepared = Prepared::default();
@@ -244,13 +278,16 @@ fn prepare_rows<const PRICE_AND_VALIDATE: bool>(
                 context.registry.check(&event)?;
             }
             check_window(event.timestamp_us, oldest_us, newest_us, &window)?;
+            if PRICE_AND_VALIDATE {
+                context.prices.price_event_into(&event, &mut price).map_err(|error| {
+                    metrics::counter!("tally_events_rejected_total", "cause" => "cost_out_of_range").increment(1);
+                    EventError::new("cost", error.to_string())
+                })?;
+            }
             Ok(event)
         });
         match checked {
             Ok(event) => {
-                if PRICE_AND_VALIDATE {
-                    context.prices.price_event_into(&event, &mut price);
-                }
                 let mut row = EventRow::new(context.tenant_id, event, price.cost);
                 row.price_rule_ids.extend_from_slice(&price.rule_ids);
                 if PRICE_AND_VALIDATE && price.cost.is_none() {
@@ -259,7 +296,8 @@ fn prepare_rows<const PRICE_AND_VALIDATE: bool>(
                 if over_quota {
                     row.flags |= sink::FLAG_OVER_QUOTA;
                 }
-                prepared.cost += price.cost.unwrap_or_default();
+                // Each cost is at most `pricing::EVENT_COST_MAX`, so a request's sum cannot overflow.
+                prepared.cost = prepared.cost.checked_add(price.cost.unwrap_or_default()).unwrap_or(rust_decimal::Decimal::MAX);
                 prepared.rows.push(row);
                 prepared.slots.push(Ok(()));
             }

@@ -37,6 +37,8 @@ pub struct EdgeState {
     pub auth: Authenticator,
     pub ingestor: Ingestor,
     pub metrics: PrometheusHandle,
+    /// Whether the sink workers are up and committing (`/ready`).
+    pub workers: Arc<sink::WorkerHealth>,
     next_shard: AtomicUsize,
 }
 
@@ -99,8 +101,9 @@ pub async fn start_with_routes(
     let tenants = Arc::new(Tenants::new(store.clone(), config.tenant_cache_ttl));
     let state = Arc::new(EdgeState {
         auth: Authenticator::new(store.clone(), config.key_cache_ttl),
-        ingestor: Ingestor::new(queue.clone(), tenants),
+        ingestor: Ingestor::new(queue.clone(), tenants, config.window),
         metrics: metrics_handle(),
+        workers: sink::WorkerHealth::new(config.queue.shards),
         store: store.clone(),
         next_shard: AtomicUsize::new(0),
         config,
@@ -110,7 +113,13 @@ pub async fn start_with_routes(
     let (wire_addr, http_addr) = (wire_listener.local_addr()?, http_listener.local_addr()?);
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
-    let workers = sink::spawn_workers(queue.clone(), store.clone(), overflow.clone(), state.config.batch);
+    let workers = sink::spawn_workers(
+        queue.clone(),
+        store.clone(),
+        overflow.clone(),
+        state.config.batch,
+        state.workers.clone(),
+    );
     let drainer =
         overflow.map(|overflow| tokio::spawn(sink::overflow::run_drainer(overflow, store.clone(), queue)));
     tokio::spawn(wire_server::serve(wire_listener, state.clone(), shutdown.clone(), connections.clone()));
@@ -181,7 +190,7 @@ impl RunningEdge {
         let mut workers_done = true;
         for worker in self.workers {
             let remaining = deadline.saturating_sub(started.elapsed());
-            workers_done &= tokio::time::timeout(remaining, worker).await.is_ok();
+            workers_done &= tokio::time::timeout(remaining, worker).await.is_ok_and(|joined| joined.is_ok());
         }
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, workers_done, "sink drained");
         // What is left in the overflow stays there for the next start (or another edge) to drain.

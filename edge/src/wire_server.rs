@@ -26,6 +26,9 @@ use crate::ingest::{EventStatus, IngestError};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections idle (no frame, nothing in flight) this long are closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest wait for the peer to take one answer: a client that does not read its acks is
+/// dropped, not buffered for.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Delay suggested in `Goodbye` before reconnecting.
 const RECONNECT_AFTER_MS: u32 = 1000;
 
@@ -77,6 +80,9 @@ struct Connection {
     state: Arc<EdgeState>,
     shutdown: CancellationToken,
     shard_hint: usize,
+    /// The key the connection authenticated with, checked again on every batch so that a
+    /// revoked key or a disabled tenant stops an open connection too.
+    api_key: String,
 }
 
 type Answer = (u64, Result<Vec<EventStatus>, IngestError>);
@@ -84,7 +90,25 @@ type Answer = (u64, Result<Vec<EventStatus>, IngestError>);
 impl Connection {
     fn new(stream: TcpStream, state: Arc<EdgeState>, shutdown: CancellationToken) -> Connection {
         let shard_hint = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
-        Connection { framed: Framed::new(stream, WireCodec::new()), state, shutdown, shard_hint }
+        Connection {
+            framed: Framed::new(stream, WireCodec::new()),
+            state,
+            shutdown,
+            shard_hint,
+            api_key: String::new(),
+        }
+    }
+
+    /// Sends one message within [`WRITE_TIMEOUT`]; the framed writer holds at most one
+    /// message's bytes beyond what the socket took.
+    async fn send(&mut self, message: Message) -> Result<(), WireError> {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.framed.send(message)).await {
+            Ok(result) => result,
+            Err(_) => {
+                metrics::counter!("tally_wire_write_timeouts_total").increment(1);
+                Err(WireError::Io("the client did not read its answers in time".into()))
+            }
+        }
     }
 
     async fn run(mut self) -> Result<(), WireError> {
@@ -107,12 +131,12 @@ impl Connection {
                     }
                 },
                 Some((sequence, result)) = in_flight.next() => {
-                    self.framed.send(answer(sequence, result)).await?;
+                    self.send(answer(sequence, result)).await?;
                 }
                 () = self.shutdown.cancelled(), if !draining => {
                     draining = true;
                     let goodbye = Goodbye { reason: "server is shutting down".into(), reconnect_after_ms: RECONNECT_AFTER_MS };
-                    self.framed.send(Message::Goodbye(goodbye)).await?;
+                    self.send(Message::Goodbye(goodbye)).await?;
                 }
                 () = tokio::time::sleep(IDLE_TIMEOUT), if in_flight.is_empty() && !draining => break,
             }
@@ -122,7 +146,9 @@ impl Connection {
         }
         // Answer what is still in flight when the client closed its side.
         while let Some((sequence, result)) = in_flight.next().await {
-            let _ = self.framed.send(answer(sequence, result)).await;
+            if self.send(answer(sequence, result)).await.is_err() {
+                break;
+            }
         }
         Ok(())
     }
@@ -158,11 +184,12 @@ impl Connection {
                     fatal: true,
                     sequence: None,
                 };
-                let _ = self.framed.send(Message::Error(message)).await;
+                let _ = self.send(Message::Error(message)).await;
                 return Ok(None);
             }
         };
-        let config = &self.state.config;
+        let state = self.state.clone();
+        let config = &state.config;
         let welcome = Welcome {
             tenant_id: caller.tenant_id.to_string(),
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -171,8 +198,9 @@ impl Connection {
             credits: config.wire_credits,
             ack_mode: hello.ack_mode,
         };
-        self.framed.send(Message::Welcome(welcome)).await?;
+        self.send(Message::Welcome(welcome)).await?;
         self.framed.codec_mut().set_limits(config.wire_frame_bytes_max, config.wire_frame_bytes_max);
+        self.api_key = hello.api_key.clone();
         Ok(Some((caller, hello.ack_mode)))
     }
 
@@ -187,7 +215,7 @@ impl Connection {
             Kind::Events => {}
             Kind::Ping => {
                 if let Ok(Message::Ping(ping)) = frame.message() {
-                    self.framed.send(Message::Pong(Pong { nonce: ping.nonce })).await?;
+                    self.send(Message::Pong(Pong { nonce: ping.nonce })).await?;
                 }
                 return Ok(None);
             }
@@ -215,13 +243,23 @@ impl Connection {
                 fatal: false,
                 sequence: Some(sequence),
             };
-            self.framed.send(Message::Error(message)).await?;
+            self.send(Message::Error(message)).await?;
             return Ok(None);
+        }
+        // Storage being unreachable is no reason to drop a connection that authenticated: only a
+        // key that is now invalid (revoked, expired, tenant disabled) ends it.
+        if let Err(error) = self.state.auth.authenticate(Some(&self.api_key), Scope::Ingest).await
+            && !matches!(error, crate::auth::AuthError::Unavailable(_))
+        {
+            metrics::counter!("tally_auth_failures_total", "transport" => "wire").increment(1);
+            let message = ErrorMessage { code: error.code(), message: error.to_string(), fatal: true, sequence: Some(sequence) };
+            let _ = self.send(Message::Error(message)).await;
+            return Err(WireError::Io("closed: the API key is no longer valid".into()));
         }
         let (context, over_quota) = match self.state.ingestor.admit(caller, batch.events.len()).await {
             Ok(admitted) => admitted,
             Err(error) => {
-                self.framed.send(answer(sequence, Err(error))).await?;
+                self.send(answer(sequence, Err(error))).await?;
                 return Ok(None);
             }
         };
@@ -244,7 +282,7 @@ impl Connection {
         metrics::counter!("tally_wire_protocol_errors_total", "code" => error.code().as_str()).increment(1);
         let message =
             ErrorMessage { code: error.code(), message: error.to_string(), fatal: true, sequence: None };
-        let _ = self.framed.send(Message::Error(message)).await;
+        let _ = self.send(Message::Error(message)).await;
         Ok(())
     }
 }
@@ -273,7 +311,7 @@ fn answer(sequence: u64, result: Result<Vec<EventStatus>, IngestError>) -> Messa
             let code: ErrorCode = error.code();
             Message::Error(ErrorMessage {
                 code,
-                message: error.to_string(),
+                message: error.public_message(),
                 fatal: false,
                 sequence: Some(sequence),
             })

@@ -7,10 +7,10 @@ use rust_decimal::Decimal;
 use uuid::Uuid;
 use wire::{Event, QuantityKind};
 
-use crate::error::PricingError;
+use crate::error::{EventPriceError, PricingError};
 use crate::rule::{PriceRule, RuleSource};
 use crate::unit::{Unit, UnitRef};
-use crate::{COST_DECIMAL_PLACES, RULES_MAX, quantity_decimal};
+use crate::{COST_DECIMAL_PLACES, EVENT_COST_MAX, RULES_MAX, quantity_decimal};
 
 /// A tenant's rules (its own and the catalog's), validated and indexed by service type, unit and
 /// model. Built once and shared; pricing only reads it.
@@ -19,6 +19,9 @@ pub struct PriceBook {
     rules: Vec<PriceRule>,
     by_id: HashMap<Uuid, u32>,
     services: HashMap<String, ServiceRules>,
+    /// What [`PriceBook::lenient`] left out or decided; empty for a book built by
+    /// [`PriceBook::new`].
+    problems: Vec<PricingError>,
 }
 
 /// What one event costs and which rules priced it.
@@ -69,12 +72,56 @@ impl PriceBook {
         if rules.len() > RULES_MAX {
             return Err(PricingError::TooManyRules { count: rules.len(), max: RULES_MAX });
         }
-        let mut by_id = HashMap::with_capacity(rules.len());
-        for (index, rule) in rules.iter().enumerate() {
+        let mut ids = std::collections::HashSet::with_capacity(rules.len());
+        for rule in &rules {
             rule.validate()?;
-            if by_id.insert(rule.id, index as u32).is_some() {
+            if !ids.insert(rule.id) {
                 return Err(PricingError::DuplicateRuleId { rule_id: rule.id });
             }
+        }
+        let mut problems = Vec::new();
+        let book = PriceBook::index(rules, Ties::Refuse, &mut problems)?;
+        Ok(book)
+    }
+
+    /// A book that is always usable, for rules already stored: an invalid rule, a repeated id or
+    /// rules past [`RULES_MAX`] are left out, and of rules that tie the one with the greater id
+    /// wins (ids are UUIDv7, so the newer rule). Everything left out or decided so is in
+    /// [`PriceBook::problems`], for the tenant's admin to see and repair. The edge and the query
+    /// service both build books this way, so they price alike even then.
+    pub fn lenient(rules: Vec<PriceRule>) -> PriceBook {
+        let mut problems = Vec::new();
+        let mut seen = std::collections::HashSet::with_capacity(rules.len());
+        let mut kept = Vec::with_capacity(rules.len().min(RULES_MAX));
+        for rule in rules {
+            if kept.len() == RULES_MAX {
+                problems.push(PricingError::TooManyRules { count: kept.len() + 1, max: RULES_MAX });
+                break;
+            }
+            if let Err(error) = rule.validate() {
+                problems.push(error);
+            } else if !seen.insert(rule.id) {
+                problems.push(PricingError::DuplicateRuleId { rule_id: rule.id });
+            } else {
+                kept.push(rule);
+            }
+        }
+        match PriceBook::index(kept, Ties::NewerWins, &mut problems) {
+            Ok(book) => book,
+            // Unreachable: only `Ties::Refuse` fails.
+            Err(error) => PriceBook { rules: Vec::new(), by_id: HashMap::new(), services: HashMap::new(), problems: vec![error] },
+        }
+    }
+
+    /// What [`PriceBook::lenient`] left out, and ties it decided.
+    pub fn problems(&self) -> &[PricingError] {
+        &self.problems
+    }
+
+    fn index(rules: Vec<PriceRule>, ties: Ties, problems: &mut Vec<PricingError>) -> Result<PriceBook, PricingError> {
+        let mut by_id = HashMap::with_capacity(rules.len());
+        for (index, rule) in rules.iter().enumerate() {
+            by_id.insert(rule.id, index as u32);
         }
         let mut services: HashMap<String, ServiceRules> = HashMap::new();
         for (index, rule) in rules.iter().enumerate() {
@@ -93,11 +140,11 @@ impl PriceBook {
             let custom = service.custom.values_mut();
             for unit_rules in service.well_known.iter_mut().chain([&mut service.events]).chain(custom) {
                 for list in unit_rules.by_model.values_mut().chain([&mut unit_rules.any_model]) {
-                    order_by_precedence(&rules, list)?;
+                    order_by_precedence(&rules, list, ties, problems)?;
                 }
             }
         }
-        Ok(PriceBook { rules, by_id, services })
+        Ok(PriceBook { rules, by_id, services, problems: std::mem::take(problems) })
     }
 
     /// Every rule, in the order given to [`PriceBook::new`].
@@ -131,19 +178,19 @@ impl PriceBook {
 
     /// Prices one validated event: every well-known quantity it carries, every custom quantity and
     /// `events` = 1. Allocates only for the result's lists; [`PriceBook::price_event_into`]
-    /// reuses them.
-    pub fn price_event(&self, event: &Event) -> EventPrice {
+    /// reuses them. Fails, for this event alone, if its cost would exceed [`EVENT_COST_MAX`].
+    pub fn price_event(&self, event: &Event) -> Result<EventPrice, EventPriceError> {
         let mut price = EventPrice::default();
-        self.price_event_into(event, &mut price);
-        price
+        self.price_event_into(event, &mut price)?;
+        Ok(price)
     }
 
     /// [`PriceBook::price_event`] into a price whose lists are cleared and reused, so pricing a
     /// stream of events allocates nothing once the lists have grown.
-    pub fn price_event_into(&self, event: &Event, price: &mut EventPrice) {
+    pub fn price_event_into(&self, event: &Event, price: &mut EventPrice) -> Result<(), EventPriceError> {
         price.clear();
         let Some(service) = self.services.get(event.service_type.as_str()) else {
-            return;
+            return Ok(());
         };
         let subject = Subject {
             provider: &event.service_provider,
@@ -154,20 +201,21 @@ impl PriceBook {
         for quantity in &event.quantities {
             let unit = UnitRef::Quantity(quantity.kind);
             if let Some(index) = self.winner(service, unit, &subject) {
-                price.add(&self.rules[index as usize], quantity_decimal(quantity.value));
+                price.add(&self.rules[index as usize], quantity_decimal(quantity.value))?;
             }
         }
         if let Some(extra) = &event.extra {
             for quantity in &extra.custom_quantities {
                 let unit = UnitRef::Custom(&quantity.name);
                 if let Some(index) = self.winner(service, unit, &subject) {
-                    price.add(&self.rules[index as usize], quantity_decimal(quantity.value));
+                    price.add(&self.rules[index as usize], quantity_decimal(quantity.value))?;
                 }
             }
         }
         if let Some(index) = self.winner(service, UnitRef::Events, &subject) {
-            price.add(&self.rules[index as usize], Decimal::ONE);
+            price.add(&self.rules[index as usize], Decimal::ONE)?;
         }
+        Ok(())
     }
 
     fn winner(&self, service: &ServiceRules, unit: UnitRef<'_>, subject: &Subject<'_>) -> Option<u32> {
@@ -196,24 +244,42 @@ impl EventPrice {
         self.period_units.clear();
     }
 
-    fn add(&mut self, rule: &PriceRule, units: Decimal) {
+    /// Adds one rule's part. The running cost never passes [`EVENT_COST_MAX`], so the sum of the
+    /// parts cannot overflow either.
+    fn add(&mut self, rule: &PriceRule, units: Decimal) -> Result<(), EventPriceError> {
+        let too_large = || EventPriceError::CostTooLarge { rule_id: rule.id, max: EVENT_COST_MAX };
         self.rule_ids.push(rule.id);
         let cost = self.cost.get_or_insert(Decimal::ZERO);
-        match rule.method.event_charge(units) {
+        match rule.method.event_charge(units).map_err(|_| too_large())? {
             Some(charge) => {
                 let part = charge.round_dp(COST_DECIMAL_PLACES).normalize();
-                *cost = cost.saturating_add(part);
+                let total = cost.checked_add(part).filter(|total| *total <= EVENT_COST_MAX).ok_or_else(too_large)?;
+                *cost = total;
                 self.rule_costs.push((rule.id, part));
             }
             None => self.period_units.push((rule.id, units)),
         }
+        Ok(())
     }
 }
 
+/// What to do with two rules that tie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ties {
+    Refuse,
+    /// The greater id first; the tie is recorded as a problem.
+    NewerWins,
+}
+
 /// Sorts one list of rules (same service type, unit and model-or-not) so the winner comes first,
-/// and refuses two rules that tie. Rules that are equal in precedence are ordered by provider and
-/// event type, so rules that tie are neighbours.
-fn order_by_precedence(rules: &[PriceRule], list: &mut [u32]) -> Result<(), PricingError> {
+/// and refuses two rules that tie (or, leniently, puts the newer first). Rules that are equal in
+/// precedence are ordered by provider and event type, so rules that tie are neighbours.
+fn order_by_precedence(
+    rules: &[PriceRule],
+    list: &mut [u32],
+    ties: Ties,
+    problems: &mut Vec<PricingError>,
+) -> Result<(), PricingError> {
     let key = |index: &u32| {
         let rule = &rules[*index as usize];
         let (_, event_type_given, provider_given) = rule.specificity();
@@ -230,11 +296,17 @@ fn order_by_precedence(rules: &[PriceRule], list: &mut [u32]) -> Result<(), Pric
             fields,
         )
     };
-    list.sort_by_key(key);
+    match ties {
+        Ties::Refuse => list.sort_by_key(key),
+        Ties::NewerWins => list.sort_by_key(|index| (key(index), Reverse(rules[*index as usize].id))),
+    }
     for pair in list.windows(2) {
         if key(&pair[0]) == key(&pair[1]) {
             let (first, second) = (rules[pair[0] as usize].id, rules[pair[1] as usize].id);
-            return Err(PricingError::AmbiguousRules { first, second });
+            match ties {
+                Ties::Refuse => return Err(PricingError::AmbiguousRules { first, second }),
+                Ties::NewerWins => problems.push(PricingError::AmbiguousRules { first, second }),
+            }
         }
     }
     Ok(())

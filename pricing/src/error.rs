@@ -25,6 +25,23 @@ pub enum PricingError {
     /// Usage names a rule the price book does not hold.
     #[error("price rule {rule_id} is not in the price book")]
     UnknownRule { rule_id: Uuid },
+    /// A charge or sum of the bill is past what an exact decimal holds.
+    #[error("a charge of price rule {rule_id} is out of range: {source}")]
+    Overflow { rule_id: Uuid, source: MoneyOverflow },
+}
+
+/// An amount of money past what an exact decimal holds (about 7.9 × 10^28). Every sum and
+/// product of money is checked; none saturates or wraps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("amount out of range")]
+pub struct MoneyOverflow;
+
+/// Why one event cannot be priced. The event is refused alone; nothing else is affected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventPriceError {
+    /// Its cost is above [`crate::EVENT_COST_MAX`], or a part of it out of range.
+    #[error("is above the largest cost of one event ({max}) under price rule {rule_id}")]
+    CostTooLarge { rule_id: Uuid, max: Decimal },
 }
 
 /// What is wrong with one rule or method.
@@ -40,6 +57,8 @@ pub enum RuleError {
     AmountTooLarge { field: String, value: Decimal, max: Decimal },
     #[error("package size must be above 0, got {size}")]
     PackageSizeNotPositive { size: Decimal },
+    #[error("package size is {size}, it must be from {min} to {max}")]
+    PackageSizeOutOfRange { size: Decimal, min: Decimal, max: Decimal },
     #[error("tiers must not be empty")]
     EmptyTiers,
     #[error("{count} tiers, at most {max}")]

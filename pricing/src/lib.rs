@@ -68,9 +68,13 @@
 //! rule that priced any usage in the period, in full, whatever part of the period the rule was
 //! effective.
 //!
-//! **Arithmetic.** Exact decimals throughout; operations saturate at `Decimal::MAX` instead of
-//! panicking, which validated events (quantities at most 2^53) and rates at most [`PRICE_MAX`]
-//! never reach. The only rounding is to [`COST_DECIMAL_PLACES`] per event part and per period
+//! **Arithmetic.** Exact decimals throughout, and every operation on money is checked: nothing
+//! saturates, wraps or panics. Rules are bounded (rates, prices and minimums at most
+//! [`PRICE_MAX`], package sizes from [`PACKAGE_SIZE_MIN`] to [`PACKAGE_SIZE_MAX`], tier bounds at
+//! most [`UNITS_MAX`]) so that no single part of a validated event's price (quantities at most
+//! 2^53) leaves the decimal range; an event whose cost would still exceed [`EVENT_COST_MAX`] is
+//! refused alone ([`EventPriceError`]). With that bound no month of a tenant's events can
+//! overflow a decimal sum (that would take about 7.9 × 10^16 events). The only rounding is to [`COST_DECIMAL_PLACES`] per event part and per period
 //! charge; rounding a bill to the currency's minor unit is the invoice's job. Rules carry no
 //! currency: a book's rules share one (the catalog is in USD).
 
@@ -86,11 +90,11 @@ mod unit;
 pub use bill::{Bill, BillingLine, RuledUsage};
 pub use book::{EventPrice, PriceBook};
 pub use catalog::catalog_rules;
-pub use error::{PricingError, RuleError};
+pub use error::{EventPriceError, MoneyOverflow, PricingError, RuleError};
 pub use method::{Method, Tier, apply_minimum, period_charge};
 pub use rule::{PriceRule, PriceRuleSpec, RuleSource};
 pub use rust_decimal::Decimal;
-pub use stored::{StoredRule, StoredRuleError, tenant_price_book};
+pub use stored::{StoredRule, StoredRuleError, tenant_price_book, tenant_price_book_lenient};
 pub use unit::{EVENTS_UNIT, Unit, UnitRef};
 
 /// Decimal places of a per-event cost part and of a period charge (banker's rounding).
@@ -103,6 +107,17 @@ pub const QUANTITY_DECIMAL_PLACES: u32 = 6;
 /// at most 2^53 a per-event part stays below 10^22, far from `Decimal::MAX` (about 7.9 × 10^28).
 pub const PRICE_MAX: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
 
+/// Largest cost of one event: one trillion currency units. An event that would cost more is
+/// refused alone, so that sums over events (rollups, month-to-date totals, bills) stay far inside
+/// the decimal range.
+pub const EVENT_COST_MAX: Decimal = Decimal::from_parts(3_567_587_328, 232, 0, false, 0);
+/// Smallest package size: the finest quantity stored (10^-[`QUANTITY_DECIMAL_PLACES`]). A smaller
+/// size would only make the package count overflow.
+pub const PACKAGE_SIZE_MIN: Decimal = Decimal::from_parts(1, 0, 0, false, QUANTITY_DECIMAL_PLACES);
+/// Largest package size, and largest tier bound: 10^16 units, above the largest quantity (2^53).
+pub const PACKAGE_SIZE_MAX: Decimal = UNITS_MAX;
+/// Largest number of units a rule may name (tier bounds, package sizes).
+pub const UNITS_MAX: Decimal = Decimal::from_parts(1_874_919_424, 2_328_306, 0, false, 0);
 /// Most tiers in a graduated or volume method.
 pub const TIERS_MAX: usize = 64;
 
@@ -141,5 +156,16 @@ mod tests {
     #[test]
     fn price_max_is_one_million() {
         assert_eq!(PRICE_MAX, Decimal::from(1_000_000));
+    }
+
+    #[test]
+    fn bounds_are_what_they_say() {
+        assert_eq!(EVENT_COST_MAX, Decimal::from(1_000_000_000_000i64));
+        assert_eq!(UNITS_MAX, Decimal::from(10_000_000_000_000_000i64));
+        assert_eq!(PACKAGE_SIZE_MIN.to_string(), "0.000001");
+        // The largest part one rule can give one event stays inside the decimal range: the most
+        // packages (2^53 units / the smallest size) at the highest price.
+        let packages = Decimal::from(1u64 << 53) / PACKAGE_SIZE_MIN;
+        assert!(packages.checked_mul(PRICE_MAX).is_some());
     }
 }

@@ -3,8 +3,8 @@
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::error::RuleError;
-use crate::{PRICE_MAX, TIERS_MAX};
+use crate::error::{MoneyOverflow, RuleError};
+use crate::{PACKAGE_SIZE_MAX, PACKAGE_SIZE_MIN, PRICE_MAX, TIERS_MAX, UNITS_MAX};
 
 /// A pricing method. In JSON it is tagged by `method`:
 /// `{"method": "per_unit", "rate": "0.0000025"}`, `{"method": "package", "size": "1000",
@@ -49,29 +49,40 @@ impl Method {
                 if *size <= Decimal::ZERO {
                     return Err(RuleError::PackageSizeNotPositive { size: *size });
                 }
+                if *size < PACKAGE_SIZE_MIN || *size > PACKAGE_SIZE_MAX {
+                    return Err(RuleError::PackageSizeOutOfRange {
+                        size: *size,
+                        min: PACKAGE_SIZE_MIN,
+                        max: PACKAGE_SIZE_MAX,
+                    });
+                }
                 check_amount("price", *price)
             }
             Method::Graduated { tiers } | Method::Volume { tiers } => validate_tiers(tiers),
         }
     }
 
-    /// The charge for one event's units under a per-event method, unrounded; `None` for period
-    /// methods, which charge nothing per event.
-    pub fn event_charge(&self, units: Decimal) -> Option<Decimal> {
+    /// The charge for one event's units under a per-event method, unrounded; `Ok(None)` for
+    /// period methods, which charge nothing per event. Checked: an amount past what a decimal
+    /// holds is an error, never a wrapped, saturated or zero charge.
+    pub fn event_charge(&self, units: Decimal) -> Result<Option<Decimal>, MoneyOverflow> {
         match self {
-            Method::PerUnit { rate } => Some(units.saturating_mul(*rate)),
-            Method::Package { size, price } => Some(packages(units, *size).saturating_mul(*price)),
-            Method::Graduated { .. } | Method::Volume { .. } => None,
+            Method::PerUnit { rate } => units.checked_mul(*rate).map(Some).ok_or(MoneyOverflow),
+            Method::Package { size, price } => {
+                packages(units, *size)?.checked_mul(*price).map(Some).ok_or(MoneyOverflow)
+            }
+            Method::Graduated { .. } | Method::Volume { .. } => Ok(None),
         }
     }
 }
 
 /// The charge for a total of units under any method, unrounded: graduated and volume as over a
 /// billing period; per-unit and package as if the total were one event. Expects a validated
-/// method; a package size that is not positive charges 0.
-pub fn period_charge(method: &Method, units: Decimal) -> Decimal {
+/// method; a package size that is not positive charges 0. Checked like
+/// [`Method::event_charge`].
+pub fn period_charge(method: &Method, units: Decimal) -> Result<Decimal, MoneyOverflow> {
     match method {
-        Method::PerUnit { .. } | Method::Package { .. } => method.event_charge(units).unwrap_or_default(),
+        Method::PerUnit { .. } | Method::Package { .. } => Ok(method.event_charge(units)?.unwrap_or_default()),
         Method::Graduated { tiers } => graduated_charge(tiers, units),
         Method::Volume { tiers } => volume_charge(tiers, units),
     }
@@ -110,6 +121,9 @@ fn validate_tiers(tiers: &[Tier]) -> Result<(), RuleError> {
             Some(up_to) if up_to <= previous => {
                 return Err(RuleError::TiersNotIncreasing { index, up_to, previous });
             }
+            Some(up_to) if up_to > UNITS_MAX => {
+                return Err(RuleError::AmountTooLarge { field: format!("tiers[{index}].up_to"), value: up_to, max: UNITS_MAX });
+            }
             Some(up_to) => previous = up_to,
             None if index + 1 < tiers.len() => return Err(RuleError::UnboundedTierNotLast { index }),
             None => {}
@@ -123,16 +137,17 @@ fn validate_tiers(tiers: &[Tier]) -> Result<(), RuleError> {
 
 /// Whole packages needed for the units: ceil(units / size), 0 for no units. The remainder is
 /// computed exactly, so a total that is an exact multiple of the size never rounds up.
-fn packages(units: Decimal, size: Decimal) -> Decimal {
+fn packages(units: Decimal, size: Decimal) -> Result<Decimal, MoneyOverflow> {
     if units <= Decimal::ZERO || size <= Decimal::ZERO {
-        return Decimal::ZERO;
+        return Ok(Decimal::ZERO);
     }
-    let remainder = units.checked_rem(size).unwrap_or_default();
-    let whole = (units - remainder).checked_div(size).unwrap_or_default().round();
-    if remainder.is_zero() { whole } else { whole.saturating_add(Decimal::ONE) }
+    let remainder = units.checked_rem(size).ok_or(MoneyOverflow)?;
+    let whole = units.checked_sub(remainder).and_then(|exact| exact.checked_div(size)).ok_or(MoneyOverflow)?;
+    let whole = whole.round();
+    if remainder.is_zero() { Ok(whole) } else { whole.checked_add(Decimal::ONE).ok_or(MoneyOverflow) }
 }
 
-fn graduated_charge(tiers: &[Tier], units: Decimal) -> Decimal {
+fn graduated_charge(tiers: &[Tier], units: Decimal) -> Result<Decimal, MoneyOverflow> {
     let mut charge = Decimal::ZERO;
     let mut lower = Decimal::ZERO;
     for tier in tiers {
@@ -140,18 +155,22 @@ fn graduated_charge(tiers: &[Tier], units: Decimal) -> Decimal {
             break;
         }
         let upper = tier.up_to.map_or(units, |up_to| up_to.min(units));
-        charge = charge.saturating_add((upper - lower).saturating_mul(tier.rate));
+        let slice = upper.checked_sub(lower).and_then(|width| width.checked_mul(tier.rate));
+        charge = slice.and_then(|slice| charge.checked_add(slice)).ok_or(MoneyOverflow)?;
         match tier.up_to {
             Some(up_to) => lower = up_to,
             None => break,
         }
     }
-    charge
+    Ok(charge)
 }
 
-fn volume_charge(tiers: &[Tier], units: Decimal) -> Decimal {
+fn volume_charge(tiers: &[Tier], units: Decimal) -> Result<Decimal, MoneyOverflow> {
     let tier = tiers.iter().find(|tier| tier.up_to.is_none_or(|up_to| units <= up_to)).or(tiers.last());
-    tier.map_or(Decimal::ZERO, |tier| units.max(Decimal::ZERO).saturating_mul(tier.rate))
+    match tier {
+        Some(tier) => units.max(Decimal::ZERO).checked_mul(tier.rate).ok_or(MoneyOverflow),
+        None => Ok(Decimal::ZERO),
+    }
 }
 
 #[cfg(test)]

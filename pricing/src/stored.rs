@@ -47,7 +47,8 @@ impl StoredRule<'_> {
 }
 
 /// A tenant's book: the catalog's rules, then the tenant's own (which win at equal specificity);
-/// void rules are left out.
+/// void rules are left out. Strict: any unreadable, invalid or ambiguous rule refuses the book.
+/// For checking a change before it is stored.
 pub fn tenant_price_book<'a>(
     catalog: &[PriceRule],
     stored: impl IntoIterator<Item = StoredRule<'a>>,
@@ -59,4 +60,28 @@ pub fn tenant_price_book<'a>(
         }
     }
     Ok(PriceBook::new(rules)?)
+}
+
+/// The book a tenant's stored rules give, always: whatever a tenant's admin stored (however it
+/// arose), pricing and billing go on. Unreadable or invalid rules are left out, ties go to the
+/// newer rule ([`PriceBook::lenient`]); the second value lists what was left out or decided, to
+/// report it. Ingest and the billing summary both use this, so they price alike.
+pub fn tenant_price_book_lenient<'a>(
+    catalog: &[PriceRule],
+    stored: impl IntoIterator<Item = StoredRule<'a>>,
+) -> (PriceBook, Vec<String>) {
+    let mut rules = catalog.to_vec();
+    let mut problems = Vec::new();
+    for rule in stored {
+        if rule.is_void() {
+            continue;
+        }
+        match rule.to_rule() {
+            Ok(rule) => rules.push(rule),
+            Err(error) => problems.push(error.to_string()),
+        }
+    }
+    let book = PriceBook::lenient(rules);
+    problems.extend(book.problems().iter().map(ToString::to_string));
+    (book, problems)
 }

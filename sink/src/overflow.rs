@@ -168,6 +168,9 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+/// Longest one drain commit may take.
+const DRAIN_COMMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 const SPILL_SCRIPT: &str = r"
 local bytes = tonumber(redis.call('GET', KEYS[2]) or '0')
 if bytes + tonumber(ARGV[2]) > tonumber(ARGV[3]) then return false end
@@ -355,10 +358,16 @@ impl Overflow {
                 return Err(error);
             }
         };
-        store
-            .commit(&rows)
+        // Isolating, so that an entry holding a row the database refuses is stored but for that
+        // row (counted lost: it was acked) instead of blocking the overflow for good.
+        let outcomes = crate::worker::commit_isolating(store, &rows, DRAIN_COMMIT_TIMEOUT)
             .await
             .map_err(|error| OverflowError::Unavailable(format!("drain commit: {error}")))?;
+        let refused = outcomes.iter().filter(|outcome| **outcome == crate::Outcome::Rejected).count();
+        if refused > 0 {
+            tracing::error!(%id, refused, "overflow rows refused by storage: counted lost");
+            metrics::counter!("tally_events_lost_total").increment(refused as u64);
+        }
         let (key, counter) = self.stream(stream);
         let script = &self.delete;
         let len = payload.len();

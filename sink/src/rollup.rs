@@ -86,55 +86,75 @@ impl Default for RollupDelta {
     }
 }
 
-impl RollupDelta {
-    fn add(&mut self, row: &EventRow) {
-        self.event_count += 1;
-        self.error_count += i64::from(row.is_error());
-        for (sum, value) in self.quantities.iter_mut().zip(&row.quantities) {
-            if let Some(value) = value {
-                *sum += value;
-            }
-        }
-        for (name, value) in &row.custom_quantities {
-            *self.custom_quantities.entry(name.clone()).or_default() += value;
-        }
-        match row.cost {
-            Some(cost) => self.cost += cost,
-            None => self.unpriced_count += 1,
-        }
-        if let Some(latency_us) = row.latency_us {
-            self.latency_count += 1;
-            self.latency_sum_us += latency_us;
-            self.latency_max_us = self.latency_max_us.max(latency_us);
-            self.latency_buckets[latency_bucket(latency_us)] += 1;
-        }
-    }
+/// A rollup sum past the range of its type. Events are bounded (quantities at most 2^53, a cost
+/// at most `pricing::EVENT_COST_MAX`), so a batch cannot reach it; it is checked all the same, and a
+/// batch that did would be refused and its rows isolated, never wrapped or panicked on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("rollup sums out of range")]
+pub struct RollupOverflow;
+
+fn add_to(sum: &mut Decimal, value: Decimal) -> Result<(), RollupOverflow> {
+    *sum = sum.checked_add(value).ok_or(RollupOverflow)?;
+    Ok(())
+}
+
+fn add_count(sum: &mut i64, value: i64) -> Result<(), RollupOverflow> {
+    *sum = sum.checked_add(value).ok_or(RollupOverflow)?;
+    Ok(())
 }
 
 impl RollupDelta {
-    /// Adds another delta (or a stored row's sums) to this one.
-    pub fn merge(&mut self, other: &RollupDelta) {
-        self.event_count += other.event_count;
-        self.error_count += other.error_count;
+    fn add(&mut self, row: &EventRow) -> Result<(), RollupOverflow> {
+        add_count(&mut self.event_count, 1)?;
+        add_count(&mut self.error_count, i64::from(row.is_error()))?;
+        for (sum, value) in self.quantities.iter_mut().zip(&row.quantities) {
+            if let Some(value) = value {
+                add_to(sum, *value)?;
+            }
+        }
+        for (name, value) in &row.custom_quantities {
+            add_to(self.custom_quantities.entry(name.clone()).or_default(), *value)?;
+        }
+        match row.cost {
+            Some(cost) => add_to(&mut self.cost, cost)?,
+            None => add_count(&mut self.unpriced_count, 1)?,
+        }
+        if let Some(latency_us) = row.latency_us {
+            add_count(&mut self.latency_count, 1)?;
+            add_count(&mut self.latency_sum_us, latency_us)?;
+            self.latency_max_us = self.latency_max_us.max(latency_us);
+            add_count(&mut self.latency_buckets[latency_bucket(latency_us)], 1)?;
+        }
+        Ok(())
+    }
+
+    /// Adds another delta (or a stored row's sums) to this one. On error this delta is left
+    /// partly added and must be dropped.
+    pub fn merge(&mut self, other: &RollupDelta) -> Result<(), RollupOverflow> {
+        add_count(&mut self.event_count, other.event_count)?;
+        add_count(&mut self.error_count, other.error_count)?;
         for (sum, value) in self.quantities.iter_mut().zip(&other.quantities) {
-            *sum += value;
+            add_to(sum, *value)?;
         }
         for (name, value) in &other.custom_quantities {
-            *self.custom_quantities.entry(name.clone()).or_default() += value;
+            add_to(self.custom_quantities.entry(name.clone()).or_default(), *value)?;
         }
-        self.cost += other.cost;
-        self.unpriced_count += other.unpriced_count;
-        self.latency_count += other.latency_count;
-        self.latency_sum_us += other.latency_sum_us;
+        add_to(&mut self.cost, other.cost)?;
+        add_count(&mut self.unpriced_count, other.unpriced_count)?;
+        add_count(&mut self.latency_count, other.latency_count)?;
+        add_count(&mut self.latency_sum_us, other.latency_sum_us)?;
         self.latency_max_us = self.latency_max_us.max(other.latency_max_us);
         for (sum, count) in self.latency_buckets.iter_mut().zip(&other.latency_buckets) {
-            *sum += count;
+            add_count(sum, *count)?;
         }
+        Ok(())
     }
 }
 
 /// Sums rows into rollup deltas, one per key, in key order.
-pub fn aggregate<'a>(rows: impl IntoIterator<Item = &'a EventRow>) -> BTreeMap<RollupKey<'a>, RollupDelta> {
+pub fn aggregate<'a>(
+    rows: impl IntoIterator<Item = &'a EventRow>,
+) -> Result<BTreeMap<RollupKey<'a>, RollupDelta>, RollupOverflow> {
     let mut deltas: BTreeMap<RollupKey<'a>, RollupDelta> = BTreeMap::new();
     for row in rows {
         let event = &row.event;
@@ -147,27 +167,27 @@ pub fn aggregate<'a>(rows: impl IntoIterator<Item = &'a EventRow>) -> BTreeMap<R
             user_id: &event.user_id,
             event_type: &event.event_type,
         };
-        deltas.entry(key).or_default().add(row);
+        deltas.entry(key).or_default().add(row)?;
     }
-    deltas
+    Ok(deltas)
 }
 
 /// The same sums without the user: per-user deltas merged by every other key field, with
 /// `user_id` empty. In key order, like any rollup write.
 pub fn without_users<'a>(
     deltas: &BTreeMap<RollupKey<'a>, RollupDelta>,
-) -> BTreeMap<RollupKey<'a>, RollupDelta> {
+) -> Result<BTreeMap<RollupKey<'a>, RollupDelta>, RollupOverflow> {
     let mut services: BTreeMap<RollupKey<'a>, RollupDelta> = BTreeMap::new();
     for (key, delta) in deltas {
         let key = RollupKey { user_id: "", ..key.clone() };
         match services.get_mut(&key) {
-            Some(sum) => sum.merge(delta),
+            Some(sum) => sum.merge(delta)?,
             None => {
                 services.insert(key, delta.clone());
             }
         }
     }
-    services
+    Ok(services)
 }
 
 #[cfg(test)]
@@ -207,7 +227,7 @@ mod tests {
             EventRow::new(tenant, event.clone().with_error(None), None),
             EventRow::new(tenant, event.with_model("other"), None),
         ];
-        let deltas = aggregate(&rows);
+        let deltas = aggregate(&rows).expect("in range");
         assert_eq!(deltas.len(), 2);
         let first = deltas.values().next().expect("a delta");
         assert_eq!(first.event_count, 2);
@@ -234,13 +254,27 @@ mod tests {
             EventRow::new(tenant, event(0.2, 900.0), None),
             EventRow::new(tenant, event(0.3, 0.5), Some(Decimal::new(3, 3))),
         ];
-        let all = aggregate(&rows).into_values().next().expect("one key");
-        let mut merged = aggregate(&rows[..1]).into_values().next().expect("one key");
-        merged.merge(&aggregate(&rows[1..]).into_values().next().expect("one key"));
+        let all = aggregate(&rows).expect("in range").into_values().next().expect("one key");
+        let mut merged = aggregate(&rows[..1]).expect("in range").into_values().next().expect("one key");
+        merged.merge(&aggregate(&rows[1..]).expect("in range").into_values().next().expect("one key")).expect("in range");
         assert_eq!(merged, all);
         assert_eq!(merged.quantities[0].to_string(), "0.6");
         assert_eq!(merged.custom_quantities["images"].to_string(), "0.6");
         assert_eq!(merged.latency_max_us, 900_000);
+    }
+
+    #[test]
+    fn sums_past_the_decimal_range_are_errors_not_panics() {
+        let tenant = Uuid::from_u128(7);
+        let event = wire::Event::new("u1", "custom", "p", "e").at(1_700_000_000_000_000);
+        let rows = vec![
+            EventRow::new(tenant, event.clone(), Some(Decimal::MAX)),
+            EventRow::new(tenant, event, Some(Decimal::MAX)),
+        ];
+        assert_eq!(aggregate(&rows), Err(RollupOverflow));
+        let mut big = RollupDelta { latency_sum_us: i64::MAX, ..RollupDelta::default() };
+        let one = RollupDelta { latency_sum_us: 1, ..RollupDelta::default() };
+        assert_eq!(big.merge(&one), Err(RollupOverflow));
     }
 
     #[test]
@@ -257,7 +291,7 @@ mod tests {
             EventRow::new(tenant, event("u2", "a"), None),
             EventRow::new(tenant, event("u2", "b"), Some(Decimal::TWO)),
         ];
-        let services = without_users(&aggregate(&rows));
+        let services = without_users(&aggregate(&rows).expect("in range")).expect("in range");
         assert_eq!(services.len(), 2);
         let (key, a) = services.iter().next().expect("model a");
         assert_eq!((key.user_id, key.model), ("", "a"));

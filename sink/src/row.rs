@@ -96,6 +96,9 @@ pub enum Outcome {
     /// Spilled to the overflow (storage was unavailable or the queue full); it will be stored,
     /// or found a duplicate, when the overflow drains.
     Spilled,
+    /// The database refused this row alone (it was isolated from the rest of its batch, which
+    /// was stored); nothing of it was stored.
+    Rejected,
 }
 
 /// The exact decimal for a quantity that passed validation; the pricing crate owns the rule so

@@ -97,6 +97,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         at_us: i64,
     ) -> BoxFuture<'_, Result<bool, StoreError>>;
 
+    /// Retires rule versions (each at its time, as [`Store::retire_price_rule`]) and inserts new
+    /// ones, all in one transaction: a tenant's price book changes whole or not at all.
+    fn change_price_rules<'a>(
+        &'a self,
+        tenant_id: Uuid,
+        retire: &'a [(Uuid, i64)],
+        insert: &'a [StoredPriceRule],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
     /// Events stored and their cost in the tenant's current month (in its time zone), from the
     /// rollups.
     fn month_usage(&self, tenant_id: Uuid)
@@ -339,6 +348,12 @@ impl StoreError {
             StoreError::Internal(_) => wire::ErrorCode::Internal,
         }
     }
+}
+
+/// A sum of money, checked: past the decimal range it is an error of the request that asked for
+/// it, never a panic or a wrapped value.
+pub fn add_money(sum: rust_decimal::Decimal, value: rust_decimal::Decimal) -> Result<rust_decimal::Decimal, StoreError> {
+    sum.checked_add(value).ok_or_else(|| StoreError::Invalid("a sum of money is out of range".into()))
 }
 
 /// SHA-256 of an API key, the form in which keys are stored and looked up.

@@ -109,7 +109,7 @@ fn the_bill_agrees_with_stored_event_costs() {
     let mut stored_total = Decimal::ZERO;
     let mut by_rule: BTreeMap<Uuid, RuledUsage> = BTreeMap::new();
     for event in events {
-        let price = book.price_event(&event);
+        let price = book.price_event(&event).expect("in range");
         stored_total += price.cost.expect("priced");
         for (kind, value) in event.quantities.iter().map(|quantity| (quantity.kind, quantity.value)) {
             let unit = UnitRef::Quantity(kind);

@@ -89,11 +89,11 @@ pub async fn summary(
             state.backend.custom_quantities(&query),
             state.backend.price_rules(caller.tenant_id),
         )?;
-        let book = pricing::tenant_price_book(
+        // The same book ingest prices with: it never fails on what a tenant stored.
+        let (book, _) = pricing::tenant_price_book_lenient(
             &pricing::catalog::catalog().rules,
             rules.iter().map(|rule| rule.as_stored()),
-        )
-        .map_err(|error| ApiError::Internal(format!("the tenant's price book: {error}")))?;
+        );
         let mut custom_by_group: HashMap<&GroupKey, Vec<(&str, Decimal)>> = HashMap::new();
         for row in &custom {
             custom_by_group.entry(&row.key).or_default().push((&row.name, row.value));
@@ -246,7 +246,7 @@ impl MonthUsage {
                 let rule_usage = usage.rules.entry(rule.id).or_default();
                 rule_usage.units += units;
                 rule_usage.groups.insert(service.clone());
-                if let Some(charge) = rule.method.event_charge(units) {
+                if let Ok(Some(charge)) = rule.method.event_charge(units) {
                     let cost = charge.round_dp(COST_DECIMAL_PLACES);
                     parts.push(PerEventPart { rule_id: rule.id, cost });
                 }
@@ -329,7 +329,7 @@ impl MonthUsage {
                 tiered_charge: stats::money(tiered_charge),
                 minimum_charge: rule.minimum_charge.map(stats::money),
                 minimum_top_up: stats::money(line.minimum_top_up),
-                total_cost: stats::money(line.total()),
+                total_cost: stats::money(line.total().unwrap_or(Decimal::MAX)),
             });
         }
         // Costliest first, ordered on the decimals before they become text.

@@ -245,19 +245,7 @@ impl PgStore {
     }
 
     pub(super) async fn insert_price_rule_impl(&self, rule: &StoredPriceRule) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO price_rules (id, tenant_id, definition, effective_from, effective_until)
-             VALUES ($1, $2, $3, to_timestamp($4::double precision / 1000000),
-                     to_timestamp($5::double precision / 1000000))",
-        )
-        .bind(rule.id)
-        .bind(rule.tenant_id)
-        .bind(&rule.definition)
-        .bind(rule.effective_from_us)
-        .bind(rule.effective_until_us)
-        .execute(self.pool())
-        .await
-        .map_err(classify)?;
+        insert_rule(rule).execute(self.pool()).await.map_err(classify)?;
         Ok(())
     }
 
@@ -267,24 +255,33 @@ impl PgStore {
         rule_id: Uuid,
         at_us: i64,
     ) -> Result<bool, StoreError> {
-        let result = sqlx::query(
-            "UPDATE price_rules SET retired_at = coalesce(retired_at, now()),
-                    effective_until = CASE WHEN tally_timestamptz($3) <= effective_from THEN NULL
-                                           ELSE least(coalesce(effective_until, 'infinity'), tally_timestamptz($3)) END
-             WHERE tenant_id = $1 AND id = $2",
-        )
-        .bind(tenant_id)
-        .bind(rule_id)
-        .bind(at_us)
-        .execute(self.pool())
-        .await
-        .map_err(classify)?;
+        let result = retire_rule(tenant_id, rule_id, at_us).execute(self.pool()).await.map_err(classify)?;
         Ok(result.rows_affected() == 1)
+    }
+
+    /// Retires and inserts price rules in one transaction.
+    pub(super) async fn change_price_rules_impl(
+        &self,
+        tenant_id: Uuid,
+        retire: &[(Uuid, i64)],
+        insert: &[StoredPriceRule],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await.map_err(classify)?;
+        for (rule_id, at_us) in retire {
+            retire_rule(tenant_id, *rule_id, *at_us).execute(&mut *tx).await.map_err(classify)?;
+        }
+        for rule in insert {
+            insert_rule(rule).execute(&mut *tx).await.map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)
     }
 
     pub(super) async fn month_usage_impl(&self, tenant_id: Uuid) -> Result<(i64, Decimal), StoreError> {
         let (events, cost): (Option<i64>, Option<Decimal>) = sqlx::query_as(
-            "SELECT sum(r.event_count)::bigint, sum(r.cost) FROM usage_rollup_service_hourly r
+            // Held inside what a decimal can read (a quota compares against it; anything that
+            // large is over every quota), so a tenant's month can never become unreadable.
+            "SELECT sum(r.event_count)::bigint, least(sum(r.cost), 79228162514264337593543950335)
+             FROM usage_rollup_service_hourly r
              JOIN tenants t ON t.id = r.tenant_id
              WHERE r.tenant_id = $1 AND r.hour >= date_trunc('month', now(), t.time_zone)",
         )
@@ -332,8 +329,8 @@ impl PgStore {
             let before_rules: Vec<Uuid> = row.get("price_rule_ids");
             let after = reprice(&event);
             batch.scanned += 1;
-            batch.cost_before += before.unwrap_or_default();
-            batch.cost_after += after.cost.unwrap_or_default();
+            batch.cost_before = crate::store::add_money(batch.cost_before, before.unwrap_or_default())?;
+            batch.cost_after = crate::store::add_money(batch.cost_after, after.cost.unwrap_or_default())?;
             batch.last = Some((event.timestamp_us, event.id()));
             if before != after.cost || before_rules != after.rule_ids {
                 batch.changed += 1;
@@ -371,4 +368,31 @@ impl PgStore {
         .map_err(classify)?;
         Ok(())
     }
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+fn insert_rule(rule: &StoredPriceRule) -> PgQuery<'_> {
+    sqlx::query(
+        "INSERT INTO price_rules (id, tenant_id, definition, effective_from, effective_until)
+         VALUES ($1, $2, $3, to_timestamp($4::double precision / 1000000),
+                 to_timestamp($5::double precision / 1000000))",
+    )
+    .bind(rule.id)
+    .bind(rule.tenant_id)
+    .bind(&rule.definition)
+    .bind(rule.effective_from_us)
+    .bind(rule.effective_until_us)
+}
+
+fn retire_rule(tenant_id: Uuid, rule_id: Uuid, at_us: i64) -> PgQuery<'static> {
+    sqlx::query(
+        "UPDATE price_rules SET retired_at = coalesce(retired_at, now()),
+                effective_until = CASE WHEN tally_timestamptz($3) <= effective_from THEN NULL
+                                       ELSE least(coalesce(effective_until, 'infinity'), tally_timestamptz($3)) END
+         WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant_id)
+    .bind(rule_id)
+    .bind(at_us)
 }

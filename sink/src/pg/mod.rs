@@ -90,7 +90,10 @@ impl PgStore {
             encode_event(&mut buffer, row);
         }
         let stream = buffer.finish();
-        match self.insert_all(stream, rows).await {
+        // Checked before the transaction: sums that cannot be stored fail this batch alone, and
+        // the worker then isolates the row responsible.
+        let deltas = rollup::aggregate(rows).map_err(|error| StoreError::Invalid(error.to_string()))?;
+        match self.insert_all(stream, deltas).await {
             Ok(()) => Ok(vec![Outcome::Stored; rows.len()]),
             Err(error) if is_unique_violation(&error) => {
                 metrics::counter!("tally_dedup_path_total").increment(1);
@@ -102,10 +105,14 @@ impl PgStore {
 
     /// The fast path: `COPY` every row into the table. Fails with a unique violation if any row
     /// is stored already, and then nothing of it stays.
-    async fn insert_all(&self, stream: &[u8], rows: &[EventRow]) -> Result<(), sqlx::Error> {
+    async fn insert_all(
+        &self,
+        stream: &[u8],
+        deltas: std::collections::BTreeMap<RollupKey<'_>, RollupDelta>,
+    ) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         copy_in(&mut tx, &self.copy_events, stream).await?;
-        self.upsert(&mut tx, rollup::aggregate(rows)).await?;
+        self.upsert(&mut tx, deltas).await?;
         tx.commit().await
     }
 
@@ -133,7 +140,8 @@ impl PgStore {
             })
             .collect();
         let stored = rows.iter().zip(&outcomes).filter(|(_, outcome)| **outcome == Outcome::Stored);
-        self.upsert(&mut tx, rollup::aggregate(stored.map(|(row, _)| row))).await?;
+        let deltas = rollup::aggregate(stored.map(|(row, _)| row)).map_err(overflow_error)?;
+        self.upsert(&mut tx, deltas).await?;
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -147,7 +155,7 @@ impl PgStore {
         if deltas.is_empty() {
             return Ok(());
         }
-        let services = rollup::without_users(&deltas);
+        let services = rollup::without_users(&deltas).map_err(overflow_error)?;
         self.upsert_into(conn, &self.upsert_rollups, &deltas).await?;
         self.upsert_into(conn, &self.upsert_service_rollups, &services).await
     }
@@ -319,6 +327,12 @@ fn upsert_rollups_sql(table: RollupTable) -> String {
     )
 }
 
+/// A rollup sum out of range inside a transaction, as the error that ends it (classified as
+/// not retryable, so the worker isolates the rows responsible).
+fn overflow_error(error: rollup::RollupOverflow) -> sqlx::Error {
+    sqlx::Error::Decode(Box::new(error))
+}
+
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
 }
@@ -390,9 +404,11 @@ impl Store for PgStore {
 
     fn find_tenant<'a>(&'a self, name_or_id: &'a str) -> BoxFuture<'a, Result<Option<Tenant>, StoreError>> {
         Box::pin(async move {
+            // A UUID names a tenant by id only, anything else by name only: names never parse as UUIDs.
             let id = Uuid::parse_str(name_or_id).ok();
             let row: Option<(Uuid, String, bool)> = sqlx::query_as(
-                "SELECT id, name, disabled_at IS NOT NULL FROM tenants WHERE name = $1 OR id = $2 LIMIT 1",
+                "SELECT id, name, disabled_at IS NOT NULL FROM tenants \
+                 WHERE ($2::uuid IS NULL AND name = $1) OR id = $2",
             )
             .bind(name_or_id)
             .bind(id)
@@ -556,6 +572,15 @@ impl Store for PgStore {
         at_us: i64,
     ) -> BoxFuture<'_, Result<bool, StoreError>> {
         Box::pin(self.retire_price_rule_impl(tenant_id, rule_id, at_us))
+    }
+
+    fn change_price_rules<'a>(
+        &'a self,
+        tenant_id: Uuid,
+        retire: &'a [(Uuid, i64)],
+        insert: &'a [StoredPriceRule],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.change_price_rules_impl(tenant_id, retire, insert))
     }
 
     fn month_usage(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<(i64, Decimal), StoreError>> {

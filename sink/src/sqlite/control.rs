@@ -69,9 +69,10 @@ impl SqliteStore {
     }
 
     pub(super) async fn find_tenant_impl(&self, name_or_id: &str) -> Result<Option<Tenant>, StoreError> {
+        // A UUID names a tenant by id only, anything else by name only: names never parse as UUIDs.
         let id = Uuid::parse_str(name_or_id).ok();
         let row = sqlx::query(
-            "SELECT id, name, disabled_at FROM tenants WHERE name = ?1 OR id = ?2 ORDER BY name = ?1 DESC LIMIT 1",
+            "SELECT id, name, disabled_at FROM tenants WHERE (?2 IS NULL AND name = ?1) OR id = ?2",
         )
         .bind(name_or_id)
         .bind(id)
@@ -364,19 +365,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn insert_price_rule_impl(&self, rule: &StoredPriceRule) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO price_rules (id, tenant_id, definition, effective_from, effective_until, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .bind(rule.id)
-        .bind(rule.tenant_id)
-        .bind(values::json(&rule.definition))
-        .bind(rule.effective_from_us)
-        .bind(rule.effective_until_us)
-        .bind(now_us())
-        .execute(&self.writer)
-        .await
-        .map_err(classify)?;
+        insert_rule(rule).execute(&self.writer).await.map_err(classify)?;
         Ok(())
     }
 
@@ -386,20 +375,25 @@ impl SqliteStore {
         rule_id: Uuid,
         at_us: i64,
     ) -> Result<bool, StoreError> {
-        let result = sqlx::query(
-            "UPDATE price_rules SET retired_at = coalesce(retired_at, ?4),
-                    effective_until = CASE WHEN ?3 <= effective_from THEN NULL
-                                           ELSE min(coalesce(effective_until, ?3), ?3) END
-             WHERE tenant_id = ?1 AND id = ?2",
-        )
-        .bind(tenant_id)
-        .bind(rule_id)
-        .bind(at_us)
-        .bind(now_us())
-        .execute(&self.writer)
-        .await
-        .map_err(classify)?;
+        let result = retire_rule(tenant_id, rule_id, at_us).execute(&self.writer).await.map_err(classify)?;
         Ok(result.rows_affected() == 1)
+    }
+
+    /// Retires and inserts price rules in one transaction.
+    pub(super) async fn change_price_rules_impl(
+        &self,
+        tenant_id: Uuid,
+        retire: &[(Uuid, i64)],
+        insert: &[StoredPriceRule],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await.map_err(classify)?;
+        for (rule_id, at_us) in retire {
+            retire_rule(tenant_id, *rule_id, *at_us).execute(&mut *tx).await.map_err(classify)?;
+        }
+        for rule in insert {
+            insert_rule(rule).execute(&mut *tx).await.map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)
     }
 
     /// Events and cost since the start of the current UTC month (see the module docs: SQLite has
@@ -417,8 +411,9 @@ impl SqliteStore {
         let mut events = 0i64;
         let mut cost = Decimal::ZERO;
         for (count, row_cost) in rows {
-            events += count;
-            cost += values::decimal(&row_cost)?;
+            events = events.saturating_add(count);
+            // Held inside the decimal range, as on PostgreSQL: that much is over every quota.
+            cost = cost.checked_add(values::decimal(&row_cost)?).unwrap_or(Decimal::MAX);
         }
         Ok((events, cost))
     }
@@ -445,4 +440,32 @@ impl SqliteStore {
         .map_err(classify)?;
         Ok(())
     }
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
+fn insert_rule(rule: &StoredPriceRule) -> SqliteQuery<'static> {
+    sqlx::query(
+        "INSERT INTO price_rules (id, tenant_id, definition, effective_from, effective_until, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .bind(rule.id)
+    .bind(rule.tenant_id)
+    .bind(values::json(&rule.definition))
+    .bind(rule.effective_from_us)
+    .bind(rule.effective_until_us)
+    .bind(now_us())
+}
+
+fn retire_rule(tenant_id: Uuid, rule_id: Uuid, at_us: i64) -> SqliteQuery<'static> {
+    sqlx::query(
+        "UPDATE price_rules SET retired_at = coalesce(retired_at, ?4),
+                effective_until = CASE WHEN ?3 <= effective_from THEN NULL
+                                       ELSE min(coalesce(effective_until, ?3), ?3) END
+         WHERE tenant_id = ?1 AND id = ?2",
+    )
+    .bind(tenant_id)
+    .bind(rule_id)
+    .bind(at_us)
+    .bind(now_us())
 }

@@ -410,6 +410,15 @@ impl Store for SqliteStore {
         Box::pin(self.retire_price_rule_impl(tenant_id, rule_id, at_us))
     }
 
+    fn change_price_rules<'a>(
+        &'a self,
+        tenant_id: Uuid,
+        retire: &'a [(Uuid, i64)],
+        insert: &'a [StoredPriceRule],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.change_price_rules_impl(tenant_id, retire, insert))
+    }
+
     fn month_usage(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<(i64, Decimal), StoreError>> {
         Box::pin(self.month_usage_impl(tenant_id))
     }

@@ -50,8 +50,8 @@ impl SqliteStore {
             let before_rules = parse_uuids(rules.as_deref())?;
             let after = reprice(&event);
             batch.scanned += 1;
-            batch.cost_before += before.unwrap_or_default();
-            batch.cost_after += after.cost.unwrap_or_default();
+            batch.cost_before = crate::store::add_money(batch.cost_before, before.unwrap_or_default())?;
+            batch.cost_after = crate::store::add_money(batch.cost_after, after.cost.unwrap_or_default())?;
             batch.last = Some((event.timestamp_us, event.id()));
             if before != after.cost || before_rules != after.rule_ids {
                 batch.changed += 1;

@@ -169,7 +169,7 @@ pub(super) async fn grow(
     for (index, (slot, cached)) in totals.iter_mut().zip(cached).enumerate() {
         match cached {
             Some(mut total) => {
-                total.merge(&slot.1);
+                total.merge(&slot.1).map_err(overflow)?;
                 slot.1 = total;
             }
             None => {
@@ -212,11 +212,17 @@ async fn read_misses(
         for row in &rows {
             let (key, mut stored) = stored_rollup(row)?;
             let Some(index) = misses.get(&key) else { continue };
-            stored.merge(&totals[*index].1);
+            stored.merge(&totals[*index].1).map_err(overflow)?;
             totals[*index].1 = stored;
         }
     }
     Ok(())
+}
+
+/// A stored total that would leave its type's range: this batch is refused (and its rows
+/// isolated by the worker), the stored row stays as it was.
+fn overflow(error: crate::rollup::RollupOverflow) -> StoreError {
+    StoreError::Invalid(error.to_string())
 }
 
 fn bind_key(binder: &mut Binder, key: &OwnedKey) {
