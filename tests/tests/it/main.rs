@@ -5,6 +5,7 @@ mod billing;
 mod control;
 mod faults;
 mod harness_smoke;
+mod hostile;
 mod ingest;
 mod inspect;
 mod query;
