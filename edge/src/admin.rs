@@ -647,7 +647,8 @@ async fn save_service(
     };
     let stored = state.store.list_price_rules(caller.tenant_id).await.map_err(storage)?;
     let previous_config = previous.and_then(|service| service.billing_config.as_ref());
-    let retire = owned_rules(&service_type, previous_config, body.billing_config.as_ref(), &stored, current_hour_us);
+    let retire =
+        owned_rules(&service_type, previous_config, body.billing_config.as_ref(), &stored, current_hour_us);
     let after = rules_after(stored, &retire, &inserts);
     let inserted: Vec<Uuid> = inserts.iter().map(|rule| rule.id).collect();
     crate::tenants::check_price_change(state.ingestor.tenants().catalog(), &after, &inserted)

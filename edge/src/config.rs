@@ -23,10 +23,15 @@ pub struct EdgeConfig {
     pub wire_batch_events_max: u32,
     /// Negotiated unanswered batches per connection. Default 8.
     pub wire_credits: u32,
+    /// Longest the edge waits for a binary client to take one answer before dropping the
+    /// connection (a client that does not read its acks). Default 10 s.
+    pub wire_write_timeout: Duration,
     /// Events per HTTP batch request. Default 1,000 (the older system's limit), at most 10,000.
     pub http_batch_events_max: usize,
     /// Bytes of an HTTP request body. Default 16 MiB.
     pub http_body_bytes_max: usize,
+    /// Deadlines for reading HTTP requests and the cap on open HTTP connections.
+    pub http: serve::HttpLimits,
     /// Ring buffers, their depth, and the events all of them may hold.
     pub queue: QueueLimits,
     /// When a sink worker commits.
@@ -60,8 +65,10 @@ impl Default for EdgeConfig {
             wire_frame_bytes_max: wire::limits::FRAME_PAYLOAD_BYTES_DEFAULT,
             wire_batch_events_max: wire::limits::BATCH_EVENTS_DEFAULT,
             wire_credits: wire::limits::CREDITS_DEFAULT,
+            wire_write_timeout: Duration::from_secs(10),
             http_batch_events_max: 1000,
             http_body_bytes_max: 16 * 1024 * 1024,
+            http: serve::HttpLimits::default(),
             queue: QueueLimits { shards: 2, submissions_per_shard: 1024, events_max: 200_000 },
             batch: BatchLimits::default(),
             key_cache_ttl: Duration::from_secs(30),

@@ -207,7 +207,8 @@ impl Ingestor {
         events: impl IntoIterator<Item = Result<Event, EventError>>,
     ) -> Prepared {
         let window = TimeWindow {
-            late: Duration::from_secs(u64::from(context.settings.late_window_seconds)).min(self.window_max.late),
+            late: Duration::from_secs(u64::from(context.settings.late_window_seconds))
+                .min(self.window_max.late),
             ahead: Duration::from_secs(u64::from(context.settings.future_window_seconds))
                 .min(self.window_max.ahead),
         };
@@ -280,7 +281,8 @@ fn prepare_rows<const PRICE_AND_VALIDATE: bool>(
             check_window(event.timestamp_us, oldest_us, newest_us, &window)?;
             if PRICE_AND_VALIDATE {
                 context.prices.price_event_into(&event, &mut price).map_err(|error| {
-                    metrics::counter!("tally_events_rejected_total", "cause" => "cost_out_of_range").increment(1);
+                    metrics::counter!("tally_events_rejected_total", "cause" => "cost_out_of_range")
+                        .increment(1);
                     EventError::new("cost", error.to_string())
                 })?;
             }
@@ -297,7 +299,10 @@ fn prepare_rows<const PRICE_AND_VALIDATE: bool>(
                     row.flags |= sink::FLAG_OVER_QUOTA;
                 }
                 // Each cost is at most `pricing::EVENT_COST_MAX`, so a request's sum cannot overflow.
-                prepared.cost = prepared.cost.checked_add(price.cost.unwrap_or_default()).unwrap_or(rust_decimal::Decimal::MAX);
+                prepared.cost = prepared
+                    .cost
+                    .checked_add(price.cost.unwrap_or_default())
+                    .unwrap_or(rust_decimal::Decimal::MAX);
                 prepared.rows.push(row);
                 prepared.slots.push(Ok(()));
             }

@@ -126,12 +126,8 @@ pub async fn start_with_routes(
     let http = {
         let router = http::router(state.clone()).merge(extra_routes);
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let serve = axum::serve(http_listener, router).with_graceful_shutdown(shutdown.cancelled_owned());
-            if let Err(error) = serve.await {
-                tracing::error!(%error, "http server failed");
-            }
-        })
+        let limits = state.config.http;
+        tokio::spawn(serve::serve(http_listener, router, limits, "ingest", shutdown))
     };
     let maintenance = tokio::spawn(maintain_forever(
         store,

@@ -228,14 +228,16 @@ impl Tenants {
         let stored = self.store.list_price_rules(tenant_id).await?;
         let (prices, price_problems) = price_book(&self.catalog, &stored);
         if !price_problems.is_empty() {
-            metrics::counter!("tally_tenant_price_book_problems_total").increment(price_problems.len() as u64);
+            metrics::counter!("tally_tenant_price_book_problems_total")
+                .increment(price_problems.len() as u64);
             tracing::warn!(%tenant_id, problems = ?price_problems, "a tenant's price rules need repair");
         }
         let month = current_month();
         let (events, cost) = self.store.month_usage(tenant_id).await?;
         let usage = {
             let mut months = self.months.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let usage = months.entry(tenant_id).or_insert_with(|| Arc::new(MonthUsage::new(month, events, cost)));
+            let usage =
+                months.entry(tenant_id).or_insert_with(|| Arc::new(MonthUsage::new(month, events, cost)));
             usage.refresh(month, events, cost);
             usage.clone()
         };
@@ -282,7 +284,11 @@ pub fn price_book(catalog: &[PriceRule], stored: &[StoredPriceRule]) -> (PriceBo
 /// Checks a tenant's rules as they would be after a change: `Err` names a rule that cannot be
 /// read or is invalid, or an ambiguity that involves one of the `changed` rules (ambiguities
 /// already stored are reported elsewhere, not held against an unrelated change).
-pub fn check_price_change(catalog: &[PriceRule], stored: &[StoredPriceRule], changed: &[Uuid]) -> Result<(), String> {
+pub fn check_price_change(
+    catalog: &[PriceRule],
+    stored: &[StoredPriceRule],
+    changed: &[Uuid],
+) -> Result<(), String> {
     for rule in stored.iter().filter(|rule| changed.contains(&rule.id)) {
         as_stored_rule(rule).to_rule().map_err(|error| error.to_string())?;
     }

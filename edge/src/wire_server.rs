@@ -26,9 +26,6 @@ use crate::ingest::{EventStatus, IngestError};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections idle (no frame, nothing in flight) this long are closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Longest wait for the peer to take one answer: a client that does not read its acks is
-/// dropped, not buffered for.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Delay suggested in `Goodbye` before reconnecting.
 const RECONNECT_AFTER_MS: u32 = 1000;
 
@@ -99,10 +96,12 @@ impl Connection {
         }
     }
 
-    /// Sends one message within [`WRITE_TIMEOUT`]; the framed writer holds at most one
-    /// message's bytes beyond what the socket took.
+    /// Sends one message within `wire_write_timeout`: a client that does not read its answers
+    /// is dropped, not buffered for (the framed writer holds at most one message beyond what
+    /// the socket took).
     async fn send(&mut self, message: Message) -> Result<(), WireError> {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.framed.send(message)).await {
+        let timeout = self.state.config.wire_write_timeout;
+        match tokio::time::timeout(timeout, self.framed.send(message)).await {
             Ok(result) => result,
             Err(_) => {
                 metrics::counter!("tally_wire_write_timeouts_total").increment(1);
@@ -252,7 +251,12 @@ impl Connection {
             && !matches!(error, crate::auth::AuthError::Unavailable(_))
         {
             metrics::counter!("tally_auth_failures_total", "transport" => "wire").increment(1);
-            let message = ErrorMessage { code: error.code(), message: error.to_string(), fatal: true, sequence: Some(sequence) };
+            let message = ErrorMessage {
+                code: error.code(),
+                message: error.to_string(),
+                fatal: true,
+                sequence: Some(sequence),
+            };
             let _ = self.send(Message::Error(message)).await;
             return Err(WireError::Io("closed: the API key is no longer valid".into()));
         }

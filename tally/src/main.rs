@@ -62,11 +62,13 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("failed to listen on {}", cli.query_addr))?;
     let query_addr = query_listener.local_addr()?;
     let stop = edge.shutdown_token();
-    let query_server = tokio::spawn(async move {
-        axum::serve(query_listener, query::router(query_state))
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    });
+    let query_server = tokio::spawn(serve::serve(
+        query_listener,
+        query::router(query_state),
+        serve::HttpLimits::default(),
+        "query",
+        stop,
+    ));
     print_banner(&described, edge.http_addr, edge.wire_addr, query_addr, &key);
 
     wait_for_signal().await;

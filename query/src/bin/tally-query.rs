@@ -79,7 +79,17 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("failed to bind {addr}"))?;
     println!("tally-query: HTTP on http://{}", listener.local_addr()?);
-    axum::serve(listener, query::router(state)).with_graceful_shutdown(wait_for_signal()).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(serve::serve(
+        listener,
+        query::router(state),
+        serve::HttpLimits::default(),
+        "query",
+        stop.clone(),
+    ));
+    wait_for_signal().await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -61,7 +61,8 @@ async fn overflowing_costs_are_refused_alone_and_absurd_rules_never_stored(backe
     let (status, body) = post(&edge, "/api/v1/events/batch", &edge.key, batch).await?;
     assert!(status.is_success(), "{status}: {body}");
     let results = body["results"].as_array().cloned().unwrap_or_default();
-    let statuses: Vec<&str> = results.iter().map(|result| result["status"].as_str().unwrap_or_default()).collect();
+    let statuses: Vec<&str> =
+        results.iter().map(|result| result["status"].as_str().unwrap_or_default()).collect();
     assert_eq!(statuses, ["rejected", "stored", "rejected"], "{body}");
     assert!(results[0]["error"].to_string().contains("cost"), "{body}");
     // Over the binary protocol too, and the connection goes on.
@@ -90,7 +91,8 @@ async fn overflowing_costs_are_refused_alone_and_absurd_rules_never_stored(backe
 
 async fn tenant_windows_stay_inside_what_storage_covers(backend: Backend) -> Result<()> {
     let (edge, admin) = TestEdge::with_admin(backend).await?;
-    let (status, mut settings) = edge.http("GET", "/api/v1/admin/settings", Some(&admin), Value::Null).await?;
+    let (status, mut settings) =
+        edge.http("GET", "/api/v1/admin/settings", Some(&admin), Value::Null).await?;
     assert_eq!(status, StatusCode::OK);
     // 400 days back, or a week ahead, would accept events that have no partition.
     for (field, seconds) in [("late_window_seconds", 400 * 86_400), ("future_window_seconds", 7 * 86_400)] {
@@ -128,9 +130,7 @@ async fn a_service_put_replaces_its_own_rules_and_a_broken_book_never_fails_inge
     backend: Backend,
 ) -> Result<()> {
     let (edge, admin) = TestEdge::with_admin(backend).await?;
-    let service = |rate: &str| {
-        json!({"service_name": "OCR", "billing_config": {"unit": "pages", "rates": {"standard": rate}}})
-    };
+    let service = |rate: &str| json!({"service_name": "OCR", "billing_config": {"unit": "pages", "rates": {"standard": rate}}});
     let ocr = |user: &str| {
         json!({"user_id": user, "service_type": "ocr", "service_provider": "acme", "event_type": "page",
             "metrics": {"pages": 2}})
@@ -152,7 +152,8 @@ async fn a_service_put_replaces_its_own_rules_and_a_broken_book_never_fails_inge
     assert_eq!(status, StatusCode::OK);
     assert_eq!(prices["problems"], json!([]), "{prices}");
     // A refused billing_config saves nothing, not even the service.
-    let bad = json!({"service_name": "Bad", "billing_config": {"unit": "pages", "rates": {"standard": "-1"}}});
+    let bad =
+        json!({"service_name": "Bad", "billing_config": {"unit": "pages", "rates": {"standard": "-1"}}});
     let (status, body) = edge.http("PUT", "/api/v1/services/bad", Some(&admin), bad).await?;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     let (status, _) = edge.http("GET", "/api/v1/services/bad", Some(&admin), Value::Null).await?;
@@ -205,7 +206,8 @@ async fn control_characters_are_refused_with_400(backend: Backend) -> Result<()>
     let service = json!({"service_name": "x\u{0}y"});
     let (status, body) = edge.http("PUT", "/api/v1/services/nul", Some(&admin), service).await?;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    let (status, mut settings) = edge.http("GET", "/api/v1/admin/settings", Some(&admin), Value::Null).await?;
+    let (status, mut settings) =
+        edge.http("GET", "/api/v1/admin/settings", Some(&admin), Value::Null).await?;
     assert_eq!(status, StatusCode::OK);
     settings["time_zone"] = json!("Europe/\u{0}Paris");
     let (status, body) = edge.http("PUT", "/api/v1/admin/settings", Some(&admin), settings).await?;
@@ -226,11 +228,14 @@ async fn revocation_reaches_open_binary_connections(backend: Backend) -> Result<
         .and_then(|listed| listed["id"].as_str())
         .unwrap_or_default()
         .to_owned();
-    let (status, _) = edge.http("DELETE", &format!("/api/v1/admin/keys/{id}"), Some(&admin), Value::Null).await?;
+    let (status, _) =
+        edge.http("DELETE", &format!("/api/v1/admin/keys/{id}"), Some(&admin), Value::Null).await?;
     assert_eq!(status, StatusCode::OK);
     let other = crate::support::llm_event("u2", 1.0, 1.0);
     match connection.round_trip(2, vec![other]).await? {
-        Message::Error(error) => assert!(error.fatal && error.code == wire::ErrorCode::Unauthorized, "{error:?}"),
+        Message::Error(error) => {
+            assert!(error.fatal && error.code == wire::ErrorCode::Unauthorized, "{error:?}")
+        }
         other => anyhow::bail!("a revoked key still ingests: {other:?}"),
     }
     // A disabled tenant's open connection stops too.
@@ -273,7 +278,8 @@ async fn one_hostile_tenant_cannot_hurt_two_others() -> Result<()> {
         let (mut acked, mut round) = (0usize, 0usize);
         while started.elapsed() < run_for {
             let events: Vec<Value> = (0..50).map(|i| llm(&format!("b{round}-{i}"), 10.0)).collect();
-            let (status, body) = post(&edge, "/api/v1/events/batch", &bravo_key, json!({"events": events})).await?;
+            let (status, body) =
+                post(&edge, "/api/v1/events/batch", &bravo_key, json!({"events": events})).await?;
             anyhow::ensure!(status == StatusCode::OK, "bravo got {status}: {body}");
             acked += body["stored_count"].as_u64().unwrap_or_default() as usize;
             round += 1;
@@ -285,7 +291,8 @@ async fn one_hostile_tenant_cannot_hurt_two_others() -> Result<()> {
         let (mut acked, mut sequence) = (0usize, 0u64);
         while started.elapsed() < run_for {
             sequence += 1;
-            let events = (0..100).map(|i| crate::support::llm_event(&format!("c{sequence}-{i}"), 5.0, 1.0)).collect();
+            let events =
+                (0..100).map(|i| crate::support::llm_event(&format!("c{sequence}-{i}"), 5.0, 1.0)).collect();
             match connection.round_trip(sequence, events).await? {
                 Message::Ack(ack) if ack.rejected.is_empty() => acked += ack.stored as usize,
                 other => anyhow::bail!("charlie got {other:?}"),
@@ -307,9 +314,14 @@ async fn one_hostile_tenant_cannot_hurt_two_others() -> Result<()> {
             anyhow::ensure!(!status.is_server_error(), "acme got {status}: {body}");
             let statuses: Vec<&str> = body["results"]
                 .as_array()
-                .map(|results| results.iter().map(|result| result["status"].as_str().unwrap_or_default()).collect())
+                .map(|results| {
+                    results.iter().map(|result| result["status"].as_str().unwrap_or_default()).collect()
+                })
                 .unwrap_or_default();
-            anyhow::ensure!(statuses == ["rejected", "rejected", "rejected", "rejected", "stored"], "acme: {body}");
+            anyhow::ensure!(
+                statuses == ["rejected", "rejected", "rejected", "rejected", "stored"],
+                "acme: {body}"
+            );
             let poison = vec![
                 crate::support::llm_event("poison", 1.0, 1.0),
                 crate::support::llm_event("huge", QUANTITY_MAX, 1.0),
@@ -356,5 +368,83 @@ async fn one_hostile_tenant_cannot_hurt_two_others() -> Result<()> {
     assert_eq!(edge.stored_count(edge.tenant.id).await?, 2 * hostile_rounds as usize);
     sqlx::query("ALTER TABLE usage_events DROP CONSTRAINT test_no_poison").execute(&mut conn).await?;
     crate::support::assert_rollups_match_raw(&mut conn).await?;
+    Ok(())
+}
+
+/// Every network read has a deadline: a client that trickles its headers or stalls its body is
+/// dropped, and past the connection cap new clients wait instead of piling up.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_http_clients_are_dropped_and_connections_are_capped() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limits = serve::HttpLimits {
+        header_read_timeout: Duration::from_millis(800),
+        body_read_timeout: Duration::from_millis(800),
+        request_timeout: Duration::from_secs(10),
+        connections_max: 2,
+    };
+    let config = edge::EdgeConfig { http: limits, ..edge::EdgeConfig::default() };
+    let edge = TestEdge::launch(Backend::Sqlite, config).await?;
+    let addr = edge.edge.http_addr;
+    // Two clients hold both connections, one trickling headers, one stalling its body.
+    let mut trickler = tokio::net::TcpStream::connect(addr).await?;
+    trickler.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await?;
+    let mut staller = tokio::net::TcpStream::connect(addr).await?;
+    let head = format!(
+        "POST /api/v1/events HTTP/1.1\r\nHost: x\r\nX-API-Key: {}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"user",
+        edge.key
+    );
+    staller.write_all(head.as_bytes()).await?;
+    // A third client waits for a free connection, then is served.
+    let started = std::time::Instant::now();
+    let mut third = tokio::net::TcpStream::connect(addr).await?;
+    third.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut answer)).await??;
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(started.elapsed() >= Duration::from_millis(500), "served before a slot was free");
+    // Both slow clients were dropped (the staller with an error answer first: its body did not
+    // arrive in time).
+    for (name, stream) in [("trickler", &mut trickler), ("staller", &mut staller)] {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "{name} still connected");
+        let text = String::from_utf8_lossy(&rest);
+        assert!(
+            rest.is_empty() || text.starts_with("HTTP/1.1 408") || text.starts_with("HTTP/1.1 400"),
+            "{name}: {text}"
+        );
+    }
+    Ok(())
+}
+
+/// A binary client that never reads its answers is dropped after the write deadline instead of
+/// having its answers buffered for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn binary_clients_that_do_not_read_are_dropped() -> Result<()> {
+    use futures_util::SinkExt;
+    let config =
+        edge::EdgeConfig { wire_write_timeout: Duration::from_millis(500), ..edge::EdgeConfig::default() };
+    let edge = TestEdge::launch(Backend::Sqlite, config).await?;
+    let mut connection = RawConnection::open(&edge, &edge.key).await?;
+    let started = std::time::Instant::now();
+    let mut pings = 0u64;
+    // Pings are answered at once; unread, the answers fill both socket buffers, then the write
+    // deadline passes and the edge closes the connection, which ends this loop with an error.
+    let dropped = loop {
+        if started.elapsed() > Duration::from_secs(60) {
+            break false;
+        }
+        pings += 1;
+        let ping = Message::Ping(wire::Ping { nonce: pings });
+        if connection.framed.send(ping).await.is_err() {
+            break true;
+        }
+    };
+    println!("dropped after {pings} unread pings in {:?}", started.elapsed());
+    assert!(dropped, "the edge kept a client that reads nothing for 60 s");
     Ok(())
 }
