@@ -312,8 +312,9 @@ async fn ready(State(state): State<Arc<EdgeState>>) -> Response {
         "events_queued": queue.events_queued(),
         "events_max": queue.events_max(),
     });
+    // A worker whose commit has run for half the commit deadline is as good as down.
     let (down, stalled) =
-        (state.workers.workers_down(), state.workers.workers_stalled(state.config.batch.commit_timeout));
+        (state.workers.workers_down(), state.workers.workers_stalled(state.config.batch.commit_timeout / 2));
     let workers = json!({
         "status": if down + stalled == 0 { "ok" } else { "down" },
         "workers": state.config.queue.shards,

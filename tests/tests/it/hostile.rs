@@ -448,3 +448,48 @@ async fn binary_clients_that_do_not_read_are_dropped() -> Result<()> {
     assert!(dropped, "the edge kept a client that reads nothing for 60 s");
     Ok(())
 }
+
+/// `/ready` tells the truth about the sink workers: while they cannot commit (PostgreSQL answers
+/// pings, but the events table is locked), it goes false; once they commit again, true.
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_goes_false_while_sink_workers_cannot_commit() -> Result<()> {
+    let mut config = edge::EdgeConfig::default();
+    config.batch.commit_timeout = Duration::from_secs(4);
+    let edge = TestEdge::launch(Backend::Postgres, config).await?;
+    assert_eq!(ready(&edge).await?, StatusCode::OK);
+    let mut locker = edge.connect_db().await?;
+    sqlx::query("BEGIN").execute(&mut locker).await?;
+    sqlx::query("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE").execute(&mut locker).await?;
+    let blocked = tokio::spawn({
+        let key = edge.key.clone();
+        let state = edge.edge.state.clone();
+        async move {
+            let request = axum::http::Request::post("/api/v1/events")
+                .header("x-api-key", key)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(llm("u", 1.0).to_string()))?;
+            use tower::ServiceExt;
+            let response = edge::http::router(state).oneshot(request).await?;
+            anyhow::Ok(response.status())
+        }
+    });
+    // Down within the stall limit (half the commit deadline), and while the commit hangs.
+    let mut saw_not_ready = false;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if ready(&edge).await? == StatusCode::SERVICE_UNAVAILABLE {
+            saw_not_ready = true;
+            break;
+        }
+    }
+    assert!(saw_not_ready, "/ready stayed true while no commit could finish");
+    // The request is answered with a retryable error when the commit deadline passes, never with
+    // success; after the lock goes, the workers commit and /ready is true again.
+    let status = blocked.await??;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    sqlx::query("ROLLBACK").execute(&mut locker).await?;
+    let (status, body) = post(&edge, "/api/v1/events", &edge.key, llm("u", 1.0)).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(ready(&edge).await?, StatusCode::OK);
+    Ok(())
+}
