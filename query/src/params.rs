@@ -201,6 +201,15 @@ impl Metric {
     }
 }
 
+/// The earliest time a date parameter may name (an instant, or a wall-clock time).
+pub const TIME_MIN: PrimitiveDateTime = time::macros::datetime!(1970-01-01 0:00);
+/// The latest time a date parameter may name. The types hold years up to 9999: a range ending
+/// here, extended to the week or month that holds its end (and read in any time zone), still
+/// fits, as does the period of equal length before one that starts at [`TIME_MIN`].
+pub const TIME_MAX: PrimitiveDateTime = time::macros::datetime!(9999-01-01 0:00);
+/// The largest `offset` of the listing: what the databases' 64-bit signed `OFFSET` holds.
+pub const OFFSET_MAX: u64 = i64::MAX as u64;
+
 /// A time as given: with an offset, or wall-clock time in the tenant's time zone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeInput {
@@ -210,7 +219,26 @@ pub enum TimeInput {
 
 /// RFC 3339 (`2024-01-31T12:00:00Z`, `...+02:00`), or without an offset (`2024-01-31T12:00:00`,
 /// `2024-01-31`), which is read in the tenant's time zone.
+/// Times outside [`TIME_MIN`]..=[`TIME_MAX`] are refused.
 pub fn parse_time(field: &str, text: &str) -> Result<TimeInput, ApiError> {
+    let time = parse_any_time(field, text)?;
+    let wall_clock = match time {
+        TimeInput::Instant(instant) => {
+            let utc = instant.to_offset(time::UtcOffset::UTC);
+            PrimitiveDateTime::new(utc.date(), utc.time())
+        }
+        TimeInput::Local(local) => local,
+    };
+    if !(TIME_MIN..=TIME_MAX).contains(&wall_clock) {
+        return Err(ApiError::parameter(
+            field,
+            format!("must be from {} to {} (UTC)", TIME_MIN.date(), TIME_MAX.date()),
+        ));
+    }
+    Ok(time)
+}
+
+fn parse_any_time(field: &str, text: &str) -> Result<TimeInput, ApiError> {
     let text = text.trim();
     if let Ok(instant) = OffsetDateTime::parse(text, &Rfc3339) {
         return Ok(TimeInput::Instant(instant));
@@ -237,6 +265,17 @@ pub fn parse_u32(field: &str, text: Option<&str>, default: u32, min: u32, max: u
     Ok(value)
 }
 
+/// The listing's `offset`: 0 to [`OFFSET_MAX`], default 0.
+pub fn parse_offset(text: Option<&str>) -> Result<u64, ApiError> {
+    let Some(text) = text else { return Ok(0) };
+    let value: u64 =
+        text.trim().parse().map_err(|_| ApiError::parameter("offset", "must be a whole number"))?;
+    if value > OFFSET_MAX {
+        return Err(ApiError::parameter("offset", format!("must be from 0 to {OFFSET_MAX}, got {value}")));
+    }
+    Ok(value)
+}
+
 pub fn parse_bool(field: &str, text: Option<&str>) -> Result<bool, ApiError> {
     match text.map(str::trim) {
         None | Some("false" | "0" | "no") => Ok(false),
@@ -245,11 +284,19 @@ pub fn parse_bool(field: &str, text: Option<&str>) -> Result<bool, ApiError> {
     }
 }
 
-/// A free-text filter value: 1 to 255 characters.
+/// A free-text filter value: 1 to 255 bytes without control characters. No stored value holds
+/// one (events are validated so), and PostgreSQL refuses NUL in text outright.
 fn filter_value(field: &str, value: &Option<String>) -> Result<Option<String>, ApiError> {
     match value {
         Some(text) if text.len() > 255 => Err(ApiError::parameter(field, "longer than 255 bytes")),
         Some(text) if text.is_empty() && field != "model" => Err(ApiError::parameter(field, "is empty")),
+        Some(text) if text.chars().any(char::is_control) => {
+            let found = text.chars().find(|c| c.is_control()).map_or(0, u32::from);
+            Err(ApiError::parameter(
+                field,
+                format!("must not contain control characters (found U+{found:04X})"),
+            ))
+        }
         other => Ok(other.clone()),
     }
 }
@@ -502,5 +549,146 @@ mod tests {
         assert!(Dimension::parse_list("group_by", "period", 2).is_err());
         assert!(Dimension::parse_list("group_by", "model,user_id,event_type", 2).is_err());
         assert_eq!(parse_u32("limit", Some("10001"), 1000, 1, 10_000).ok(), None);
+    }
+}
+
+/// Property tests: whatever a client sends, parsing never panics and yields either a value
+/// within its documented bounds or an `invalid_parameter` error that starts with the
+/// parameter's name. `PROPTEST_CASES` sets the number of cases (default 256).
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn names(error: &ApiError, field: &str) -> bool {
+        matches!(error, ApiError::InvalidParameter(_)) && error.to_string().starts_with(&format!("{field}:"))
+    }
+
+    /// Date-like text: years far beyond what the types hold, invalid months, days and times,
+    /// any offset, any separator.
+    fn date_text() -> impl Strategy<Value = String> {
+        (
+            -999_999i32..=999_999,
+            0u8..=99,
+            0u8..=99,
+            prop::option::of((
+                0u8..=99,
+                0u8..=99,
+                prop::option::of(0u8..=99),
+                prop::option::of("[0-9]{1,12}"),
+            )),
+            prop::sample::select(vec![
+                "", "Z", "z", "+00:00", "-23:59", "+23:59", "+24:00", "-00:00", "ZZZZ",
+            ]),
+            prop::sample::select(vec!["T", " ", "t", "_"]),
+        )
+            .prop_map(|(year, month, day, time, offset, separator)| {
+                let date = format!("{year:04}-{month:02}-{day:02}");
+                match time {
+                    None => format!("{date}{offset}"),
+                    Some((h, m, s, fraction)) => {
+                        let seconds = s.map(|s| format!(":{s:02}")).unwrap_or_default();
+                        let fraction = fraction.map(|f| format!(".{f}")).unwrap_or_default();
+                        format!("{date}{separator}{h:02}:{m:02}{seconds}{fraction}{offset}")
+                    }
+                }
+            })
+    }
+
+    fn any_text() -> impl Strategy<Value = String> {
+        prop_oneof![any::<String>(), "\\PC{0,80}", date_text(), any::<i128>().prop_map(|n| n.to_string())]
+    }
+
+    proptest! {
+        #[test]
+        fn times_are_within_bounds_or_refused_by_name(text in any_text()) {
+            match parse_time("start_date", &text) {
+                Ok(TimeInput::Instant(instant)) => {
+                    let utc = instant.to_offset(time::UtcOffset::UTC);
+                    let wall_clock = PrimitiveDateTime::new(utc.date(), utc.time());
+                    prop_assert!((TIME_MIN..=TIME_MAX).contains(&wall_clock), "{text:?}: {instant}");
+                }
+                Ok(TimeInput::Local(local)) => {
+                    prop_assert!((TIME_MIN..=TIME_MAX).contains(&local), "{text:?}: {local}");
+                }
+                Err(error) => prop_assert!(names(&error, "start_date"), "{text:?}: {error}"),
+            }
+        }
+
+        #[test]
+        fn valid_dates_in_bounds_are_read(year in 1970i32..=9998, ordinal in 1u16..=365, seconds in 0u32..86_400) {
+            let date = time::Date::from_ordinal_date(year, ordinal).expect("a day of any year");
+            let text = format!("{date}T{:02}:{:02}:{:02}Z", seconds / 3600, seconds / 60 % 60, seconds % 60);
+            let parsed = parse_time("end_date", &text);
+            prop_assert!(matches!(parsed, Ok(TimeInput::Instant(_))), "{text}: {parsed:?}");
+            prop_assert!(matches!(parse_time("end_date", &date.to_string()), Ok(TimeInput::Local(_))));
+        }
+
+        #[test]
+        fn numbers_are_within_bounds_or_refused_by_name(
+            text in prop_oneof![any_text(), any::<u64>().prop_map(|n| n.to_string())],
+            min in 0u32..10,
+            max in 10u32..100_000,
+        ) {
+            match parse_u32("limit", Some(&text), min, min, max) {
+                Ok(value) => prop_assert!((min..=max).contains(&value) && text.trim().parse() == Ok(value)),
+                Err(error) => prop_assert!(names(&error, "limit"), "{text:?}: {error}"),
+            }
+            match parse_offset(Some(&text)) {
+                Ok(value) => prop_assert!(value <= OFFSET_MAX && i64::try_from(value).is_ok()),
+                Err(error) => prop_assert!(names(&error, "offset"), "{text:?}: {error}"),
+            }
+        }
+
+        #[test]
+        fn every_offset_the_database_holds_is_read(offset in 0..=OFFSET_MAX) {
+            prop_assert_eq!(parse_offset(Some(&offset.to_string())).ok(), Some(offset));
+            let beyond = u128::from(offset) + u128::from(OFFSET_MAX) + 1;
+            prop_assert!(parse_offset(Some(&beyond.to_string())).is_err());
+        }
+
+        #[test]
+        fn filters_hold_no_control_characters_or_are_refused_by_name(
+            values in prop::collection::vec(prop::option::of(any_text()), 5),
+        ) {
+            let fields = ["service_type", "service_provider", "user_id", "model", "event_type"];
+            match filter(&values[0], &values[1], &values[2], &values[3], &values[4]) {
+                Ok(filter) => {
+                    let kept = [
+                        &filter.service_type, &filter.service_provider, &filter.user_id, &filter.model,
+                        &filter.event_type,
+                    ];
+                    for (value, sent) in kept.into_iter().zip(&values) {
+                        prop_assert_eq!(value, sent);
+                        if let Some(value) = value {
+                            prop_assert!(value.len() <= 255 && !value.chars().any(char::is_control));
+                        }
+                    }
+                }
+                Err(error) => prop_assert!(fields.iter().any(|field| names(&error, field)), "{error}"),
+            }
+        }
+
+        #[test]
+        fn allow_lists_answer_or_refuse_by_name(text in any_text()) {
+            if let Err(error) = Period::parse("period", &text) {
+                prop_assert!(names(&error, "period"));
+            }
+            match Metric::parse("metric", &text) {
+                Ok(metric) => prop_assert!(!metric.name().is_empty()),
+                Err(error) => prop_assert!(names(&error, "metric")),
+            }
+            match Dimension::parse_list("group_by", &text, 3) {
+                Ok(dimensions) => prop_assert!((1..=3).contains(&dimensions.len())),
+                Err(error) => prop_assert!(names(&error, "group_by")),
+            }
+            if let Err(error) = parse_bool("include_billing", Some(&text)) {
+                prop_assert!(names(&error, "include_billing"));
+            }
+            if let Err(error) = parse_status(Some(&text)) {
+                prop_assert!(names(&error, "status"));
+            }
+        }
     }
 }

@@ -8,5 +8,6 @@ mod harness_smoke;
 mod ingest;
 mod inspect;
 mod query;
+mod query_hardening;
 mod store;
 mod support;

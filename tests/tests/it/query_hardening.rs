@@ -1,0 +1,679 @@
+//! The query service against a hostile or careless client (issue 12): no date, filter, offset or
+//! cursor, and no stored number however large, makes a handler panic or answer 500. A bad
+//! parameter is a 400 that names it; a sum beyond what an exact decimal holds is a 422
+//! `overflow` that names the figure. CSV cells never start a formula, and the listing's
+//! `total_count` is counted by the server, never read from the cursor. On both backends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use query::{QueryConfig, QueryState};
+use rust_decimal::Decimal;
+use serde_json::Value;
+use sink::{EventRow, Retention};
+use time::format_description::well_known::Rfc3339;
+use time::{Date, OffsetDateTime, Time};
+use tower::ServiceExt;
+
+use crate::support::{Backend, Location, TestEdge, both_backends};
+
+both_backends!(
+    dates_beyond_what_the_types_hold_are_refused_by_name,
+    control_characters_in_filters_are_refused_by_name,
+    offsets_beyond_what_the_database_holds_are_refused,
+    csv_cells_never_start_a_formula,
+    the_cursor_total_is_counted_not_trusted,
+    sums_beyond_the_largest_decimal_are_an_overflow,
+    a_projection_beyond_the_largest_decimal_is_an_overflow,
+);
+
+/// A query service over the edge's database, whichever backend it is.
+async fn query_state(edge: &TestEdge, cache_ttl: Duration) -> Result<Arc<QueryState>> {
+    let config = QueryConfig { cache_ttl, ..QueryConfig::new(edge.db.url.clone()) };
+    match &edge.db.location {
+        Location::Postgres(_) => Ok(QueryState::connect(config).await?),
+        Location::Sqlite(file) => {
+            let backend = query::sqlite::SqliteBackend::open(file.path()).await?;
+            Ok(QueryState::with_backend(config, Arc::new(backend), None))
+        }
+    }
+}
+
+/// The status and the whole body as text (an error while streaming the body is an error here).
+async fn get_text(state: &Arc<QueryState>, key: &str, path: &str) -> Result<(StatusCode, String)> {
+    let request = Request::builder().uri(path).header("x-api-key", key).body(Body::empty())?;
+    let response = query::router(state.clone()).oneshot(request).await?;
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 64 << 20)
+        .await
+        .with_context(|| format!("GET {path}: {status}, the body broke off"))?;
+    Ok((status, String::from_utf8(bytes.to_vec())?))
+}
+
+async fn get(state: &Arc<QueryState>, key: &str, path: &str) -> Result<(StatusCode, Value)> {
+    let (status, text) = get_text(state, key, path).await?;
+    let body =
+        serde_json::from_str(&text).with_context(|| format!("GET {path}: {status}, not JSON: {text}"))?;
+    Ok((status, body))
+}
+
+/// Asserts a 400 `invalid_parameter` whose detail starts with `field`.
+async fn refused(state: &Arc<QueryState>, key: &str, path: &str, field: &str) -> Result<()> {
+    let (status, body) = get(state, key, path).await?;
+    ensure!(
+        status == StatusCode::BAD_REQUEST && body["error"] == "invalid_parameter",
+        "GET {path}: want 400 invalid_parameter, got {status} {body}"
+    );
+    let detail = body["detail"].as_str().unwrap_or_default();
+    ensure!(detail.starts_with(field), "GET {path}: the detail names {field}: {body}");
+    Ok(())
+}
+
+/// Stores events straight through the sink, with the given costs (one commit each, so that no
+/// commit sums two of them), with partitions 80 days back.
+async fn commit(edge: &TestEdge, events: Vec<(wire::Event, Option<Decimal>)>) -> Result<()> {
+    let retention = Retention { partitions_behind_days: 80, ..Retention::default() };
+    edge.store.maintain(&retention).await?;
+    for (event, cost) in events {
+        edge.store.commit(&[EventRow::new(edge.tenant.id, event, cost)]).await?;
+    }
+    Ok(())
+}
+
+fn event_at(user: &str, at: OffsetDateTime) -> wire::Event {
+    wire::Event::new(user, "custom", "p", "job")
+        .at(i64::try_from(at.unix_timestamp_nanos() / 1000).unwrap_or_default())
+        .with_quantity(wire::QuantityKind::Requests, 1.0)
+}
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap_or_default()
+}
+
+fn month_start(date: Date) -> OffsetDateTime {
+    date.replace_day(1).unwrap_or(date).with_time(Time::MIDNIGHT).assume_utc()
+}
+
+async fn dates_beyond_what_the_types_hold_are_refused_by_name(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
+    let state = query_state(&edge, Duration::from_secs(15)).await?;
+    let key = &edge.key;
+    for (path, field) in [
+        (
+            "/api/v1/analytics/trends?period=month&start_date=9999-12-01T00:00:00Z&end_date=9999-12-31T00:00:00Z",
+            "start_date",
+        ),
+        ("/api/v1/analytics/trends?period=week&start_date=9999-12-20&end_date=9999-12-31", "start_date"),
+        (
+            "/api/v1/analytics/trends?metric=total_cost&period=month&end_date=9999-12-31T23:59:59.999999Z",
+            "end_date",
+        ),
+        (
+            "/api/v1/usage/costs?group_by=month&start_date=9999-11-01&end_date=9999-12-31T23:59:59Z",
+            "start_date",
+        ),
+        ("/api/v1/usage/costs?group_by=week&end_date=9999-12-31T23:59:59Z", "end_date"),
+        ("/api/v1/usage/aggregate?period=month&start_date=9999-12-01&end_date=9999-12-31", "start_date"),
+        (
+            "/api/v1/analytics/compare?start_date=0000-01-01T00:00:00Z&end_date=0000-12-01T00:00:00Z",
+            "start_date",
+        ),
+        ("/api/v1/analytics/compare?end_date=0000-01-02", "end_date"),
+        (
+            "/api/v1/analytics/top-users?start_date=0000-01-01T00:00:00%2B23:59&end_date=0000-01-02",
+            "start_date",
+        ),
+        (
+            "/api/v1/analytics/breakdown?start_date=9998-12-31T23:00:00-23:59&end_date=9999-01-02",
+            "start_date",
+        ),
+        (
+            "/api/v1/analytics/errors?start_date=1969-12-31T00:00:00Z&end_date=1970-01-02T00:00:00Z",
+            "start_date",
+        ),
+        ("/api/v1/usage/by-service?start_date=0001-01-01&end_date=0001-02-01", "start_date"),
+        ("/api/v1/usage?start_date=0000-01-01&end_date=0000-01-02", "start_date"),
+        ("/api/v1/usage?format=csv&end_date=9999-12-31T23:59:59.999999Z", "end_date"),
+    ] {
+        refused(&state, key, path, field).await?;
+    }
+    // The bounds themselves are served, by every period, also where the range is read as
+    // the week or month around it and as the period before it.
+    for path in [
+        "/api/v1/analytics/trends?period=month&start_date=9998-12-01&end_date=9999-01-01",
+        "/api/v1/analytics/trends?period=week&start_date=9998-12-01&end_date=9999-01-01T00:00:00Z",
+        "/api/v1/usage/costs?group_by=month&start_date=9998-12-15&end_date=9999-01-01",
+        "/api/v1/usage/aggregate?period=week&start_date=9998-12-15&end_date=9999-01-01",
+        "/api/v1/analytics/compare?start_date=1970-01-01&end_date=1971-02-04",
+        "/api/v1/analytics/compare?start_date=9998-01-01&end_date=9999-01-01",
+        "/api/v1/usage?start_date=1970-01-01T00:00:00Z&end_date=1970-01-02T00:00:00Z",
+        "/api/v1/billing/summary?month=1970-01",
+    ] {
+        let (status, body) = get(&state, key, path).await?;
+        ensure!(status == StatusCode::OK, "GET {path}: {status} {body}");
+    }
+    Ok(())
+}
+
+/// Each data endpoint with the filters it takes.
+const FILTERS: &[(&str, &[&str])] = &[
+    ("/api/v1/usage", &["service_type", "service_provider", "user_id", "model", "event_type"]),
+    ("/api/v1/usage?format=csv", &["service_type", "service_provider", "user_id", "model", "event_type"]),
+    ("/api/v1/usage/aggregate", &["service_type", "service_provider", "user_id", "model", "event_type"]),
+    ("/api/v1/usage/costs", &["service_type", "service_provider", "user_id", "model"]),
+    ("/api/v1/analytics/trends", &["service_type", "service_provider", "user_id", "model"]),
+    ("/api/v1/analytics/top-users", &["service_type", "service_provider", "model", "event_type"]),
+    ("/api/v1/analytics/breakdown", &["service_type", "service_provider", "user_id", "model", "event_type"]),
+    ("/api/v1/analytics/compare", &["service_type", "service_provider", "model"]),
+    ("/api/v1/analytics/errors", &["service_type", "service_provider", "model"]),
+];
+
+async fn control_characters_in_filters_are_refused_by_name(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
+    commit(&edge, vec![(event_at("u1", OffsetDateTime::now_utc() - time::Duration::hours(1)), None)]).await?;
+    let state = query_state(&edge, Duration::from_secs(15)).await?;
+    for (endpoint, fields) in FILTERS {
+        let separator = if endpoint.contains('?') { '&' } else { '?' };
+        for field in *fields {
+            for value in ["a%00b", "%00", "u1%0A", "%1B%5B31m"] {
+                let path = format!("{endpoint}{separator}{field}={value}");
+                refused(&state, &edge.key, &path, field).await?;
+            }
+        }
+    }
+    // Not a cursor this API wrote; another tenant's name: neither reaches the database.
+    refused(&state, &edge.key, "/api/v1/usage?cursor=c2%00", "cursor").await?;
+    let (status, body) = get(&state, &edge.key, "/api/v1/usage?tenant_id=a%00b").await?;
+    ensure!(status == StatusCode::FORBIDDEN, "{status} {body}");
+    // A plain filter still matches.
+    let (status, body) = get(&state, &edge.key, "/api/v1/usage?user_id=u1").await?;
+    ensure!(status == StatusCode::OK && body["total_count"] == 1, "{status} {body}");
+    Ok(())
+}
+
+async fn offsets_beyond_what_the_database_holds_are_refused(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
+    let now = OffsetDateTime::now_utc();
+    let events = (1..=3).map(|hours| (event_at("u1", now - time::Duration::hours(hours)), None)).collect();
+    commit(&edge, events).await?;
+    let state = query_state(&edge, Duration::from_secs(15)).await?;
+    for offset in ["18446744073709551615", "9223372036854775808", "18446744073709551616", "1e3", "-0"] {
+        for format in ["json", "csv"] {
+            refused(&state, &edge.key, &format!("/api/v1/usage?format={format}&offset={offset}"), "offset")
+                .await?;
+        }
+    }
+    for limit in ["0", "10001", "4294967296", "-1"] {
+        refused(&state, &edge.key, &format!("/api/v1/usage?limit={limit}"), "limit").await?;
+    }
+    // The largest offset is served: an empty page, whole, with the true total.
+    let (status, body) = get(&state, &edge.key, "/api/v1/usage?offset=9223372036854775807").await?;
+    ensure!(status == StatusCode::OK, "{status} {body}");
+    ensure!(body["total_count"] == 3 && body["events"] == serde_json::json!([]), "{body}");
+    ensure!(body["has_more"] == false && body["offset"] == 9_223_372_036_854_775_807_u64, "{body}");
+    let (status, body) = get(&state, &edge.key, "/api/v1/usage?offset=2&limit=10000").await?;
+    ensure!(status == StatusCode::OK && body["events"].as_array().map(Vec::len) == Some(1), "{body}");
+    Ok(())
+}
+
+/// Splits RFC 4180 CSV into records of fields (quoted fields may hold commas, quotes, breaks).
+fn parse_csv(text: &str) -> Vec<Vec<String>> {
+    let (mut records, mut record, mut field) = (Vec::new(), Vec::new(), String::new());
+    let (mut quoted, mut chars) = (false, text.chars().peekable());
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                field.push('"');
+            }
+            (true, '"') => quoted = false,
+            (true, c) => field.push(c),
+            (false, '"') => quoted = true,
+            (false, ',') => record.push(std::mem::take(&mut field)),
+            (false, '\r') if chars.peek() == Some(&'\n') => {
+                chars.next();
+                record.push(std::mem::take(&mut field));
+                records.push(std::mem::take(&mut record));
+            }
+            (false, c) => field.push(c),
+        }
+    }
+    records
+}
+
+async fn csv_cells_never_start_a_formula(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
+    let now = OffsetDateTime::now_utc();
+    let users = [
+        "=cmd|' /C calc'!A0",
+        "@SUM(1+1)*cmd|' /C calc'!A0",
+        "+1+1",
+        "-2+3",
+        "=HYPERLINK(\"http://evil\",\"x\")",
+        "-42",
+        "plain",
+    ];
+    let events = users
+        .iter()
+        .enumerate()
+        .map(|(index, user)| {
+            let event = event_at(user, now - time::Duration::minutes(index as i64 + 1))
+                .with_tag("=1+1")
+                .with_session_id("-s")
+                .with_request_id("@r");
+            (event, Some(Decimal::new(-125, 2)))
+        })
+        .collect();
+    commit(&edge, events).await?;
+    let state = query_state(&edge, Duration::from_secs(15)).await?;
+    let (status, text) = get_text(&state, &edge.key, "/api/v1/usage?format=csv").await?;
+    ensure!(status == StatusCode::OK, "{status} {text}");
+    let records = parse_csv(&text);
+    ensure!(records.len() == users.len() + 1, "a header and one row per event: {text}");
+    let column = |name: &str| records[0].iter().position(|column| column == name).context("column");
+    let (user, tags, session, request, cost) = (
+        column("user_id")?,
+        column("tags")?,
+        column("session_id")?,
+        column("request_id")?,
+        column("total_cost")?,
+    );
+    for record in &records[1..] {
+        for field in record {
+            let dangerous = field.starts_with(['=', '+', '-', '@', '\t', '\r']);
+            ensure!(
+                !dangerous || field.parse::<Decimal>().is_ok(),
+                "a formula cell: {field:?} in {record:?}"
+            );
+        }
+        let sent = record[user].strip_prefix('\'').unwrap_or(&record[user]);
+        ensure!(users.contains(&sent), "the user id, behind one quote at most: {record:?}");
+        let escaped = !matches!(sent, "-42" | "plain");
+        ensure!(record[user].starts_with('\'') == escaped, "{record:?}");
+        ensure!(
+            record[tags] == "'=1+1" && record[session] == "'-s" && record[request] == "'@r",
+            "{record:?}"
+        );
+        // A negative amount is a number, written as one.
+        ensure!(record[cost] == "-1.25", "{record:?}");
+    }
+    Ok(())
+}
+
+/// The listing's cursor after `limit` events, rewritten as a cursor of the older format that
+/// claims `total` events.
+fn forged(cursor: &str, total: i64) -> String {
+    format!("c1{}{total:016x}", &cursor[2..50])
+}
+
+async fn the_cursor_total_is_counted_not_trusted(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
+    let now = OffsetDateTime::now_utc();
+    let events = (1..=3).map(|hours| (event_at("u1", now - time::Duration::hours(hours)), None)).collect();
+    commit(&edge, events).await?;
+    // Without a response cache, every page counts afresh.
+    let state = query_state(&edge, Duration::ZERO).await?;
+    let (status, first) = get(&state, &edge.key, "/api/v1/usage?limit=1").await?;
+    ensure!(status == StatusCode::OK && first["total_count"] == 3, "{status} {first}");
+    let cursor = first["next_cursor"].as_str().context("a next page")?.to_owned();
+    for total in [999_999, -5, 0] {
+        let path = format!("/api/v1/usage?limit=1&cursor={}", forged(&cursor, total));
+        let (status, page) = get(&state, &edge.key, &path).await?;
+        ensure!(status == StatusCode::OK && page["total_count"] == 3, "claimed {total}: {status} {page}");
+        let (status, text) = get_text(&state, &edge.key, &format!("{path}&format=csv")).await?;
+        ensure!(status == StatusCode::OK && text.lines().count() == 2, "claimed {total}: {status} {text}");
+    }
+    let (_, page) = get(&state, &edge.key, &format!("/api/v1/usage?limit=1&cursor={cursor}")).await?;
+    ensure!(page["total_count"] == 3 && page["events"].as_array().map(Vec::len) == Some(1), "{page}");
+    // A new event counts on the next page: the total is the server's, not the first page's.
+    commit(&edge, vec![(event_at("u2", now - time::Duration::minutes(5)), None)]).await?;
+    let (_, page) = get(&state, &edge.key, &format!("/api/v1/usage?limit=1&cursor={cursor}")).await?;
+    ensure!(page["total_count"] == 4, "{page}");
+    Ok(())
+}
+
+/// Half the largest decimal: one fits, two do not.
+fn half_of_the_largest_decimal() -> Decimal {
+    Decimal::MAX / Decimal::TWO
+}
+
+async fn sums_beyond_the_largest_decimal_are_an_overflow(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
+    let this_month = month_start(OffsetDateTime::now_utc().date());
+    let last_month = month_start((this_month - time::Duration::days(1)).date());
+    let huge = half_of_the_largest_decimal() + Decimal::ONE;
+    let events = vec![
+        (event_at("u1", last_month + time::Duration::minutes(90)), Some(huge)),
+        (event_at("u2", last_month + time::Duration::hours(25)), Some(huge)),
+    ];
+    commit(&edge, events).await?;
+    let state = query_state(&edge, Duration::from_secs(15)).await?;
+    let range = format!(
+        "start_date={}&end_date={}",
+        rfc3339(last_month),
+        rfc3339(last_month + time::Duration::days(3))
+    );
+    let month = format!("{}-{:02}", last_month.year(), last_month.month() as u8);
+    for (path, figure) in [
+        (format!("/api/v1/billing/summary?month={month}"), "usage_cost"),
+        (format!("/api/v1/usage/costs?{range}"), "cost"),
+        (format!("/api/v1/analytics/breakdown?{range}"), "cost"),
+        (format!("/api/v1/analytics/compare?{range}"), "cost"),
+        (format!("/api/v1/analytics/top-users?{range}"), ""),
+        // The listing's total is counted with the same sums.
+        (format!("/api/v1/usage?{range}"), "cost"),
+    ] {
+        let (status, body) = get(&state, &edge.key, &path).await?;
+        ensure!(
+            status == StatusCode::UNPROCESSABLE_ENTITY && body["error"] == "overflow",
+            "GET {path}: want 422 overflow, got {status} {body}"
+        );
+        let detail = body["detail"].as_str().unwrap_or_default();
+        ensure!(detail.starts_with(figure), "GET {path}: names {figure}: {body}");
+    }
+    // A range that holds one of them is served, exactly (money is compared as text: it may be
+    // a JSON string or number, and a float would not hold these digits).
+    let one_day = format!(
+        "start_date={}&end_date={}",
+        rfc3339(last_month),
+        rfc3339(last_month + time::Duration::days(1))
+    );
+    for path in [format!("/api/v1/usage/costs?{one_day}"), format!("/api/v1/usage?{one_day}")] {
+        let (status, text) = get_text(&state, &edge.key, &path).await?;
+        ensure!(status == StatusCode::OK && text.contains(&huge.to_string()), "GET {path}: {status} {text}");
+    }
+    Ok(())
+}
+
+async fn a_projection_beyond_the_largest_decimal_is_an_overflow(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
+    let this_month = month_start(OffsetDateTime::now_utc().date());
+    commit(&edge, vec![(event_at("u1", this_month), Some(Decimal::MAX))]).await?;
+    let state = query_state(&edge, Duration::from_secs(15)).await?;
+    let month = format!("{}-{:02}", this_month.year(), this_month.month() as u8);
+    let (status, body) = get(&state, &edge.key, &format!("/api/v1/billing/summary?month={month}")).await?;
+    // The month so far is billed exactly; its projection to the month's end does not fit.
+    ensure!(
+        status == StatusCode::UNPROCESSABLE_ENTITY && body["error"] == "overflow",
+        "want 422 overflow, got {status} {body}"
+    );
+    ensure!(body["detail"].as_str().unwrap_or_default().starts_with("projection."), "{body}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property: any parameters, any values, on every endpoint: a whole answer, or a 400 that names
+// a parameter of the request. Never a panic, a 5xx or a body that breaks off.
+
+#[test]
+fn arbitrary_parameters_are_answered_or_refused_by_name_on_postgres() -> Result<()> {
+    arbitrary_parameters_are_answered_or_refused_by_name(Backend::Postgres)
+}
+
+#[test]
+fn arbitrary_parameters_are_answered_or_refused_by_name_on_sqlite() -> Result<()> {
+    arbitrary_parameters_are_answered_or_refused_by_name(Backend::Sqlite)
+}
+
+/// Every endpoint and the parameters it takes.
+const ENDPOINTS: &[(&str, &[&str])] = &[
+    (
+        "/api/v1/usage",
+        &[
+            "tenant_id",
+            "start_date",
+            "end_date",
+            "service_type",
+            "service_provider",
+            "user_id",
+            "model",
+            "event_type",
+            "status",
+            "limit",
+            "offset",
+            "cursor",
+            "include_billing",
+            "format",
+        ],
+    ),
+    (
+        "/api/v1/usage/aggregate",
+        &[
+            "tenant_id",
+            "period",
+            "start_date",
+            "end_date",
+            "service_type",
+            "service_provider",
+            "user_id",
+            "model",
+            "event_type",
+            "group_by",
+        ],
+    ),
+    ("/api/v1/usage/by-service", &["tenant_id", "start_date", "end_date", "limit", "top_users"]),
+    (
+        "/api/v1/usage/costs",
+        &[
+            "tenant_id",
+            "start_date",
+            "end_date",
+            "group_by",
+            "service_type",
+            "service_provider",
+            "user_id",
+            "model",
+        ],
+    ),
+    ("/api/v1/billing/summary", &["tenant_id", "month"]),
+    (
+        "/api/v1/analytics/trends",
+        &[
+            "tenant_id",
+            "metric",
+            "period",
+            "start_date",
+            "end_date",
+            "service_type",
+            "service_provider",
+            "model",
+            "user_id",
+        ],
+    ),
+    (
+        "/api/v1/analytics/top-users",
+        &[
+            "tenant_id",
+            "start_date",
+            "end_date",
+            "by",
+            "limit",
+            "service_type",
+            "service_provider",
+            "model",
+            "event_type",
+        ],
+    ),
+    (
+        "/api/v1/analytics/breakdown",
+        &[
+            "tenant_id",
+            "start_date",
+            "end_date",
+            "group_by",
+            "limit",
+            "service_type",
+            "service_provider",
+            "user_id",
+            "model",
+            "event_type",
+        ],
+    ),
+    (
+        "/api/v1/analytics/compare",
+        &[
+            "tenant_id",
+            "start_date",
+            "end_date",
+            "group_by",
+            "limit",
+            "service_type",
+            "service_provider",
+            "model",
+        ],
+    ),
+    (
+        "/api/v1/analytics/errors",
+        &["tenant_id", "start_date", "end_date", "group_by", "service_type", "service_provider", "model"],
+    ),
+];
+
+/// Values worth trying for any parameter: the valid ones of each, near misses, numbers at the
+/// edges of every integer type, dates from year -99999 to 99999 in every shape, and anything.
+fn value() -> impl Strategy<Value = String> {
+    let words = prop::sample::select(vec![
+        "",
+        "day",
+        "week",
+        "month",
+        "hour",
+        "daily",
+        "none",
+        "csv",
+        "json",
+        "true",
+        "false",
+        "success",
+        "error",
+        "event_count",
+        "total_cost",
+        "unique_users",
+        "latency_p95",
+        "input_tokens",
+        "custom:images",
+        "custom:",
+        "service_type",
+        "model,user_id",
+        "service_type,service_provider,model,user_id",
+        "acme",
+        "c2",
+        "c1",
+        "2026-13",
+        "2026-02",
+        "9999-12",
+        "0000-01",
+        "1970-01",
+        "-1",
+        "+1",
+        " 7 ",
+        "NaN",
+        "1e3",
+    ])
+    .prop_map(str::to_owned);
+    let numbers = prop_oneof![
+        any::<i128>().prop_map(|n| n.to_string()),
+        any::<u64>().prop_map(|n| n.to_string()),
+        (0u64..20_000).prop_map(|n| n.to_string()),
+        Just(u64::MAX.to_string()),
+        Just(i64::MAX.to_string()),
+        Just((i64::MAX as u64 + 1).to_string()),
+    ];
+    let dates = (
+        -99_999i32..=99_999,
+        0u8..=13,
+        0u8..=32,
+        prop::option::of((0u8..=25, 0u8..=61, 0u8..=61, prop::option::of(0u32..=1_000_000))),
+        prop::sample::select(vec!["", "Z", "+00:00", "-23:59", "+23:59", "+24:00", "z"]),
+        prop::sample::select(vec!["T", " ", "t"]),
+    )
+        .prop_map(|(year, month, day, time, offset, separator)| {
+            let date = format!("{year:04}-{month:02}-{day:02}");
+            match time {
+                None => date,
+                Some((h, m, s, None)) => format!("{date}{separator}{h:02}:{m:02}:{s:02}{offset}"),
+                Some((h, m, s, Some(f))) => format!("{date}{separator}{h:02}:{m:02}:{s:02}.{f}{offset}"),
+            }
+        });
+    let cursors = (any::<i64>(), any::<u128>(), prop::option::of(any::<i64>())).prop_map(
+        |(at, id, total)| match total {
+            Some(total) => format!("c1{at:016x}{id:032x}{total:016x}"),
+            None => format!("c2{at:016x}{id:032x}"),
+        },
+    );
+    prop_oneof![3 => words, 2 => numbers, 3 => dates, 1 => cursors, 2 => any::<String>(), 1 => "\\PC{0,300}"]
+}
+
+/// `name=value` pairs for one endpoint: known names mostly, sometimes an unknown one.
+fn request() -> impl Strategy<Value = (usize, Vec<(String, String)>)> {
+    (0..ENDPOINTS.len()).prop_flat_map(|endpoint| {
+        let names = ENDPOINTS[endpoint].1;
+        let name = prop_oneof![
+            9 => prop::sample::select(names).prop_map(str::to_owned),
+            1 => "[a-z_]{1,12}",
+        ];
+        (Just(endpoint), prop::collection::vec((name, value()), 0..6))
+    })
+}
+
+/// Percent-encodes every byte but unreserved ASCII.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (byte as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+fn arbitrary_parameters_are_answered_or_refused_by_name(backend: Backend) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (edge, state) = runtime.block_on(async {
+        let edge = TestEdge::on(backend).await?;
+        let now = OffsetDateTime::now_utc();
+        let events =
+            (1..=5).map(|hours| (event_at("u1", now - time::Duration::hours(hours)), None)).collect();
+        commit(&edge, events).await?;
+        let state = query_state(&edge, Duration::ZERO).await?;
+        anyhow::Ok((edge, state))
+    })?;
+    // Small by default, for CI; `PROPTEST_CASES=100000` for a long run.
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(48);
+    let mut runner = TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() });
+    let started = std::time::Instant::now();
+    let outcome = runner.run(&request(), |(endpoint, pairs)| {
+        let (path, names) = ENDPOINTS[endpoint];
+        let query: Vec<String> =
+            pairs.iter().map(|(name, value)| format!("{name}={}", encode(value))).collect();
+        let uri = format!("{path}?{}", query.join("&"));
+        let answer = runtime.block_on(get_text(&state, &edge.key, &uri));
+        let (status, text) = answer.map_err(|error| TestCaseError::fail(format!("{uri}: {error:#}")))?;
+        match status {
+            StatusCode::OK => {
+                let csv = text.starts_with("event_id,");
+                prop_assert!(csv || serde_json::from_str::<Value>(&text).is_ok(), "{uri}: not whole: {text}");
+            }
+            StatusCode::BAD_REQUEST => {
+                let body: Value =
+                    serde_json::from_str(&text).map_err(|_| TestCaseError::fail(text.clone()))?;
+                let detail = body["detail"].as_str().unwrap_or_default();
+                let named = pairs.iter().any(|(name, _)| detail.contains(name.as_str()))
+                    || names.iter().any(|name| detail.starts_with(name));
+                prop_assert!(body["error"] == "invalid_parameter" && named, "{uri}: {text}");
+            }
+            // Another tenant's name or id.
+            StatusCode::FORBIDDEN => {
+                prop_assert!(pairs.iter().any(|(name, _)| name == "tenant_id"), "{uri}: {text}");
+            }
+            other => prop_assert!(false, "{uri}: {other} {text}"),
+        }
+        Ok(())
+    });
+    eprintln!("{backend:?}: {cases} cases in {:.1} s", started.elapsed().as_secs_f64());
+    runtime.block_on(async move { drop((state, edge)) });
+    outcome.map_err(|error| anyhow::anyhow!("{error}"))
+}
