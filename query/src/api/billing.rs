@@ -19,6 +19,8 @@
 //! - `total_cost = usage_cost + tiered_charges + minimum_top_ups`.
 //! - The projection scales the month's units and per-event costs by its length over the part
 //!   elapsed, then applies tiers and minimums to the projected totals.
+//! - Every figure is computed with checked arithmetic: one beyond what an exact decimal holds
+//!   (about 7.9e28) answers 422 `overflow` naming it (`usage_cost`, `projection.total_cost`, ...).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -59,7 +61,8 @@ const BILLING_GROUPING: [Dimension; 5] = [
         (status = 200, body = BillingSummaryBody),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)
+        (status = 403, body = ErrorBody),
+        (status = 422, body = ErrorBody, description = "`overflow`: a figure of the bill exceeds an exact decimal")
     )
 )]
 pub async fn summary(

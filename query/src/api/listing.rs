@@ -40,7 +40,8 @@ const CHUNK_BYTES: usize = 32 * 1024;
             (then `X-Total-Count` carries the total)"),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)
+        (status = 403, body = ErrorBody),
+        (status = 422, body = ErrorBody, description = "`overflow`: the range's sums exceed an exact decimal")
     )
 )]
 pub async fn list_usage(
@@ -141,8 +142,8 @@ async fn count(
     Ok(count)
 }
 
-/// Where the next page starts: the last event of this page. It carries nothing the server
-/// trusts beyond a position: the total is counted on every page.
+/// Where the next page starts: the last event of this page. It carries nothing but a position:
+/// the total is the server's own count ([`count`]), whatever a client sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     pub occurred_at: OffsetDateTime,
