@@ -9,5 +9,6 @@ mod ingest;
 mod inspect;
 mod query;
 mod query_hardening;
+mod query_properties;
 mod store;
 mod support;
