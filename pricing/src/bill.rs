@@ -61,16 +61,18 @@ impl PriceBook {
             let overflow = |source| PricingError::Overflow { rule_id, source };
             let (units, per_event_cost) = by_rule.entry(rule_id).or_default();
             *units = units.checked_add(entry.units).ok_or(overflow(MoneyOverflow))?;
-            *per_event_cost = per_event_cost.checked_add(entry.per_event_cost).ok_or(overflow(MoneyOverflow))?;
+            *per_event_cost =
+                per_event_cost.checked_add(entry.per_event_cost).ok_or(overflow(MoneyOverflow))?;
         }
         let mut bill = Bill { lines: Vec::with_capacity(by_rule.len()), total: Decimal::ZERO };
         for (rule_id, (units, per_event_cost)) in by_rule {
             let overflow = |source| PricingError::Overflow { rule_id, source };
             let rule = self.rule(rule_id).ok_or(PricingError::UnknownRule { rule_id })?;
             let tiered = match &rule.method {
-                Method::Graduated { .. } | Method::Volume { .. } => {
-                    period_charge(&rule.method, units).map_err(overflow)?.round_dp(COST_DECIMAL_PLACES).normalize()
-                }
+                Method::Graduated { .. } | Method::Volume { .. } => period_charge(&rule.method, units)
+                    .map_err(overflow)?
+                    .round_dp(COST_DECIMAL_PLACES)
+                    .normalize(),
                 Method::PerUnit { .. } | Method::Package { .. } => Decimal::ZERO,
             };
             let charge = per_event_cost.checked_add(tiered).ok_or(overflow(MoneyOverflow))?;

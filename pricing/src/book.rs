@@ -109,7 +109,12 @@ impl PriceBook {
         match PriceBook::index(kept, Ties::NewerWins, &mut problems) {
             Ok(book) => book,
             // Unreachable: only `Ties::Refuse` fails.
-            Err(error) => PriceBook { rules: Vec::new(), by_id: HashMap::new(), services: HashMap::new(), problems: vec![error] },
+            Err(error) => PriceBook {
+                rules: Vec::new(),
+                by_id: HashMap::new(),
+                services: HashMap::new(),
+                problems: vec![error],
+            },
         }
     }
 
@@ -118,7 +123,11 @@ impl PriceBook {
         &self.problems
     }
 
-    fn index(rules: Vec<PriceRule>, ties: Ties, problems: &mut Vec<PricingError>) -> Result<PriceBook, PricingError> {
+    fn index(
+        rules: Vec<PriceRule>,
+        ties: Ties,
+        problems: &mut Vec<PricingError>,
+    ) -> Result<PriceBook, PricingError> {
         let mut by_id = HashMap::with_capacity(rules.len());
         for (index, rule) in rules.iter().enumerate() {
             by_id.insert(rule.id, index as u32);
@@ -253,7 +262,8 @@ impl EventPrice {
         match rule.method.event_charge(units).map_err(|_| too_large())? {
             Some(charge) => {
                 let part = charge.round_dp(COST_DECIMAL_PLACES).normalize();
-                let total = cost.checked_add(part).filter(|total| *total <= EVENT_COST_MAX).ok_or_else(too_large)?;
+                let total =
+                    cost.checked_add(part).filter(|total| *total <= EVENT_COST_MAX).ok_or_else(too_large)?;
                 *cost = total;
                 self.rule_costs.push((rule.id, part));
             }

@@ -82,7 +82,9 @@ impl Method {
 /// [`Method::event_charge`].
 pub fn period_charge(method: &Method, units: Decimal) -> Result<Decimal, MoneyOverflow> {
     match method {
-        Method::PerUnit { .. } | Method::Package { .. } => Ok(method.event_charge(units)?.unwrap_or_default()),
+        Method::PerUnit { .. } | Method::Package { .. } => {
+            Ok(method.event_charge(units)?.unwrap_or_default())
+        }
         Method::Graduated { tiers } => graduated_charge(tiers, units),
         Method::Volume { tiers } => volume_charge(tiers, units),
     }
@@ -122,7 +124,11 @@ fn validate_tiers(tiers: &[Tier]) -> Result<(), RuleError> {
                 return Err(RuleError::TiersNotIncreasing { index, up_to, previous });
             }
             Some(up_to) if up_to > UNITS_MAX => {
-                return Err(RuleError::AmountTooLarge { field: format!("tiers[{index}].up_to"), value: up_to, max: UNITS_MAX });
+                return Err(RuleError::AmountTooLarge {
+                    field: format!("tiers[{index}].up_to"),
+                    value: up_to,
+                    max: UNITS_MAX,
+                });
             }
             Some(up_to) => previous = up_to,
             None if index + 1 < tiers.len() => return Err(RuleError::UnboundedTierNotLast { index }),
@@ -142,7 +148,8 @@ fn packages(units: Decimal, size: Decimal) -> Result<Decimal, MoneyOverflow> {
         return Ok(Decimal::ZERO);
     }
     let remainder = units.checked_rem(size).ok_or(MoneyOverflow)?;
-    let whole = units.checked_sub(remainder).and_then(|exact| exact.checked_div(size)).ok_or(MoneyOverflow)?;
+    let whole =
+        units.checked_sub(remainder).and_then(|exact| exact.checked_div(size)).ok_or(MoneyOverflow)?;
     let whole = whole.round();
     if remainder.is_zero() { Ok(whole) } else { whole.checked_add(Decimal::ONE).ok_or(MoneyOverflow) }
 }

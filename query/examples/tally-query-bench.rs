@@ -270,12 +270,7 @@ async fn main() -> Result<()> {
 
     // A cursor deep into the range: the listing resumes after (time, id), as a client paging would.
     let deep = time::OffsetDateTime::now_utc() - time::Duration::days(20);
-    let cursor = query::api::listing::Cursor {
-        occurred_at: deep,
-        event_id: uuid::Uuid::max(),
-        total_count: events_30d,
-    }
-    .encode();
+    let cursor = query::api::listing::Cursor { occurred_at: deep, event_id: uuid::Uuid::max() }.encode();
     let paths = [
         "/api/v1/usage?limit=100".to_owned(),
         format!("/api/v1/usage?limit=100&cursor={cursor}"),

@@ -111,6 +111,10 @@ pub enum BackendError {
     /// Anything else: a bug, a schema problem, a tenant with an unknown time zone.
     #[error("storage error: {0}")]
     Internal(String),
+    /// A sum of the tenant's numbers does not fit the type that holds it (a decimal above
+    /// `Decimal::MAX`); names the column or measure.
+    #[error("{0} overflows")]
+    Overflow(String),
     /// The backend cannot answer this question (the embedded one and time zones other than UTC).
     #[error("{0}")]
     Unsupported(String),

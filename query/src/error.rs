@@ -23,6 +23,11 @@ pub enum ApiError {
     /// A query parameter is unknown, malformed or out of range; the text names it.
     #[error("{0}")]
     InvalidParameter(String),
+    /// A sum, product or quotient of the tenant's own numbers (costs, quantities, counts) does
+    /// not fit the exact decimal or integer type; the text names what overflowed. Permanent for
+    /// this request: narrowing the range or the filters may help, retrying does not.
+    #[error("{0}")]
+    Overflow(String),
     /// Storage is unreachable; retrying later may work.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -37,6 +42,14 @@ impl ApiError {
         ApiError::InvalidParameter(format!("{field}: {problem}"))
     }
 
+    /// `overflow` of `what` (a field of the answer, such as `total_cost`).
+    pub fn overflow(what: &str) -> ApiError {
+        ApiError::Overflow(format!(
+            "{what}: the result exceeds the largest exact number ({}); narrow the time range or the filters",
+            rust_decimal::Decimal::MAX
+        ))
+    }
+
     /// The error code in the body: the older system's names for the auth errors.
     pub fn code(&self) -> &'static str {
         match self {
@@ -44,6 +57,7 @@ impl ApiError {
             ApiError::InvalidApiKey => "invalid_api_key",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::InvalidParameter(_) => "invalid_parameter",
+            ApiError::Overflow(_) => "overflow",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -54,6 +68,7 @@ impl ApiError {
             ApiError::AuthenticationRequired | ApiError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
+            ApiError::Overflow(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -65,6 +80,7 @@ impl From<BackendError> for ApiError {
         match error {
             BackendError::Unavailable(detail) => ApiError::Unavailable(detail),
             BackendError::Internal(detail) => ApiError::Internal(detail),
+            BackendError::Overflow(what) => ApiError::overflow(&what),
             BackendError::Unsupported(detail) => ApiError::InvalidParameter(format!("time_zone: {detail}")),
         }
     }

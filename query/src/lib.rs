@@ -29,9 +29,9 @@
 //!
 //! # Freshness
 //! An aggregate answer may be served from the cache for `cache_ttl` (default 15 s) after it was
-//! computed; listings are never cached (their `total_count` is carried in the cursor). A key's
-//! revocation, its tenant being disabled, or a time zone change takes effect within
-//! `key_cache_ttl` (default 30 s).
+//! computed; listings are never cached (a cursor page may reuse the first page's `total_count`
+//! for as long; the cursor itself carries only a position). A key's revocation, its tenant being
+//! disabled, or a time zone change takes effect within `key_cache_ttl` (default 30 s).
 
 pub mod api;
 pub mod auth;

@@ -201,6 +201,15 @@ impl Metric {
     }
 }
 
+/// The earliest time a date parameter may name (an instant, or a wall-clock time).
+pub const TIME_MIN: PrimitiveDateTime = time::macros::datetime!(1970-01-01 0:00);
+/// The latest time a date parameter may name. The types hold years up to 9999: a range ending
+/// here, extended to the week or month that holds its end (and read in any time zone), still
+/// fits, as does the period of equal length before one that starts at [`TIME_MIN`].
+pub const TIME_MAX: PrimitiveDateTime = time::macros::datetime!(9999-01-01 0:00);
+/// The largest `offset` of the listing: what the databases' 64-bit signed `OFFSET` holds.
+pub const OFFSET_MAX: u64 = i64::MAX as u64;
+
 /// A time as given: with an offset, or wall-clock time in the tenant's time zone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeInput {
@@ -210,7 +219,26 @@ pub enum TimeInput {
 
 /// RFC 3339 (`2024-01-31T12:00:00Z`, `...+02:00`), or without an offset (`2024-01-31T12:00:00`,
 /// `2024-01-31`), which is read in the tenant's time zone.
+/// Times outside [`TIME_MIN`]..=[`TIME_MAX`] are refused.
 pub fn parse_time(field: &str, text: &str) -> Result<TimeInput, ApiError> {
+    let time = parse_any_time(field, text)?;
+    let wall_clock = match time {
+        TimeInput::Instant(instant) => {
+            let utc = instant.to_offset(time::UtcOffset::UTC);
+            PrimitiveDateTime::new(utc.date(), utc.time())
+        }
+        TimeInput::Local(local) => local,
+    };
+    if !(TIME_MIN..=TIME_MAX).contains(&wall_clock) {
+        return Err(ApiError::parameter(
+            field,
+            format!("must be from {} to {} (UTC)", TIME_MIN.date(), TIME_MAX.date()),
+        ));
+    }
+    Ok(time)
+}
+
+fn parse_any_time(field: &str, text: &str) -> Result<TimeInput, ApiError> {
     let text = text.trim();
     if let Ok(instant) = OffsetDateTime::parse(text, &Rfc3339) {
         return Ok(TimeInput::Instant(instant));
@@ -237,6 +265,17 @@ pub fn parse_u32(field: &str, text: Option<&str>, default: u32, min: u32, max: u
     Ok(value)
 }
 
+/// The listing's `offset`: 0 to [`OFFSET_MAX`], default 0.
+pub fn parse_offset(text: Option<&str>) -> Result<u64, ApiError> {
+    let Some(text) = text else { return Ok(0) };
+    let value: u64 =
+        text.trim().parse().map_err(|_| ApiError::parameter("offset", "must be a whole number"))?;
+    if value > OFFSET_MAX {
+        return Err(ApiError::parameter("offset", format!("must be from 0 to {OFFSET_MAX}, got {value}")));
+    }
+    Ok(value)
+}
+
 pub fn parse_bool(field: &str, text: Option<&str>) -> Result<bool, ApiError> {
     match text.map(str::trim) {
         None | Some("false" | "0" | "no") => Ok(false),
@@ -245,11 +284,19 @@ pub fn parse_bool(field: &str, text: Option<&str>) -> Result<bool, ApiError> {
     }
 }
 
-/// A free-text filter value: 1 to 255 characters.
+/// A free-text filter value: 1 to 255 bytes without control characters. No stored value holds
+/// one (events are validated so), and PostgreSQL refuses NUL in text outright.
 fn filter_value(field: &str, value: &Option<String>) -> Result<Option<String>, ApiError> {
     match value {
         Some(text) if text.len() > 255 => Err(ApiError::parameter(field, "longer than 255 bytes")),
         Some(text) if text.is_empty() && field != "model" => Err(ApiError::parameter(field, "is empty")),
+        Some(text) if text.chars().any(char::is_control) => {
+            let found = text.chars().find(|c| c.is_control()).map_or(0, u32::from);
+            Err(ApiError::parameter(
+                field,
+                format!("must not contain control characters (found U+{found:04X})"),
+            ))
+        }
         other => Ok(other.clone()),
     }
 }

@@ -128,6 +128,10 @@ fn classify(error: sqlx::Error) -> BackendError {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_) => BackendError::Unavailable(error.to_string()),
+        // A numeric sum beyond what `Decimal` holds (sqlx's decoder says so in these words).
+        sqlx::Error::ColumnDecode { index, source } if source.to_string().contains("not representable") => {
+            BackendError::Overflow(index.trim_matches('"').to_owned())
+        }
         _ => BackendError::Internal(error.to_string()),
     }
 }

@@ -239,8 +239,8 @@ fn parse_buckets(text: &str) -> Result<[i64; LATENCY_BUCKETS], BackendError> {
     counts.try_into().map_err(|_| corrupt("latency histogram", text))
 }
 
-fn checked_add(sum: &mut Decimal, value: Decimal) -> Result<(), BackendError> {
-    *sum = sum.checked_add(value).ok_or_else(|| BackendError::Internal("decimal sum overflows".into()))?;
+fn checked_add(sum: &mut Decimal, value: Decimal, what: &str) -> Result<(), BackendError> {
+    *sum = sum.checked_add(value).ok_or_else(|| BackendError::Overflow(what.to_owned()))?;
     Ok(())
 }
 
@@ -646,7 +646,7 @@ impl<'q> Groups<'q> {
                 Want::Custom => {
                     for (name, value) in &source.custom {
                         let sum = self.custom[set].entry((key.clone(), name.clone())).or_default();
-                        checked_add(sum, *value)?;
+                        checked_add(sum, *value, name)?;
                     }
                 }
                 Want::Stats => {
@@ -655,10 +655,12 @@ impl<'q> Groups<'q> {
                     let stats = &mut group.stats;
                     stats.event_count = stats.event_count.saturating_add(source.event_count);
                     stats.error_count = stats.error_count.saturating_add(source.error_count);
-                    for (sum, value) in stats.quantities.iter_mut().zip(&source.quantities) {
-                        checked_add(sum, *value)?;
+                    for ((sum, value), name) in
+                        stats.quantities.iter_mut().zip(&source.quantities).zip(QUANTITY_NAMES)
+                    {
+                        checked_add(sum, *value, name)?;
                     }
-                    checked_add(&mut stats.cost, source.cost)?;
+                    checked_add(&mut stats.cost, source.cost, "cost")?;
                     stats.unpriced_count = stats.unpriced_count.saturating_add(source.unpriced_count);
                     stats.latency_count = stats.latency_count.saturating_add(source.latency_count);
                     stats.latency_sum_us = stats.latency_sum_us.saturating_add(source.latency_sum_us);
@@ -676,7 +678,7 @@ impl<'q> Groups<'q> {
                     if let Some(name) = &measures.custom_metric
                         && let Some(value) = source.custom.get(name)
                     {
-                        checked_add(&mut group.custom_metric, *value)?;
+                        checked_add(&mut group.custom_metric, *value, name)?;
                     }
                 }
             }
@@ -713,7 +715,7 @@ impl<'q> Groups<'q> {
         // summed before the cut.
         let mut metric_total = Decimal::ZERO;
         for row in &rows {
-            checked_add(&mut metric_total, ranked_value(metric, row))?;
+            checked_add(&mut metric_total, ranked_value(metric, row), &metric.name())?;
         }
         let groups_total = rows.len() as i64;
         rows.sort_by(|a, b| {

@@ -22,14 +22,15 @@ pub fn bucket_bounds_ms(bucket: usize) -> (f64, f64) {
 /// Under 1 ms the estimate is 0.5 ms (at most 0.5 ms off). The estimate is clamped to the
 /// largest latency seen, which only brings it closer.
 pub fn percentile_ms(buckets: &[i64], quantile: f64, max_ms: f64) -> Option<f64> {
-    let total: i64 = buckets.iter().sum();
+    // Saturating: counts come from the database, and a sum must not panic a request.
+    let total = buckets.iter().fold(0i64, |total, count| total.saturating_add(*count));
     if total <= 0 {
         return None;
     }
     let rank = ((quantile * total as f64).ceil() as i64).clamp(1, total);
     let mut seen = 0;
     for (bucket, count) in buckets.iter().enumerate() {
-        seen += count;
+        seen = count.saturating_add(seen);
         if seen >= rank {
             let (lower, upper) = bucket_bounds_ms(bucket);
             let estimate = if bucket == 0 {
@@ -147,6 +148,15 @@ mod tests {
             assert!((0.8408..=1.1893).contains(&ratio), "q{quantile}: {estimate} vs {exact}");
         }
         assert_eq!(percentile_ms(&[0; LATENCY_BUCKETS], 0.5, 0.0), None);
+    }
+
+    #[test]
+    fn huge_counts_do_not_overflow() {
+        let mut buckets = vec![i64::MAX; LATENCY_BUCKETS];
+        assert_eq!(percentile_ms(&buckets, 0.5, 1e9), Some(0.5));
+        buckets[0] = 0;
+        assert!(percentile_ms(&buckets, 1.0, 1e9).is_some());
+        assert_eq!(error_rate(i64::MAX, i64::MAX), 1.0);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub use row::{
 };
 pub use store::{
     ApiKey, ApiKeyInfo, BoxFuture, NewApiKey, Repriced, RerateBatch, RerateRequest, RerateRun, Retention,
-    Scope, ServiceRecord, Store, StoreError, StoredPriceRule, Tenant, TenantSettings, add_money, hash_api_key,
+    Scope, ServiceRecord, Store, StoreError, StoredPriceRule, Tenant, TenantSettings, add_money,
+    hash_api_key,
 };
 pub use worker::{BatchLimits, WorkerHealth, spawn_workers};

@@ -256,7 +256,9 @@ mod tests {
         ];
         let all = aggregate(&rows).expect("in range").into_values().next().expect("one key");
         let mut merged = aggregate(&rows[..1]).expect("in range").into_values().next().expect("one key");
-        merged.merge(&aggregate(&rows[1..]).expect("in range").into_values().next().expect("one key")).expect("in range");
+        merged
+            .merge(&aggregate(&rows[1..]).expect("in range").into_values().next().expect("one key"))
+            .expect("in range");
         assert_eq!(merged, all);
         assert_eq!(merged.quantities[0].to_string(), "0.6");
         assert_eq!(merged.custom_quantities["images"].to_string(), "0.6");

@@ -352,7 +352,10 @@ impl StoreError {
 
 /// A sum of money, checked: past the decimal range it is an error of the request that asked for
 /// it, never a panic or a wrapped value.
-pub fn add_money(sum: rust_decimal::Decimal, value: rust_decimal::Decimal) -> Result<rust_decimal::Decimal, StoreError> {
+pub fn add_money(
+    sum: rust_decimal::Decimal,
+    value: rust_decimal::Decimal,
+) -> Result<rust_decimal::Decimal, StoreError> {
     sum.checked_add(value).ok_or_else(|| StoreError::Invalid("a sum of money is out of range".into()))
 }
 

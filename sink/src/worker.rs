@@ -118,8 +118,14 @@ pub fn spawn_workers(
     (0..queue.shard_count())
         .map(|shard| {
             let overflow = overflow.clone();
-            let worker =
-                Worker { shard, queue: queue.clone(), store: store.clone(), overflow, limits, health: health.clone() };
+            let worker = Worker {
+                shard,
+                queue: queue.clone(),
+                store: store.clone(),
+                overflow,
+                limits,
+                health: health.clone(),
+            };
             tokio::spawn(worker.supervise())
         })
         .collect()
@@ -238,7 +244,8 @@ impl Worker {
                 let durable = self.overflow.as_ref().is_some_and(|overflow| overflow.is_durable());
                 for (submission, count) in submissions.drain(..).zip(counts) {
                     if let Some(reply) = submission.reply {
-                        let answer = if durable { Ok(vec![Outcome::Spilled; count]) } else { Err(error.clone()) };
+                        let answer =
+                            if durable { Ok(vec![Outcome::Spilled; count]) } else { Err(error.clone()) };
                         let _ = reply.send(answer);
                     }
                 }
@@ -353,7 +360,9 @@ async fn commit_guarded(
             tracing::error!(events = rows.len(), "a commit panicked; isolating its rows");
             Err(StoreError::Internal("the commit panicked".into()))
         }
-        Err(_) => Err(StoreError::Unavailable(format!("commit did not finish within {} s", timeout.as_secs()))),
+        Err(_) => {
+            Err(StoreError::Unavailable(format!("commit did not finish within {} s", timeout.as_secs())))
+        }
     }
 }
 

@@ -66,11 +66,20 @@ fn model_beats_provider_beats_service() {
     let price = book.price_event(&event("openai", Some("gpt-4o"), 10.0)).expect("in range");
     assert_eq!((price.cost, price.rule_ids), (Some(dec("30")), vec![Uuid::from_u128(3)]));
     // a model rule without a provider still beats the provider rule: 10 × 4 = 40
-    assert_eq!(book.price_event(&event("openai", Some("gpt-4.1"), 10.0)).expect("in range").cost, Some(dec("40")));
+    assert_eq!(
+        book.price_event(&event("openai", Some("gpt-4.1"), 10.0)).expect("in range").cost,
+        Some(dec("40"))
+    );
     // another openai model gets the provider rule: 10 × 2 = 20
-    assert_eq!(book.price_event(&event("openai", Some("gpt-4o-mini"), 10.0)).expect("in range").cost, Some(dec("20")));
+    assert_eq!(
+        book.price_event(&event("openai", Some("gpt-4o-mini"), 10.0)).expect("in range").cost,
+        Some(dec("20"))
+    );
     // another provider gets the service rule: 10 × 1 = 10
-    assert_eq!(book.price_event(&event("anthropic", Some("gpt-4o"), 10.0)).expect("in range").cost, Some(dec("10")));
+    assert_eq!(
+        book.price_event(&event("anthropic", Some("gpt-4o"), 10.0)).expect("in range").cost,
+        Some(dec("10"))
+    );
 }
 
 #[test]
@@ -94,17 +103,26 @@ fn tenant_beats_catalog_at_equal_specificity_only() {
     let tenant_provider_wide = provider(rule(3, "1"), "openai");
     let book = book(vec![catalog.clone(), tenant]);
     // 10 × 2 (tenant) = 20
-    assert_eq!(book.price_event(&event("openai", Some("gpt-4o"), 10.0)).expect("in range").cost, Some(dec("20")));
+    assert_eq!(
+        book.price_event(&event("openai", Some("gpt-4o"), 10.0)).expect("in range").cost,
+        Some(dec("20"))
+    );
     // Specificity comes first: the catalog's model rule beats a tenant's provider-wide rule.
     let book = PriceBook::new(vec![catalog, tenant_provider_wide]).expect("book");
     // 10 × 3 (catalog gpt-4o) = 30
-    assert_eq!(book.price_event(&event("openai", Some("gpt-4o"), 10.0)).expect("in range").cost, Some(dec("30")));
+    assert_eq!(
+        book.price_event(&event("openai", Some("gpt-4o"), 10.0)).expect("in range").cost,
+        Some(dec("30"))
+    );
 }
 
 #[test]
 fn a_model_rule_never_prices_another_model_or_none() {
     let book = book(vec![model(rule(1, "3"), "gpt-4o")]);
-    assert_eq!(book.price_event(&event("openai", Some("gpt-4o-mini"), 10.0)).expect("in range"), EventPrice::default());
+    assert_eq!(
+        book.price_event(&event("openai", Some("gpt-4o-mini"), 10.0)).expect("in range"),
+        EventPrice::default()
+    );
     assert_eq!(book.price_event(&event("openai", None, 10.0)).expect("in range").cost, None);
     assert_eq!(book.price_event(&event("openai", Some(""), 10.0)).expect("in range").cost, None);
     let other_service = Event::new("user", "document_processor", "openai", "completion")
@@ -133,7 +151,8 @@ fn effective_ranges_switch_versions_on_the_hour() {
     let mut later_open = rule(3, "4");
     later_open.effective_from_us = switch_us + 24 * HOUR;
     let book = book(vec![old, new, later_open]);
-    let at = |timestamp_us| book.price_event(&event("openai", None, 1.0).at(timestamp_us)).expect("in range").cost;
+    let at =
+        |timestamp_us| book.price_event(&event("openai", None, 1.0).at(timestamp_us)).expect("in range").cost;
     // until is exclusive, from inclusive: the last microsecond before the switch is the old
     // version (1 × 1), the switch itself is the new one (1 × 2)
     assert_eq!(at(switch_us - 1), Some(dec("1")));
@@ -227,9 +246,15 @@ fn each_part_is_rounded_to_twelve_places_bankers_way() {
     // 1 × 0.0000000000005 = 5e-13: halfway, rounds to the even 0e-12
     assert_eq!(book.price_event(&event("openai", None, 1.0)).expect("in range").cost, Some(Decimal::ZERO));
     // 3 × 0.0000000000005 = 1.5e-12: halfway, rounds to the even 2e-12
-    assert_eq!(book.price_event(&event("openai", None, 3.0)).expect("in range").cost, Some(dec("0.000000000002")));
+    assert_eq!(
+        book.price_event(&event("openai", None, 3.0)).expect("in range").cost,
+        Some(dec("0.000000000002"))
+    );
     // 5 × 0.0000000000005 = 2.5e-12: halfway, rounds to the even 2e-12
-    assert_eq!(book.price_event(&event("openai", None, 5.0)).expect("in range").cost, Some(dec("0.000000000002")));
+    assert_eq!(
+        book.price_event(&event("openai", None, 5.0)).expect("in range").cost,
+        Some(dec("0.000000000002"))
+    );
 }
 
 #[test]
@@ -307,7 +332,10 @@ fn absurd_packages_are_refused_and_huge_costs_fail_alone() {
         Err(EventPriceError::CostTooLarge { rule_id: Uuid::from_u128(1), max: EVENT_COST_MAX })
     );
     // The same book prices a small event exactly: one package of 0.000001 at the highest price.
-    assert_eq!(book.price_event(&event("openai", None, 0.000001)).expect("in range").cost, Some(dec("1000000")));
+    assert_eq!(
+        book.price_event(&event("openai", None, 0.000001)).expect("in range").cost,
+        Some(dec("1000000"))
+    );
 }
 
 #[test]
@@ -317,7 +345,9 @@ fn the_event_cost_bound_holds_for_the_sum_of_parts() {
     let book = book(vec![rule(1, "1000000"), output]);
     // Each part is 6e11, under the bound; together 1.2e12, over it.
     let event = event("openai", None, 600_000.0).with_quantity(QuantityKind::OutputTokens, 600_000.0);
-    assert!(matches!(book.price_event(&event), Err(EventPriceError::CostTooLarge { rule_id, .. }) if rule_id == Uuid::from_u128(2)));
+    assert!(
+        matches!(book.price_event(&event), Err(EventPriceError::CostTooLarge { rule_id, .. }) if rule_id == Uuid::from_u128(2))
+    );
     let fine = self::event("openai", None, 500_000.0).with_quantity(QuantityKind::OutputTokens, 500_000.0);
     assert_eq!(book.price_event(&fine).expect("in range").cost, Some(EVENT_COST_MAX));
 }

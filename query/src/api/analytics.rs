@@ -183,7 +183,7 @@ pub async fn top_users(
             .map(|(index, row)| {
                 let value = metric_value(&metric, &row.stats, row.custom_metric).unwrap_or_default();
                 let total = row.metric_total.unwrap_or_default();
-                let share = if total.is_zero() { 0.0 } else { (value / total).to_f64().unwrap_or(0.0) };
+                let share = value.checked_div(total).and_then(|share| share.to_f64()).unwrap_or(0.0);
                 RankedUser {
                     rank: index as u32 + 1,
                     user_id: row.key.user_id.clone().unwrap_or_default(),

@@ -1,5 +1,5 @@
 //! `GET /api/v1/billing/summary`: a month's bill from the hourly rollups and the tenant's price
-//! book, built exactly as the edge builds it ([`pricing::tenant_price_book`]).
+//! book, built exactly as the edge builds it ([`pricing::tenant_price_book_lenient`]).
 //!
 //! # How a month is billed
 //! - The month runs from midnight on its first day to midnight on the next month's first day,
@@ -19,6 +19,8 @@
 //! - `total_cost = usage_cost + tiered_charges + minimum_top_ups`.
 //! - The projection scales the month's units and per-event costs by its length over the part
 //!   elapsed, then applies tiers and minimums to the projected totals.
+//! - Every figure is computed with checked arithmetic: one beyond what an exact decimal holds
+//!   (about 7.9e28) answers 422 `overflow` naming it (`usage_cost`, `projection.total_cost`, ...).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -59,7 +61,8 @@ const BILLING_GROUPING: [Dimension; 5] = [
         (status = 200, body = BillingSummaryBody),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)
+        (status = 403, body = ErrorBody),
+        (status = 422, body = ErrorBody, description = "`overflow`: a figure of the bill exceeds an exact decimal")
     )
 )]
 pub async fn summary(
@@ -98,7 +101,7 @@ pub async fn summary(
         for row in &custom {
             custom_by_group.entry(&row.key).or_default().push((&row.name, row.value));
         }
-        let usage = MonthUsage::collect(&book, &rows, &custom_by_group);
+        let usage = MonthUsage::collect(&book, &rows, &custom_by_group)?;
         let complete = now >= end;
         let elapsed = (!complete).then(|| elapsed_fraction(start, end, now));
         usage.body(&book, &caller, label, (start, end, now), elapsed)
@@ -166,8 +169,33 @@ fn local_midnight(year: i32, month: Month) -> Result<PrimitiveDateTime, ApiError
 fn elapsed_fraction(start: OffsetDateTime, end: OffsetDateTime, now: OffsetDateTime) -> Decimal {
     let elapsed = (now - start).whole_microseconds().max(1);
     let length = (end - start).whole_microseconds().max(elapsed);
-    let fraction = Decimal::from_i128_with_scale(elapsed, 0) / Decimal::from_i128_with_scale(length, 0);
-    fraction.max(Decimal::new(1, 12))
+    let exact = |us: i128| Decimal::try_from_i128_with_scale(us, 0).ok();
+    let fraction =
+        exact(elapsed).zip(exact(length)).and_then(|(elapsed, length)| elapsed.checked_div(length));
+    fraction.unwrap_or(Decimal::ONE).max(Decimal::new(1, 12))
+}
+
+/// `a + b`, or an `overflow` error naming `what`. Every sum of the tenant's money and units in
+/// this module is checked: stored costs may be as large as a decimal holds (the edge prices
+/// with saturating arithmetic), and no request may panic.
+fn add(a: Decimal, b: Decimal, what: &str) -> Result<Decimal, ApiError> {
+    a.checked_add(b).ok_or_else(|| ApiError::overflow(what))
+}
+
+fn sub(a: Decimal, b: Decimal, what: &str) -> Result<Decimal, ApiError> {
+    a.checked_sub(b).ok_or_else(|| ApiError::overflow(what))
+}
+
+fn div(a: Decimal, b: Decimal, what: &str) -> Result<Decimal, ApiError> {
+    a.checked_div(b).ok_or_else(|| ApiError::overflow(what))
+}
+
+fn sum(values: impl IntoIterator<Item = Decimal>, what: &str) -> Result<Decimal, ApiError> {
+    values.into_iter().try_fold(Decimal::ZERO, |total, value| add(total, value, what))
+}
+
+fn add_count(a: i64, b: i64, what: &str) -> Result<i64, ApiError> {
+    a.checked_add(b).ok_or_else(|| ApiError::overflow(what))
 }
 
 /// A service type, provider and model.
@@ -207,7 +235,7 @@ impl MonthUsage {
         book: &PriceBook,
         rows: &[AggregateRow],
         custom: &HashMap<&GroupKey, Vec<(&str, Decimal)>>,
-    ) -> MonthUsage {
+    ) -> Result<MonthUsage, ApiError> {
         let mut usage = MonthUsage::default();
         let mut parts: Vec<PerEventPart> = Vec::new();
         for row in rows {
@@ -216,9 +244,10 @@ impl MonthUsage {
             let service: ServiceKey =
                 (text(&key.service_type), text(&key.service_provider), text(&key.model));
             let group = usage.groups.entry(service.clone()).or_default();
-            group.event_count += row.stats.event_count;
-            group.unpriced_count += row.stats.unpriced_count;
-            group.cost += row.stats.cost;
+            group.event_count = add_count(group.event_count, row.stats.event_count, "event_count")?;
+            group.unpriced_count =
+                add_count(group.unpriced_count, row.stats.unpriced_count, "unpriced_event_count")?;
+            group.cost = add(group.cost, row.stats.cost, "usage_cost")?;
             let hour_us = key
                 .period_start
                 .map(|start| (start.unix_timestamp_nanos() / 1_000) as i64)
@@ -244,41 +273,50 @@ impl MonthUsage {
                 );
                 let Some(rule) = winner else { continue };
                 let rule_usage = usage.rules.entry(rule.id).or_default();
-                rule_usage.units += units;
+                rule_usage.units = add(rule_usage.units, units, "units")?;
                 rule_usage.groups.insert(service.clone());
                 if let Ok(Some(charge)) = rule.method.event_charge(units) {
                     let cost = charge.round_dp(COST_DECIMAL_PLACES);
                     parts.push(PerEventPart { rule_id: rule.id, cost });
                 }
             }
-            usage.attribute(row.stats.cost, &mut parts);
+            usage.attribute(row.stats.cost, &mut parts)?;
         }
-        usage
+        Ok(usage)
     }
 
     /// Splits a group's stored cost over its per-event rules: each gets its recomputed part and
     /// the largest part absorbs the difference from the stored sum.
-    fn attribute(&mut self, stored: Decimal, parts: &mut [PerEventPart]) {
+    fn attribute(&mut self, stored: Decimal, parts: &mut [PerEventPart]) -> Result<(), ApiError> {
         let Some(largest) =
             parts.iter().enumerate().max_by_key(|(_, part)| part.cost).map(|(index, _)| index)
         else {
-            self.unattributed += stored;
-            return;
+            self.unattributed = add(self.unattributed, stored, "unattributed_cost")?;
+            return Ok(());
         };
-        let recomputed: Decimal = parts.iter().map(|part| part.cost).sum();
-        parts[largest].cost += stored - recomputed;
-        for part in parts.iter() {
-            self.rules.entry(part.rule_id).or_default().per_event_cost += part.cost;
+        let recomputed = sum(parts.iter().map(|part| part.cost), "usage_cost")?;
+        let difference = sub(stored, recomputed, "usage_cost")?;
+        if let Some(part) = parts.get_mut(largest) {
+            part.cost = add(part.cost, difference, "usage_cost")?;
         }
+        for part in parts.iter() {
+            let rule = self.rules.entry(part.rule_id).or_default();
+            rule.per_event_cost = add(rule.per_event_cost, part.cost, "usage_cost")?;
+        }
+        Ok(())
     }
 
-    fn ruled_usage(&self, scale: Decimal) -> Vec<RuledUsage> {
+    /// Each rule's units and per-event cost divided by `scale` (the elapsed fraction of the
+    /// month for the projection; 1 for the bill).
+    fn ruled_usage(&self, scale: Decimal, what: &str) -> Result<Vec<RuledUsage>, ApiError> {
         self.rules
             .iter()
-            .map(|(rule_id, usage)| RuledUsage {
-                rule_id: *rule_id,
-                units: usage.units / scale,
-                per_event_cost: (usage.per_event_cost / scale).round_dp(COST_DECIMAL_PLACES),
+            .map(|(rule_id, usage)| {
+                Ok(RuledUsage {
+                    rule_id: *rule_id,
+                    units: div(usage.units, scale, what)?,
+                    per_event_cost: div(usage.per_event_cost, scale, what)?.round_dp(COST_DECIMAL_PLACES),
+                })
             })
             .collect()
     }
@@ -291,25 +329,31 @@ impl MonthUsage {
         (start, end, now): (OffsetDateTime, OffsetDateTime, OffsetDateTime),
         elapsed: Option<Decimal>,
     ) -> Result<BillingSummaryBody, ApiError> {
-        let bill_error = |error: pricing::PricingError| ApiError::Internal(format!("billing: {error}"));
-        let bill = book.bill_period(&self.ruled_usage(Decimal::ONE)).map_err(bill_error)?;
-        let usage_cost: Decimal = self.groups.values().map(|group| group.cost).sum();
+        let bill_error = |error: pricing::PricingError| match error {
+            pricing::PricingError::Overflow { .. } => ApiError::overflow("total_cost"),
+            other => ApiError::Internal(format!("billing: {other}")),
+        };
+        let bill = book.bill_period(&self.ruled_usage(Decimal::ONE, "units")?).map_err(bill_error)?;
+        let usage_cost = sum(self.groups.values().map(|group| group.cost), "usage_cost")?;
         let mut tiered = Decimal::ZERO;
         let mut top_ups = Decimal::ZERO;
         let mut group_charges: BTreeMap<&ServiceKey, Decimal> = BTreeMap::new();
         let mut shared = Decimal::ZERO;
         let mut rules = Vec::with_capacity(bill.lines.len());
         for line in &bill.lines {
-            let usage = &self.rules[&line.rule_id];
-            let rule =
-                book.rule(line.rule_id).ok_or_else(|| ApiError::Internal("billed rule vanished".into()))?;
-            let tiered_charge = line.charge - usage.per_event_cost;
-            tiered += tiered_charge;
-            top_ups += line.minimum_top_up;
-            let period_charge = tiered_charge + line.minimum_top_up;
+            let vanished = || ApiError::Internal("billed rule vanished".into());
+            let usage = self.rules.get(&line.rule_id).ok_or_else(vanished)?;
+            let rule = book.rule(line.rule_id).ok_or_else(vanished)?;
+            let tiered_charge = sub(line.charge, usage.per_event_cost, "tiered_charges")?;
+            tiered = add(tiered, tiered_charge, "tiered_charges")?;
+            top_ups = add(top_ups, line.minimum_top_up, "minimum_top_ups")?;
+            let period_charge = add(tiered_charge, line.minimum_top_up, "period_charges")?;
             match (usage.groups.len(), usage.groups.first()) {
-                (1, Some(group)) => *group_charges.entry(group).or_default() += period_charge,
-                _ => shared += period_charge,
+                (1, Some(group)) => {
+                    let charges = group_charges.entry(group).or_default();
+                    *charges = add(*charges, period_charge, "period_charges")?;
+                }
+                _ => shared = add(shared, period_charge, "shared_period_charges")?,
             }
             rules.push(BillingRuleLine {
                 rule_id: rule.id.to_string(),
@@ -329,19 +373,22 @@ impl MonthUsage {
                 tiered_charge: stats::money(tiered_charge),
                 minimum_charge: rule.minimum_charge.map(stats::money),
                 minimum_top_up: stats::money(line.minimum_top_up),
-                total_cost: stats::money(line.total().unwrap_or(Decimal::MAX)),
+                total_cost: stats::money(add(line.charge, line.minimum_top_up, "total_cost")?),
             });
         }
         // Costliest first, ordered on the decimals before they become text.
-        let mut groups: Vec<(&ServiceKey, &GroupUsage, Decimal)> = self
+        let mut groups: Vec<(&ServiceKey, &GroupUsage, Decimal, Decimal)> = self
             .groups
             .iter()
-            .map(|(key, group)| (key, group, group_charges.get(key).copied().unwrap_or_default()))
-            .collect();
-        groups.sort_by_key(|(_, group, period_charges)| std::cmp::Reverse(group.cost + period_charges));
+            .map(|(key, group)| {
+                let period_charges = group_charges.get(key).copied().unwrap_or_default();
+                Ok((key, group, period_charges, add(group.cost, period_charges, "total_cost")?))
+            })
+            .collect::<Result<_, ApiError>>()?;
+        groups.sort_by_key(|(_, _, _, total)| std::cmp::Reverse(*total));
         let by_service = groups
             .into_iter()
-            .map(|(key, group, period_charges)| BillingServiceLine {
+            .map(|(key, group, period_charges, total)| BillingServiceLine {
                 service_type: key.0.clone(),
                 service_provider: key.1.clone(),
                 model: key.2.clone(),
@@ -349,7 +396,7 @@ impl MonthUsage {
                 unpriced_event_count: group.unpriced_count,
                 usage_cost: stats::money(group.cost),
                 period_charges: stats::money(period_charges),
-                total_cost: stats::money(group.cost + period_charges),
+                total_cost: stats::money(total),
             })
             .collect();
         let projection = match elapsed {
@@ -364,12 +411,15 @@ impl MonthUsage {
             period_end: end,
             as_of: now,
             complete: elapsed.is_none(),
-            event_count: self.groups.values().map(|group| group.event_count).sum(),
-            unpriced_event_count: self.groups.values().map(|group| group.unpriced_count).sum(),
+            event_count: self.event_count()?,
+            unpriced_event_count: self
+                .groups
+                .values()
+                .try_fold(0, |total, group| add_count(total, group.unpriced_count, "unpriced_event_count"))?,
             usage_cost: stats::money(usage_cost),
             tiered_charges: stats::money(tiered),
             minimum_top_ups: stats::money(top_ups),
-            total_cost: stats::money(usage_cost + tiered + top_ups),
+            total_cost: stats::money(add(add(usage_cost, tiered, "total_cost")?, top_ups, "total_cost")?),
             by_service,
             shared_period_charges: stats::money(shared),
             rules,
@@ -378,25 +428,36 @@ impl MonthUsage {
         })
     }
 
+    fn event_count(&self) -> Result<i64, ApiError> {
+        self.groups.values().try_fold(0, |total, group| add_count(total, group.event_count, "event_count"))
+    }
+
     fn projection(&self, book: &PriceBook, fraction: Decimal) -> Result<BillingProjection, ApiError> {
-        let projected = self.ruled_usage(fraction);
-        let bill =
-            book.bill_period(&projected).map_err(|error| ApiError::Internal(format!("billing: {error}")))?;
-        let per_event: Decimal = projected.iter().map(|usage| usage.per_event_cost).sum();
-        let charges: Decimal = bill.lines.iter().map(|line| line.charge).sum();
-        let top_ups: Decimal = bill.lines.iter().map(|line| line.minimum_top_up).sum();
-        let usage_cost = per_event + (self.unattributed / fraction).round_dp(COST_DECIMAL_PLACES);
-        let tiered = charges - per_event;
-        let events: i64 = self.groups.values().map(|group| group.event_count).sum();
-        let projected_events = (Decimal::from(events) / fraction).round();
+        let projected = self.ruled_usage(fraction, "projection.units")?;
+        let bill = book.bill_period(&projected).map_err(|error| match error {
+            pricing::PricingError::Overflow { .. } => ApiError::overflow("projection.total_cost"),
+            other => ApiError::Internal(format!("billing: {other}")),
+        })?;
+        let per_event = sum(projected.iter().map(|usage| usage.per_event_cost), "projection.usage_cost")?;
+        let charges = sum(bill.lines.iter().map(|line| line.charge), "projection.tiered_charges")?;
+        let top_ups = sum(bill.lines.iter().map(|line| line.minimum_top_up), "projection.minimum_top_ups")?;
+        let unattributed =
+            div(self.unattributed, fraction, "projection.usage_cost")?.round_dp(COST_DECIMAL_PLACES);
+        let usage_cost = add(per_event, unattributed, "projection.usage_cost")?;
+        let tiered = sub(charges, per_event, "projection.tiered_charges")?;
+        let projected_events =
+            div(Decimal::from(self.event_count()?), fraction, "projection.event_count")?.round();
+        let total = add(add(usage_cost, tiered, "projection.total_cost")?, top_ups, "projection.total_cost")?;
         Ok(BillingProjection {
             method: "linear".to_owned(),
             elapsed_fraction: stats::round6(fraction.try_into().unwrap_or(0.0)),
-            event_count: projected_events.try_into().unwrap_or(i64::MAX),
+            event_count: projected_events
+                .try_into()
+                .map_err(|_| ApiError::overflow("projection.event_count"))?,
             usage_cost: stats::money(usage_cost),
             tiered_charges: stats::money(tiered),
             minimum_top_ups: stats::money(top_ups),
-            total_cost: stats::money(usage_cost + tiered + top_ups),
+            total_cost: stats::money(total),
         })
     }
 }
@@ -423,6 +484,44 @@ mod tests {
         }
     }
 
+    fn row(hour: OffsetDateTime, cost: Decimal) -> AggregateRow {
+        let key = GroupKey {
+            period_start: Some(hour),
+            service_type: Some("custom".into()),
+            service_provider: Some("p".into()),
+            model: Some(String::new()),
+            event_type: Some("job".into()),
+            ..GroupKey::default()
+        };
+        let stats = crate::backend::Stats { event_count: 1, cost, ..Default::default() };
+        AggregateRow { set: 0, key, stats, groups_total: None, metric_total: None, custom_metric: None }
+    }
+
+    #[test]
+    fn sums_and_projections_beyond_a_decimal_are_overflow_errors() {
+        let book = pricing::tenant_price_book(&pricing::catalog::catalog().rules, std::iter::empty())
+            .expect("the catalog alone");
+        let hour = time::macros::datetime!(2026-11-01 05:00 UTC);
+        let caller = Caller {
+            key_id: Uuid::nil(),
+            tenant_id: Uuid::nil(),
+            tenant_name: "acme".into(),
+            time_zone: "UTC".into(),
+        };
+        let bounds = (hour, hour + time::Duration::days(30), hour + time::Duration::days(1));
+        let half = Decimal::MAX / Decimal::TWO + Decimal::ONE;
+        let two = [row(hour, half), row(hour + time::Duration::hours(1), half)];
+        let error = MonthUsage::collect(&book, &two, &HashMap::new()).expect_err("does not fit");
+        assert!(matches!(&error, ApiError::Overflow(detail) if detail.starts_with("usage_cost")), "{error}");
+        // One fits: billed exactly; projected from a part of the month, it no longer fits.
+        let usage = MonthUsage::collect(&book, &two[..1], &HashMap::new()).expect("fits");
+        let body = usage.body(&book, &caller, "2026-11".into(), bounds, None).expect("billed");
+        assert_eq!(body.total_cost, stats::money(half));
+        let error =
+            usage.body(&book, &caller, "2026-11".into(), bounds, Some(Decimal::new(1, 1))).expect_err("no");
+        assert!(matches!(&error, ApiError::Overflow(detail) if detail.starts_with("projection.")), "{error}");
+    }
+
     #[test]
     fn elapsed_fraction_is_the_part_of_the_month_before_now() {
         let start = time::macros::datetime!(2026-11-01 00:00 UTC);
@@ -430,5 +529,30 @@ mod tests {
         let fraction = elapsed_fraction(start, end, time::macros::datetime!(2026-11-16 00:00 UTC));
         assert_eq!(fraction, Decimal::new(5, 1));
         assert!(elapsed_fraction(start, end, start) > Decimal::ZERO);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn months_are_within_bounds_or_refused_by_name(
+            text in prop_oneof![
+                any::<String>(),
+                (-99_999i32..=99_999, 0u8..=99).prop_map(|(year, month)| format!("{year:04}-{month:02}")),
+            ],
+        ) {
+            match parse_month(&text) {
+                Ok((year, _)) => {
+                    prop_assert!((1970..=9998).contains(&year));
+                    prop_assert!(local_midnight(year, Month::December).is_ok());
+                }
+                Err(error) => prop_assert!(error.to_string().starts_with("month:"), "{error}"),
+            }
+        }
     }
 }

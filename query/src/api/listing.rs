@@ -10,16 +10,18 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use rust_decimal::Decimal;
-use time::OffsetDateTime;
+use time::{OffsetDateTime, PrimitiveDateTime};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::schema::{BillingInfo, ErrorBody, UsageEvent, UsageList};
 use super::{Params, caller, scope};
 use crate::QueryState;
+use crate::auth::Caller;
 use crate::backend::{
     AggregateQuery, BackendError, EventRecord, EventStatus, ListQuery, Measures, QUANTITY_NAMES, Scope,
 };
+use crate::cache::ResponseCache;
 use crate::error::ApiError;
 use crate::params::{self, UsageParams, parse_bool, parse_status, parse_u32};
 use crate::stats::{self, Quantity};
@@ -38,7 +40,8 @@ const CHUNK_BYTES: usize = 32 * 1024;
             (then `X-Total-Count` carries the total)"),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)
+        (status = 403, body = ErrorBody),
+        (status = 422, body = ErrorBody, description = "`overflow`: the range's sums exceed an exact decimal")
     )
 )]
 pub async fn list_usage(
@@ -49,12 +52,7 @@ pub async fn list_usage(
     let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
     let csv = wants_csv(&params, &headers)?;
     let limit = parse_u32("limit", params.limit.as_deref(), 1000, 1, 10_000)?;
-    let offset: u64 = match params.offset.as_deref() {
-        None => 0,
-        Some(text) => {
-            text.trim().parse().map_err(|_| ApiError::parameter("offset", "must be a whole number"))?
-        }
-    };
+    let offset = params::parse_offset(params.offset.as_deref())?;
     let include_billing = parse_bool("include_billing", params.include_billing.as_deref())?;
     let status = parse_status(params.status.as_deref())?;
     let cursor = params.cursor.as_deref().map(Cursor::decode).transpose()?;
@@ -69,10 +67,9 @@ pub async fn list_usage(
         &params.event_type,
     )?;
     let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
-    let total_count = match &cursor {
-        Some(cursor) => cursor.total_count,
-        None => count(&state, &scope, &filter, status).await?,
-    };
+    // Counted here, never read from the client; later pages may reuse the first page's count
+    // for the cache's time to live.
+    let total_count = count(&state, &caller, &scope, &filter, status, cursor.is_some()).await?;
     let query = ListQuery {
         scope: scope.clone(),
         filter,
@@ -108,12 +105,16 @@ fn wants_csv(params: &UsageParams, headers: &HeaderMap) -> Result<bool, ApiError
     }
 }
 
-/// Events matching the filters, counted from the rollups (exact; see `pg`).
+/// Events matching the filters, counted from the rollups (exact; see `pg`). With `reuse`
+/// (pages after the first), a count made within the cache's time to live is reused; the first
+/// page always counts afresh and stores its count for the pages after it.
 async fn count(
     state: &QueryState,
+    caller: &Caller,
     scope: &Scope,
     filter: &crate::backend::Filter,
     status: Option<EventStatus>,
+    reuse: bool,
 ) -> Result<i64, ApiError> {
     let query = AggregateQuery {
         scope: scope.clone(),
@@ -123,51 +124,69 @@ async fn count(
         measures: Measures::default(),
         top: None,
     };
+    let key = ResponseCache::key(caller.tenant_id, "usage_count", &(&caller.time_zone, &query, status));
+    if reuse
+        && let Some((bytes, _)) = state.cache.get(&key).await
+        && let Ok(count) = serde_json::from_slice::<i64>(&bytes)
+    {
+        return Ok(count);
+    }
     let rows = state.backend.aggregate(&query).await?;
     let stats = rows.first().map(|row| row.stats.clone()).unwrap_or_default();
-    Ok(match status {
+    let count = match status {
         None => stats.event_count,
         Some(EventStatus::Error) => stats.error_count,
-        Some(EventStatus::Success) => stats.event_count - stats.error_count,
-    })
+        Some(EventStatus::Success) => stats.event_count.saturating_sub(stats.error_count),
+    };
+    state.cache.put(&key, Bytes::from(count.to_string())).await;
+    Ok(count)
 }
 
-/// Where the next page starts: the last event of this page, and the total of the first page.
+/// Where the next page starts: the last event of this page. It carries nothing but a position:
+/// the total is the server's own count ([`count`]), whatever a client sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     pub occurred_at: OffsetDateTime,
     pub event_id: Uuid,
-    pub total_count: i64,
 }
 
 impl Cursor {
-    /// `c1` and 64 hex digits: time (µs), event id, total count.
+    /// `c2` and 48 hex digits: time (µs since the epoch), event id.
     pub fn encode(&self) -> String {
-        let mut bytes = Vec::with_capacity(32);
-        bytes.extend_from_slice(&((self.occurred_at.unix_timestamp_nanos() / 1000) as i64).to_be_bytes());
-        bytes.extend_from_slice(self.event_id.as_bytes());
-        bytes.extend_from_slice(&self.total_count.to_be_bytes());
-        let mut text = String::from("c1");
-        for byte in bytes {
+        let at_us =
+            i64::try_from(self.occurred_at.unix_timestamp_nanos().div_euclid(1000)).unwrap_or(i64::MAX);
+        let mut text = String::with_capacity(50);
+        text.push_str("c2");
+        for byte in at_us.to_be_bytes().iter().chain(self.event_id.as_bytes()) {
             text.push_str(&format!("{byte:02x}"));
         }
         text
     }
 
+    /// A `c2` cursor, or a `c1` one (of earlier versions, whose trailing total is ignored). The
+    /// time must lie within the range date parameters may name.
     pub fn decode(text: &str) -> Result<Cursor, ApiError> {
         let invalid = || ApiError::parameter("cursor", "is not a cursor this API returned");
-        let hex = text.strip_prefix("c1").filter(|hex| hex.len() == 64).ok_or_else(invalid)?;
-        let mut bytes = [0u8; 32];
+        let hex = match (text.get(..2), text.get(2..)) {
+            (Some("c2"), Some(hex)) if hex.len() == 48 => hex,
+            (Some("c1"), Some(hex)) if hex.len() == 64 => hex.get(..48).ok_or_else(invalid)?,
+            _ => return Err(invalid()),
+        };
+        let mut bytes = [0u8; 24];
         for (index, byte) in bytes.iter_mut().enumerate() {
             *byte = u8::from_str_radix(hex.get(index * 2..index * 2 + 2).ok_or_else(invalid)?, 16)
                 .map_err(|_| invalid())?;
         }
-        let at_us = i64::from_be_bytes(bytes[0..8].try_into().map_err(|_| invalid())?);
+        let (at, id) = bytes.split_at(8);
+        let at_us = i64::from_be_bytes(at.try_into().map_err(|_| invalid())?);
         let occurred_at =
             OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_us) * 1000).map_err(|_| invalid())?;
-        let event_id = Uuid::from_slice(&bytes[8..24]).map_err(|_| invalid())?;
-        let total_count = i64::from_be_bytes(bytes[24..32].try_into().map_err(|_| invalid())?);
-        Ok(Cursor { occurred_at, event_id, total_count })
+        let wall_clock = PrimitiveDateTime::new(occurred_at.date(), occurred_at.time());
+        if !(params::TIME_MIN..=params::TIME_MAX).contains(&wall_clock) {
+            return Err(invalid());
+        }
+        let event_id = Uuid::from_slice(id).map_err(|_| invalid())?;
+        Ok(Cursor { occurred_at, event_id })
     }
 }
 
@@ -264,9 +283,10 @@ fn json_stream(
     head.truncate(head.len() - 1); // reopen the object
     head.extend_from_slice(b",\"events\":[");
     fn finish(mut chunk: BytesMut, state: &mut State, has_more: bool) -> Bytes {
-        let next_cursor = state.last.filter(|_| has_more).map(|(occurred_at, event_id)| {
-            Cursor { occurred_at, event_id, total_count: state.page.total_count }.encode()
-        });
+        let next_cursor = state
+            .last
+            .filter(|_| has_more)
+            .map(|(occurred_at, event_id)| Cursor { occurred_at, event_id }.encode());
         chunk.extend_from_slice(b"],\"has_more\":");
         chunk.extend_from_slice(if has_more { b"true" } else { b"false" });
         chunk.extend_from_slice(b",\"next_cursor\":");
@@ -407,15 +427,35 @@ fn csv_row(record: &EventRecord, out: &mut BytesMut) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// RFC 4180 quoting: fields with a comma, quote or line break are quoted, quotes doubled.
+/// RFC 4180 quoting (fields with a comma, quote or line break are quoted, quotes doubled), and
+/// no formula injection (OWASP "CSV Injection"): a cell that starts with `=`, `+`, `-`, `@`, a
+/// tab or a carriage return is written as text, with a `'` in front, and always quoted. A cell
+/// that is a plain decimal number (`-12.5`, `+3`) is left alone, as OWASP allows: it is no
+/// formula, and numeric columns (quantities, latency, cost) stay numbers. This applies to every
+/// column alike, so a user id `-42` also stays `-42`, while `-2+3` or `=1` become `'-2+3`, `'=1`.
 pub fn write_csv_field(field: &str, out: &mut BytesMut) {
-    if field.contains([',', '"', '\n', '\r']) {
+    let formula = field.starts_with(['=', '+', '-', '@', '\t', '\r']) && !is_plain_number(field);
+    if formula || field.contains([',', '"', '\n', '\r']) {
         out.put_u8(b'"');
+        if formula {
+            out.put_u8(b'\'');
+        }
         out.extend_from_slice(field.replace('"', "\"\"").as_bytes());
         out.put_u8(b'"');
     } else {
         out.extend_from_slice(field.as_bytes());
     }
+}
+
+/// An optional sign, digits, and optionally a point and more digits: what a decimal's
+/// `to_string` writes, and nothing a spreadsheet evaluates.
+fn is_plain_number(field: &str) -> bool {
+    let unsigned = field.strip_prefix(['-', '+']).unwrap_or(field);
+    let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, "0"));
+    !whole.is_empty()
+        && !fraction.is_empty()
+        && whole.bytes().all(|b| b.is_ascii_digit())
+        && fraction.bytes().all(|b| b.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -427,11 +467,46 @@ mod tests {
         let cursor = Cursor {
             occurred_at: OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_000).expect("time"),
             event_id: Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef),
-            total_count: 12_345,
         };
-        assert_eq!(Cursor::decode(&cursor.encode()).expect("decodes"), cursor);
+        let text = cursor.encode();
+        assert_eq!(Cursor::decode(&text).expect("decodes"), cursor);
+        // A cursor of earlier versions carried a total after the id: it is read, the total ignored.
+        let legacy = format!("c1{}{:016x}", &text[2..], 12_345);
+        assert_eq!(Cursor::decode(&legacy).expect("legacy decodes"), cursor);
         assert!(Cursor::decode("c1zz").is_err());
-        assert!(Cursor::decode(&cursor.encode().replace("c1", "c2")).is_err());
+        assert!(Cursor::decode(&text.replace("c2", "c3")).is_err());
+        assert!(Cursor::decode(&format!("c2{}", "é".repeat(24))).is_err());
+        assert!(Cursor::decode(&format!("c1{}", "é".repeat(32))).is_err());
+        // Times beyond what date parameters may name (here year 10000 and 1969) are refused.
+        for at_us in [253_402_300_800_000_000_i64, -1] {
+            let far = format!("c2{at_us:016x}{}", &text[18..]);
+            assert!(Cursor::decode(&far).is_err(), "{at_us}");
+        }
+    }
+
+    fn csv(field: &str) -> String {
+        let mut out = BytesMut::new();
+        write_csv_field(field, &mut out);
+        String::from_utf8(out.to_vec()).expect("utf-8")
+    }
+
+    #[test]
+    fn csv_cells_never_start_a_formula() {
+        assert_eq!(csv("=cmd|' /C calc'!A0"), "\"'=cmd|' /C calc'!A0\"");
+        assert_eq!(csv("+1+1"), "\"'+1+1\"");
+        assert_eq!(csv("-2+3"), "\"'-2+3\"");
+        assert_eq!(csv("@SUM(A1)"), "\"'@SUM(A1)\"");
+        assert_eq!(csv("\tx"), "\"'\tx\"");
+        assert_eq!(csv("\rx"), "\"'\rx\"");
+        assert_eq!(csv("=HYPERLINK(\"http://x\",\"y\")"), "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"");
+        // Numbers stay numbers, negative ones included.
+        for number in ["-12.5", "+3", "0.000001", "-7", "12"] {
+            assert_eq!(csv(number), number);
+        }
+        for not_number in ["-", "-.5", "-1.", "-1e5", "-1.2.3", "--1"] {
+            assert!(csv(not_number).starts_with("\"'"), "{not_number}");
+        }
+        assert_eq!(csv("a=b"), "a=b");
     }
 
     #[test]
@@ -441,5 +516,48 @@ mod tests {
         out.put_u8(b',');
         write_csv_field("say \"hi\", then\nbye", &mut out);
         assert_eq!(&out[..], b"plain,\"say \"\"hi\"\", then\nbye\"");
+    }
+}
+
+/// Any text is a cursor this API wrote, which encodes back to itself, or refused by name.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn cursor_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "c[0-9]{1}[0-9a-fA-F]{0,70}",
+            (any::<i64>(), any::<u128>()).prop_map(|(at, id)| format!("c2{at:016x}{id:032x}")),
+            (any::<i64>(), any::<u128>(), any::<i64>())
+                .prop_map(|(at, id, n)| format!("c1{at:016x}{id:032x}{n:016x}")),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn cursors_decode_to_a_position_in_bounds_or_are_refused(text in cursor_text()) {
+            match Cursor::decode(&text) {
+                Ok(cursor) => {
+                    let again = Cursor::decode(&cursor.encode());
+                    prop_assert_eq!(again.ok(), Some(cursor));
+                    let at = PrimitiveDateTime::new(cursor.occurred_at.date(), cursor.occurred_at.time());
+                    prop_assert!((params::TIME_MIN..=params::TIME_MAX).contains(&at));
+                }
+                Err(error) => prop_assert!(error.to_string().starts_with("cursor:"), "{error}"),
+            }
+        }
+
+        #[test]
+        fn csv_cells_never_start_a_formula(field in any::<String>()) {
+            let mut out = BytesMut::new();
+            write_csv_field(&field, &mut out);
+            let cell = String::from_utf8(out.to_vec()).expect("utf-8");
+            let unquoted = cell.strip_prefix('"').unwrap_or(&cell);
+            let dangerous = unquoted.starts_with(['=', '+', '-', '@', '\t', '\r']);
+            prop_assert!(!dangerous || is_plain_number(unquoted), "{field:?} -> {cell:?}");
+        }
     }
 }

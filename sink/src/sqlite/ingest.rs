@@ -141,7 +141,8 @@ impl SqliteStore {
         let deltas = if outcomes.contains(&Outcome::Duplicate) {
             metrics::counter!("tally_dedup_path_total").increment(1);
             let stored = rows.iter().zip(&outcomes).filter(|(_, outcome)| **outcome == Outcome::Stored);
-            rollup::aggregate(stored.map(|(row, _)| row)).map_err(|error| StoreError::Invalid(error.to_string()))?
+            rollup::aggregate(stored.map(|(row, _)| row))
+                .map_err(|error| StoreError::Invalid(error.to_string()))?
         } else {
             all_new
         };

@@ -9,5 +9,7 @@ mod hostile;
 mod ingest;
 mod inspect;
 mod query;
+mod query_hardening;
+mod query_properties;
 mod store;
 mod support;
