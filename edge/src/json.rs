@@ -12,7 +12,8 @@
 //!   numbers that became metadata (`temperature`) with the value as sent; dimensions with `null`
 //!   (their value is the metadata entry of the same name);
 //! - `"j"`: metadata keys whose value was not a JSON string (numbers, booleans, objects, lists):
-//!   the entry holds the value's JSON text, and the listing parses it back.
+//!   the entry holds the value's JSON text, and the listing parses it back;
+//! - `"mm"`: `true` when the model was sent as `metadata.model` (listed there too).
 
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
@@ -76,14 +77,18 @@ pub fn tenant_of(value: &Value) -> Result<Option<&str>, EventError> {
 struct CallerView {
     metrics: Map<String, Value>,
     json_keys: Vec<String>,
+    model_in_metadata: bool,
 }
 
 impl CallerView {
     fn entry(self) -> Option<wire::MetadataEntry> {
-        if self.metrics.is_empty() && self.json_keys.is_empty() {
+        if self.metrics.is_empty() && self.json_keys.is_empty() && !self.model_in_metadata {
             return None;
         }
         let mut view = Map::new();
+        if self.model_in_metadata {
+            view.insert("mm".into(), Value::Bool(true));
+        }
         if !self.metrics.is_empty() {
             view.insert("m".into(), Value::Object(self.metrics));
         }
@@ -307,6 +312,7 @@ fn take_metadata(event: &mut Event, view: &mut CallerView, metadata: Value) -> R
             let model =
                 value.as_str().ok_or_else(|| EventError::new("metadata.model", "must be a string"))?;
             event.model = Some(model.to_owned());
+            view.model_in_metadata = true;
             continue;
         }
         check_metadata_key(&format!("metadata.{key}"), &key)?;

@@ -325,11 +325,11 @@ impl MonthUsage {
                 unit: rule.unit.name().to_owned(),
                 method: method_name(&rule.method).to_owned(),
                 units: Quantity(line.units),
-                usage_cost: stats::money(usage.per_event_cost),
-                tiered_charge: stats::money(tiered_charge),
-                minimum_charge: rule.minimum_charge.map(stats::money),
-                minimum_top_up: stats::money(line.minimum_top_up),
-                total_cost: stats::money(line.total()),
+                usage_cost: stats::money_number(usage.per_event_cost),
+                tiered_charge: stats::money_number(tiered_charge),
+                minimum_charge: rule.minimum_charge.map(stats::money_number),
+                minimum_top_up: stats::money_number(line.minimum_top_up),
+                total_cost: stats::money_number(line.total()),
             });
         }
         // Costliest first, ordered on the decimals before they become text.
@@ -347,9 +347,9 @@ impl MonthUsage {
                 model: key.2.clone(),
                 event_count: group.event_count,
                 unpriced_event_count: group.unpriced_count,
-                usage_cost: stats::money(group.cost),
-                period_charges: stats::money(period_charges),
-                total_cost: stats::money(group.cost + period_charges),
+                usage_cost: stats::money_number(group.cost),
+                period_charges: stats::money_number(period_charges),
+                total_cost: stats::money_number(group.cost + period_charges),
             })
             .collect();
         let projection = match elapsed {
@@ -366,14 +366,14 @@ impl MonthUsage {
             complete: elapsed.is_none(),
             event_count: self.groups.values().map(|group| group.event_count).sum(),
             unpriced_event_count: self.groups.values().map(|group| group.unpriced_count).sum(),
-            usage_cost: stats::money(usage_cost),
-            tiered_charges: stats::money(tiered),
-            minimum_top_ups: stats::money(top_ups),
-            total_cost: stats::money(usage_cost + tiered + top_ups),
+            usage_cost: stats::money_number(usage_cost),
+            tiered_charges: stats::money_number(tiered),
+            minimum_top_ups: stats::money_number(top_ups),
+            total_cost: stats::money_number(usage_cost + tiered + top_ups),
             by_service,
-            shared_period_charges: stats::money(shared),
+            shared_period_charges: stats::money_number(shared),
             rules,
-            unattributed_cost: stats::money(self.unattributed),
+            unattributed_cost: stats::money_number(self.unattributed),
             projection,
         })
     }
@@ -393,10 +393,10 @@ impl MonthUsage {
             method: "linear".to_owned(),
             elapsed_fraction: stats::round6(fraction.try_into().unwrap_or(0.0)),
             event_count: projected_events.try_into().unwrap_or(i64::MAX),
-            usage_cost: stats::money(usage_cost),
-            tiered_charges: stats::money(tiered),
-            minimum_top_ups: stats::money(top_ups),
-            total_cost: stats::money(usage_cost + tiered + top_ups),
+            usage_cost: stats::money_number(usage_cost),
+            tiered_charges: stats::money_number(tiered),
+            minimum_top_ups: stats::money_number(top_ups),
+            total_cost: stats::money_number(usage_cost + tiered + top_ups),
         })
     }
 }

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::schema::{BillingInfo, ErrorBody, UsageEvent, UsageList};
+use super::schema::{BillingInfo, ErrorBody, MetricValue, UsageEvent, UsageList};
 use super::{Params, caller, scope};
 use crate::QueryState;
 use crate::backend::{
@@ -205,7 +205,19 @@ pub fn event_json(record: EventRecord, include_billing: bool) -> UsageEvent {
     if let Some(latency_us) = record.latency_us {
         metrics.insert("latency_ms".into(), Quantity(Decimal::new(latency_us, 3)));
     }
-    let total_cost = record.cost.map(stats::money);
+    let mut metrics: BTreeMap<String, MetricValue> =
+        metrics.into_iter().map(|(name, value)| (name, MetricValue::Exact(value))).collect();
+    let mut metadata = record.metadata.unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+    if let serde_json::Value::Object(entries) = &mut metadata {
+        let (sent, model_in_metadata) = caller_view(entries);
+        for (name, value) in sent {
+            metrics.insert(name, MetricValue::Sent(value));
+        }
+        if model_in_metadata && let Some(model) = &record.model {
+            entries.insert("model".into(), serde_json::Value::String(model.clone()));
+        }
+    }
+    let total_cost = record.cost.map(stats::money_number);
     UsageEvent {
         event_id: record.event_id,
         timestamp: record.occurred_at,
@@ -224,10 +236,48 @@ pub fn event_json(record: EventRecord, include_billing: bool) -> UsageEvent {
             .then(|| BillingInfo { total_cost: total_cost.clone(), priced: total_cost.is_some() }),
         total_cost,
         tags: record.tags,
-        metadata: record.metadata.unwrap_or_else(|| serde_json::Value::Object(Default::default())),
+        metadata,
         session_id: record.session_id,
         request_id: record.request_id,
     }
+}
+
+/// The reserved metadata entry in which the edge keeps what the caller sent where Tally's own
+/// form differs (`edge::json::CALLER_KEY`, documented there): `"m"`, metric names as sent (with
+/// the value, or `null` for "the metadata entry of that name"), and `"j"`, metadata keys whose
+/// value is JSON text of a non-string value.
+const CALLER_KEY: &str = "$caller";
+
+/// Restores the caller's view from the stored metadata: removes the reserved entry, gives
+/// metadata values their JSON types back, and returns the metrics to list under the caller's
+/// names (moving metric dimensions out of the metadata), and whether the model was sent in the
+/// metadata.
+fn caller_view(metadata: &mut serde_json::Map<String, serde_json::Value>) -> (Vec<(String, serde_json::Value)>, bool) {
+    use serde_json::Value;
+    let Some(Value::String(view)) = metadata.remove(CALLER_KEY) else { return (Vec::new(), false) };
+    let Ok(Value::Object(mut view)) = serde_json::from_str::<Value>(&view) else { return (Vec::new(), false) };
+    let model_in_metadata = view.get("mm") == Some(&Value::Bool(true));
+    if let Some(Value::Array(keys)) = view.remove("j") {
+        for key in keys.iter().filter_map(Value::as_str) {
+            if let Some(entry) = metadata.get_mut(key)
+                && let Some(parsed) = entry.as_str().and_then(|text| serde_json::from_str(text).ok())
+            {
+                *entry = parsed;
+            }
+        }
+    }
+    let Some(Value::Object(sent)) = view.remove("m") else { return (Vec::new(), model_in_metadata) };
+    let sent = sent
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let stored = metadata.remove(&name);
+            match value {
+                Value::Null => stored.map(|stored| (name, stored)),
+                value => Some((name, value)),
+            }
+        })
+        .collect();
+    (sent, model_in_metadata)
 }
 
 type Chunk = Result<Bytes, std::io::Error>;
