@@ -227,7 +227,10 @@ fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
 fn check_tenant(caller: &Caller, events: &[Value]) -> Result<(), ApiError> {
     for (index, event) in events.iter().enumerate() {
         let tenant = tenant_of(event).map_err(|error| {
-            ApiError::new(ErrorCode::InvalidEvent, format!("events[{index}].{}: {}", error.field, error.reason))
+            ApiError::new(
+                ErrorCode::InvalidEvent,
+                format!("events[{index}].{}: {}", error.field, error.reason),
+            )
         })?;
         if let Some(tenant) = tenant
             && tenant != caller.tenant_name
@@ -392,9 +395,7 @@ async fn health(State(state): State<Arc<EdgeState>>) -> Json<Value> {
 
 /// Now, as RFC 3339 in UTC.
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 /// Ready when storage answers within a second and the queues are not saturated.

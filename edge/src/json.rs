@@ -388,17 +388,16 @@ fn parse_timestamp(text: &str) -> Result<i64, EventError> {
     let parsed = OffsetDateTime::parse(text, &Rfc3339).or_else(|error| {
         let normalized = text.replacen(' ', "T", 1);
         // Without an offset: no `Z` and no sign after the date. Anything else must have parsed.
-        let has_offset = normalized
-            .split_once('T')
-            .is_none_or(|(_, time)| time.contains(['Z', 'z', '+', '-']));
+        let has_offset =
+            normalized.split_once('T').is_none_or(|(_, time)| time.contains(['Z', 'z', '+', '-']));
         if has_offset {
             return Err(error);
         }
         OffsetDateTime::parse(&format!("{normalized}Z"), &Rfc3339)
     });
-    parsed
-        .map(|timestamp| (timestamp.unix_timestamp_nanos() / 1000) as i64)
-        .map_err(|_| EventError::new("timestamp", format!("{text:?} is not an RFC 3339 / ISO 8601 date-time")))
+    parsed.map(|timestamp| (timestamp.unix_timestamp_nanos() / 1000) as i64).map_err(|_| {
+        EventError::new("timestamp", format!("{text:?} is not an RFC 3339 / ISO 8601 date-time"))
+    })
 }
 
 #[cfg(test)]

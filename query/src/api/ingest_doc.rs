@@ -12,12 +12,15 @@ use super::schema::ErrorBody;
 /// The ingest port's document.
 #[derive(Debug, OpenApi)]
 #[openapi(
-    info(title = "Tally ingest API", description = "Usage events in, over HTTP/JSON (the binary \
+    info(
+        title = "Tally ingest API",
+        description = "Usage events in, over HTTP/JSON (the binary \
         protocol is on port 7000), and the usage listing. Every endpoint needs an API key: \
         `X-API-Key: <key>`, `Authorization: Bearer <key>` or `Authorization: <key>`. The full \
-        query API is on the query port (8002)."),
+        query API is on the query port (8002)."
+    ),
     paths(ingest_event, ingest_batch, super::listing::list_usage),
-    components(schemas(ErrorBody, IngestEvent, IngestAnswer, BatchRequest, BatchAnswer, FailedEvent)),
+    components(schemas(ErrorBody, IngestEvent, IngestAnswer, BatchRequest, BatchAnswer, FailedEvent))
 )]
 pub struct IngestDoc;
 

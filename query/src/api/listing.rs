@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use rust_decimal::Decimal;
@@ -44,8 +44,9 @@ const CHUNK_BYTES: usize = 32 * 1024;
 pub async fn list_usage(
     State(state): State<Arc<QueryState>>,
     headers: HeaderMap,
-    Params(params): Params<UsageParams>,
+    uri: Uri,
 ) -> Result<Response, ApiError> {
+    let (Params(params), metadata) = usage_params(&uri)?;
     let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
     let csv = wants_csv(&params, &headers)?;
     let limit = parse_u32("limit", params.limit.as_deref(), 1000, 1, 10_000)?;
@@ -69,10 +70,6 @@ pub async fn list_usage(
         &params.event_type,
     )?;
     let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
-    let total_count = match &cursor {
-        Some(cursor) => cursor.total_count,
-        None => count(&state, &scope, &filter, status).await?,
-    };
     let query = ListQuery {
         scope: scope.clone(),
         filter,
@@ -81,6 +78,13 @@ pub async fn list_usage(
         offset,
         // One more than a page tells whether another page follows.
         limit: if csv { limit } else { limit + 1 },
+        metadata,
+    };
+    let total_count = match &cursor {
+        Some(cursor) => cursor.total_count,
+        // The rollups hold no metadata: such a filter is counted on the raw events.
+        None if query.metadata.is_some() => state.backend.count_events(&query).await?,
+        None => count(&state, &scope, &query.filter, status).await?,
     };
     let receiver = state.backend.list_events(query);
     let page = Page { limit, offset, total_count, include_billing, scope };
@@ -94,6 +98,46 @@ pub async fn list_usage(
     response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response_headers.insert("x-total-count", HeaderValue::from(total_count));
     Ok(response)
+}
+
+/// The listing's parameters, and its one optional metadata filter `metadata.<key>=<value>`
+/// (e.g. `metadata.model_version=v2.1`, a non-numeric metric), which `UsageParams` cannot name.
+fn usage_params(uri: &Uri) -> Result<(Params<UsageParams>, Option<(String, String)>), ApiError> {
+    let query = uri.query().unwrap_or_default();
+    let (metadata, rest): (Vec<&str>, Vec<&str>) =
+        query.split('&').filter(|pair| !pair.is_empty()).partition(|pair| pair.starts_with("metadata."));
+    let parse = |pairs: &[&str]| -> Result<Uri, ApiError> {
+        format!("/?{}", pairs.join("&"))
+            .parse()
+            .map_err(|_| ApiError::parameter("query", "is not a valid query string"))
+    };
+    let params = match Query::<UsageParams>::try_from_uri(&parse(&rest)?) {
+        Ok(Query(params)) => Params(params),
+        Err(rejection) => {
+            let text = rejection.body_text();
+            let detail = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text);
+            return Err(ApiError::InvalidParameter(detail.to_owned()));
+        }
+    };
+    let filter = match metadata.as_slice() {
+        [] => None,
+        [_] => {
+            let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(&parse(&metadata)?)
+                .map_err(|_| ApiError::parameter("metadata", "expected metadata.<key>=<value>"))?;
+            let (name, value) = pairs.into_iter().next().unwrap_or_default();
+            let key = name.strip_prefix("metadata.").unwrap_or_default().to_owned();
+            let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+            if key.is_empty() || key.len() > 64 || !key.chars().all(valid) {
+                return Err(ApiError::parameter(&name, "the key must be 1 to 64 of A-Z a-z 0-9 _ . -"));
+            }
+            if value.contains('\0') {
+                return Err(ApiError::parameter(&name, "must not contain a NUL byte"));
+            }
+            Some((key, value))
+        }
+        _ => return Err(ApiError::parameter("metadata", "one metadata.<key>=<value> filter at most")),
+    };
+    Ok((params, filter))
 }
 
 fn wants_csv(params: &UsageParams, headers: &HeaderMap) -> Result<bool, ApiError> {
@@ -252,10 +296,14 @@ const CALLER_KEY: &str = "$caller";
 /// metadata values their JSON types back, and returns the metrics to list under the caller's
 /// names (moving metric dimensions out of the metadata), and whether the model was sent in the
 /// metadata.
-fn caller_view(metadata: &mut serde_json::Map<String, serde_json::Value>) -> (Vec<(String, serde_json::Value)>, bool) {
+fn caller_view(
+    metadata: &mut serde_json::Map<String, serde_json::Value>,
+) -> (Vec<(String, serde_json::Value)>, bool) {
     use serde_json::Value;
     let Some(Value::String(view)) = metadata.remove(CALLER_KEY) else { return (Vec::new(), false) };
-    let Ok(Value::Object(mut view)) = serde_json::from_str::<Value>(&view) else { return (Vec::new(), false) };
+    let Ok(Value::Object(mut view)) = serde_json::from_str::<Value>(&view) else {
+        return (Vec::new(), false);
+    };
     let model_in_metadata = view.get("mm") == Some(&Value::Bool(true));
     if let Some(Value::Array(keys)) = view.remove("j") {
         for key in keys.iter().filter_map(Value::as_str) {

@@ -65,7 +65,8 @@ pub fn router(state: Arc<QueryState>) -> Router {
 /// `GET /api/v1/usage` (the older SDK's `get_usage` calls the ingest port), and `/docs` with
 /// `/openapi.json` documenting that port (ingest and the listing).
 pub fn usage_routes(state: Arc<QueryState>) -> Router {
-    let docs = utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", ingest_doc::IngestDoc::openapi());
+    let docs =
+        utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", ingest_doc::IngestDoc::openapi());
     Router::new()
         .route("/api/v1/usage", get(listing::list_usage))
         .layer(axum::middleware::from_fn(record_request))
