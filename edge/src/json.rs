@@ -419,13 +419,81 @@ mod tests {
             "event_id": id, "timestamp": "2024-01-15T10:30:00", "event_type": "completion",
             "metadata": {"model": "gpt-4", "temperature": 0.7},
             "metrics": {"input_tokens": 150, "output_tokens": 75, "latency_ms": 2500}});
-        let (flat, nested) = (convert(flat).expect("flat"), convert(nested).expect("nested"));
+        let (flat, mut nested) = (convert(flat).expect("flat"), convert(nested).expect("nested"));
+        // Only what the caller sent differs: the nested one named the model in `metadata`.
+        assert_eq!(caller_view(&nested), json!({"j": ["temperature"], "mm": true}));
+        assert_eq!(caller_view(&flat), json!({"j": ["temperature"]}));
+        for event in [&mut nested] {
+            let extra = event.extra.as_mut().expect("extra");
+            extra.metadata.retain(|entry| entry.key != CALLER_KEY);
+        }
+        let mut flat = flat;
+        flat.extra.as_mut().expect("extra").metadata.retain(|entry| entry.key != CALLER_KEY);
         assert_eq!(flat, nested);
         assert_eq!(flat.model.as_deref(), Some("gpt-4"));
         assert_eq!(flat.quantity(QuantityKind::InputTokens), Some(150.0));
         assert_eq!(flat.latency_ms, Some(2500.0));
         assert_eq!(flat.event_type, "completion");
         assert_eq!(flat.timestamp_us, 1_705_314_600_000_000);
+    }
+
+    fn caller_view(event: &Event) -> Value {
+        let extra = event.extra.as_ref().expect("extra");
+        let entry = extra.metadata.iter().find(|entry| entry.key == CALLER_KEY).expect("the caller's view");
+        serde_json::from_str(&entry.value).expect("json")
+    }
+
+    #[test]
+    fn nulls_are_absent_and_text_metrics_are_dimensions() {
+        let event = convert(json!({"user_id": "u", "service_type": "document_processor",
+            "service_provider": "docai", "tenant_id": null, "tags": null, "session_id": null,
+            "metadata": {"document_type": "invoice", "processing_type": "ocr", "file_format": null, "accuracy": 0.98},
+            "metrics": {"pages_processed": 5, "characters_extracted": null, "processing_time_ms": 250,
+                "model_version": "v2.1", "flags": [1, 2], "latency_ms": null},
+            "file_size_bytes": null}))
+        .expect("nulls are absent");
+        assert_eq!(event.quantity(QuantityKind::Pages), Some(5.0));
+        assert_eq!(event.quantity(QuantityKind::Characters), None);
+        assert_eq!(event.latency_ms, Some(250.0));
+        let extra = event.extra.as_ref().expect("extra");
+        let value = |key: &str| extra.metadata.iter().find(|e| e.key == key).map(|e| e.value.as_str());
+        assert_eq!(value("model_version"), Some("v2.1"));
+        assert_eq!(value("flags"), Some("[1,2]"));
+        assert_eq!(value("accuracy"), Some("0.98"));
+        assert_eq!(value("file_format"), None);
+        assert_eq!(
+            caller_view(&event),
+            json!({"m": {"pages_processed": 5, "processing_time_ms": 250, "model_version": null, "flags": null},
+                "j": ["accuracy", "flags"]})
+        );
+        let reserved = convert(json!({"user_id": "u", "service_type": "custom", "service_provider": "p",
+            "event_type": "e", "metadata": {"$caller": "x"}}));
+        assert_eq!(reserved.expect_err("reserved").field, "metadata.$caller");
+        let typed = convert(json!({"user_id": "u", "service_type": "custom", "service_provider": "p",
+            "event_type": "e", "metrics": {"input_tokens": "12"}}));
+        assert_eq!(typed.expect_err("a quantity must be a number").field, "metrics.input_tokens");
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_or_without_an_offset() {
+        for good in [
+            "2024-01-15T10:30:00Z",
+            "2024-01-15T10:30:00.5+02:00",
+            "2024-01-15T10:30:00",
+            "2024-01-15 10:30:00.123456",
+        ] {
+            assert!(parse_timestamp(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "2024-01-15T10:30:00ZZZZ",
+            "2024-01-15T10:30:00ZZ",
+            "2024-01-15T10:30:00+02",
+            "2024-01-15",
+            "2024-01-15T10:30:00Zjunk",
+            "soon",
+        ] {
+            assert!(parse_timestamp(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
