@@ -423,12 +423,10 @@ mod tests {
         // Only what the caller sent differs: the nested one named the model in `metadata`.
         assert_eq!(caller_view(&nested), json!({"j": ["temperature"], "mm": true}));
         assert_eq!(caller_view(&flat), json!({"j": ["temperature"]}));
-        for event in [&mut nested] {
-            let extra = event.extra.as_mut().expect("extra");
-            extra.metadata.retain(|entry| entry.key != CALLER_KEY);
-        }
         let mut flat = flat;
-        flat.extra.as_mut().expect("extra").metadata.retain(|entry| entry.key != CALLER_KEY);
+        for event in [&mut flat, &mut nested] {
+            event.extra.as_mut().expect("extra").metadata.retain(|entry| entry.key != CALLER_KEY);
+        }
         assert_eq!(flat, nested);
         assert_eq!(flat.model.as_deref(), Some("gpt-4"));
         assert_eq!(flat.quantity(QuantityKind::InputTokens), Some(150.0));

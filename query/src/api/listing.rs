@@ -100,9 +100,12 @@ pub async fn list_usage(
     Ok(response)
 }
 
+/// A metadata key and the value it must have.
+type MetadataFilter = (String, String);
+
 /// The listing's parameters, and its one optional metadata filter `metadata.<key>=<value>`
 /// (e.g. `metadata.model_version=v2.1`, a non-numeric metric), which `UsageParams` cannot name.
-fn usage_params(uri: &Uri) -> Result<(Params<UsageParams>, Option<(String, String)>), ApiError> {
+fn usage_params(uri: &Uri) -> Result<(Params<UsageParams>, Option<MetadataFilter>), ApiError> {
     let query = uri.query().unwrap_or_default();
     let (metadata, rest): (Vec<&str>, Vec<&str>) =
         query.split('&').filter(|pair| !pair.is_empty()).partition(|pair| pair.starts_with("metadata."));
@@ -276,8 +279,7 @@ pub fn event_json(record: EventRecord, include_billing: bool) -> UsageEvent {
         },
         error_code: record.error_code,
         metrics,
-        billing_info: include_billing
-            .then(|| BillingInfo { total_cost: total_cost.clone(), priced: total_cost.is_some() }),
+        billing_info: include_billing.then(|| BillingInfo { total_cost, priced: total_cost.is_some() }),
         total_cost,
         tags: record.tags,
         metadata,

@@ -208,7 +208,7 @@ async fn sdk_calls_are_stored_and_listed_back_as_sent(backend: Backend) -> Resul
     // `track_llm` alone (no batching): 200, the older body.
     let one = stack.post("/api/v1/events", &track_llm(&tenant, &ids[0], &at)).await?;
     ensure!(one.status == StatusCode::OK, "track_llm: {} {}", one.status, one.text);
-    ensure!(one.json["success"] == true && one.json["event_id"] == ids[0.min(0)], "{}", one.text);
+    ensure!(one.json["success"] == true && one.json["event_id"] == ids[0], "{}", one.text);
     ensure!(one.json["message"].is_string(), "{}", one.text);
 
     // The others through `flush_events`: one batch, 200.
