@@ -31,7 +31,61 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .merge(crate::admin::routes())
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// Error answers that axum and tower-http make themselves (a rejected query string or body, the
+/// body limit's 413, an unknown path or method, a caught panic) carry plain text or nothing;
+/// this turns them into the `{"error", "detail"}` body of every other error. Answers that are
+/// JSON already pass unchanged.
+pub async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let (error, detail) = plain_error(status, text);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let body = json!({"error": error, "detail": detail}).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// The error code and detail of a plain answer; server errors never show their text.
+fn plain_error(status: StatusCode, text: String) -> (&'static str, String) {
+    let error = match status.as_u16() {
+        400 | 422 => "invalid_request",
+        401 => "authentication_required",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "timeout",
+        413 => "too_large",
+        415 => "unsupported_media_type",
+        429 => "rate_limited",
+        503 => "unavailable",
+        _ if status.is_server_error() => "internal",
+        _ => "invalid_request",
+    };
+    let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
+    let detail = match status.as_u16() {
+        _ if status.is_server_error() => reason,
+        413 => format!("the request body is too large: {}", if text.is_empty() { reason } else { text }),
+        _ if text.is_empty() => reason,
+        _ => text,
+    };
+    (error, detail)
 }
 
 /// An error answer: the status from the code, and a JSON body in the older system's shape.
@@ -122,12 +176,15 @@ pub fn api_key(headers: &HeaderMap) -> Option<&str> {
         return Some(key);
     }
     let authorization = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    Some(
-        authorization
-            .strip_prefix("Bearer ")
-            .or_else(|| authorization.strip_prefix("bearer "))
-            .unwrap_or(authorization),
-    )
+    Some(strip_bearer(authorization))
+}
+
+/// `<key>` of `Bearer <key>`, the scheme in any case (RFC 9110 §11.1); other values unchanged.
+pub fn strip_bearer(authorization: &str) -> &str {
+    match authorization.split_once(' ') {
+        Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => key.trim_start(),
+        _ => authorization,
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,7 +215,13 @@ fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
 /// A body's `tenant_id`, where given, must be the key's tenant (by id or name).
 fn check_tenant(caller: &Caller, events: &[Value]) -> Result<(), ApiError> {
     for (index, event) in events.iter().enumerate() {
-        if let Some(tenant) = tenant_of(event)
+        let tenant = tenant_of(event).map_err(|error| {
+            ApiError::new(
+                ErrorCode::InvalidEvent,
+                format!("events[{index}].{}: {}", error.field, error.reason),
+            )
+        })?;
+        if let Some(tenant) = tenant
             && tenant != caller.tenant_name
             && tenant != caller.tenant_id.to_string()
         {
@@ -232,8 +295,12 @@ async fn ingest_batch(
         return Err(ApiError::new(ErrorCode::InvalidEvent, "events: the batch is empty"));
     }
     if body.events.len() > max {
-        let detail = format!("events: {} events exceed the batch limit of {max}", body.events.len());
-        return Err(ApiError::new(ErrorCode::TooLarge, detail));
+        // 400 as in the older system (its MAX_BATCH_SIZE); 413 is for bodies over the byte limit.
+        let detail = format!(
+            "events: {} events exceed the batch limit of {max} (MAX_BATCH_SIZE); split the batch",
+            body.events.len()
+        );
+        return Err(ApiError::new(ErrorCode::InvalidEvent, detail));
     }
     let originals: Vec<Value> = body.events.clone();
     let (ids, statuses) = ingest(&state, &headers, &params, body.events).await?;
@@ -263,11 +330,12 @@ fn batch_response(
         results.push(json!({"index": index, "event_id": id, "status": status_name(&status)}));
     }
     let processed = stored + duplicate + accepted;
+    // A partly rejected batch is 200 (the older SDK retries the whole batch on anything else);
+    // `failed_events` says which events to fix. Only a batch rejected whole is 400.
     let status = match (processed, failed.len()) {
         (_, 0) if accepted > 0 => StatusCode::ACCEPTED,
-        (_, 0) => StatusCode::OK,
         (0, _) => StatusCode::BAD_REQUEST,
-        _ => StatusCode::MULTI_STATUS,
+        _ => StatusCode::OK,
     };
     let message =
         format!("{stored} stored, {duplicate} duplicate, {accepted} accepted, {} rejected", failed.len());
@@ -294,8 +362,29 @@ fn status_name(status: &EventStatus) -> &'static str {
     }
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok", "service": "tally-edge", "version": env!("CARGO_PKG_VERSION")}))
+/// Liveness, in the older system's shape: `status` `healthy` (or `unhealthy` when a dependency
+/// is down), `timestamp`, and each dependency's state under `services`. Always 200: whether to
+/// send traffic here is `/ready`'s answer.
+async fn health(State(state): State<Arc<EdgeState>>) -> Json<Value> {
+    let database = match tokio::time::timeout(Duration::from_secs(1), state.store.ping()).await {
+        Ok(Ok(())) => "healthy",
+        _ => "unhealthy",
+    };
+    let queue = if state.ingestor.queue().is_saturated() { "saturated" } else { "healthy" };
+    let redis = if state.config.overflow.is_some() { "configured" } else { "not_configured" };
+    let status = if database == "healthy" { "healthy" } else { "unhealthy" };
+    Json(json!({
+        "status": status,
+        "timestamp": now_rfc3339(),
+        "service": "tally-edge",
+        "version": env!("CARGO_PKG_VERSION"),
+        "services": {"database": database, "queue": queue, "redis": redis},
+    }))
+}
+
+/// Now, as RFC 3339 in UTC.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 /// Ready when storage answers within a second and the queues are not saturated.

@@ -1,5 +1,9 @@
 //! The service registry: which service types a tenant may send and what each requires. Built-in
 //! types exist for every tenant; a tenant registers its own through `/api/v1/services`.
+//!
+//! A type that is neither built in nor registered is taken as a custom event (the older system's
+//! custom path: common fields, quantities under `metrics`), unless the tenant's setting
+//! `require_registered_services` is on; then it is refused and the error lists the known types.
 
 use std::collections::HashMap;
 
@@ -110,6 +114,7 @@ pub struct CustomService {
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     custom: HashMap<String, CustomService>,
+    require_registered: bool,
 }
 
 impl Registry {
@@ -131,7 +136,14 @@ impl Registry {
                 )
             })
             .collect();
-        Registry { custom }
+        Registry { custom, require_registered: false }
+    }
+
+    /// With the tenant's `require_registered_services` setting: when on, unregistered types are
+    /// refused instead of taken as custom events.
+    pub fn requiring_registration(mut self, require_registered: bool) -> Registry {
+        self.require_registered = require_registered;
+        self
     }
 
     pub fn built_in_type(name: &str) -> Option<&'static BuiltIn> {
@@ -143,13 +155,17 @@ impl Registry {
         Self::built_in_type(service_type).and_then(|service| service.default_event_type)
     }
 
-    /// Checks an event against its service type: the type must be registered, the provider
-    /// allowed, and every required field present with the right kind.
+    /// Checks an event against its service type: the provider allowed and every required field
+    /// present with the right kind. An unregistered type is a custom event, or refused when
+    /// the tenant requires registration.
     pub fn check(&self, event: &Event) -> Result<(), EventError> {
         if let Some(service) = Self::built_in_type(&event.service_type) {
             return check_built_in(service, event);
         }
         let Some(service) = self.custom.get(&event.service_type) else {
+            if !self.require_registered {
+                return Ok(());
+            }
             let mut known: Vec<&str> = BUILT_IN.iter().map(|service| service.name).collect();
             known.extend(self.custom.keys().map(String::as_str));
             known.sort_unstable();

@@ -224,7 +224,8 @@ impl Tenants {
             .await?
             .ok_or_else(|| StoreError::Invalid(format!("no tenant with id {tenant_id}")))?;
         let services = self.store.list_services(tenant_id).await?;
-        let registry = Registry::with_custom(&services);
+        let registry =
+            Registry::with_custom(&services).requiring_registration(settings.require_registered_services);
         let stored = self.store.list_price_rules(tenant_id).await?;
         let (prices, price_problems) = price_book(&self.catalog, &stored);
         if !price_problems.is_empty() {

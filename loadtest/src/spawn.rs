@@ -206,7 +206,7 @@ pub fn edge_binary(given: Option<&Path>) -> Result<PathBuf> {
         }
     };
     if !path.is_file() {
-        bail!("no tally-edge at {}: build it (cargo build -p edge) or pass --edge-bin", path.display());
+        bail!("no tally-edge at {}: build it (cargo build -p tally) or pass --edge-bin", path.display());
     }
     Ok(path)
 }

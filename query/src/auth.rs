@@ -93,12 +93,11 @@ pub fn api_key(headers: &HeaderMap) -> Option<&str> {
         return Some(key);
     }
     let authorization = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    Some(
-        authorization
-            .strip_prefix("Bearer ")
-            .or_else(|| authorization.strip_prefix("bearer "))
-            .unwrap_or(authorization),
-    )
+    // The scheme is case-insensitive (RFC 9110 §11.1): `BEARER <key>` too.
+    Some(match authorization.split_once(' ') {
+        Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => key.trim_start(),
+        _ => authorization,
+    })
 }
 
 fn now_us() -> i64 {

@@ -61,6 +61,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// one database connection; dropping the receiver stops it.
     fn list_events(&self, query: ListQuery) -> mpsc::Receiver<Result<EventRecord, BackendError>>;
 
+    /// How many raw events match a listing's filters (its position, limit and offset ignored):
+    /// the listing's total for filters the rollups cannot answer (metadata).
+    fn count_events<'a>(&'a self, query: &'a ListQuery) -> BoxFuture<'a, Result<i64, BackendError>>;
+
     /// Sums over the rollups (and raw events for partial hours; see [`crate::pg`]).
     fn aggregate<'a>(
         &'a self,
@@ -175,6 +179,10 @@ pub struct ListQuery {
     pub offset: u64,
     /// Rows to return at most.
     pub limit: u32,
+    /// Only events whose metadata has this key with this (text) value: a dimension such as a
+    /// non-numeric metric (`model_version`). The rollups do not hold it: see
+    /// [`Backend::count_events`].
+    pub metadata: Option<(String, String)>,
 }
 
 /// One stored event.

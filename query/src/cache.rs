@@ -78,6 +78,18 @@ impl ResponseCache {
         client.get_connection_manager_with_config(config).await
     }
 
+    /// The shared Redis cache's state for `/health`: `not_configured`, `healthy` (it answered a
+    /// PING within a second) or `unhealthy`.
+    pub async fn redis_state(&self) -> &'static str {
+        let Some(mut redis) = self.redis.clone() else { return "not_configured" };
+        let command = redis::cmd("PING");
+        let ping = command.query_async::<String>(&mut redis);
+        match tokio::time::timeout(Duration::from_secs(1), ping).await {
+            Ok(Ok(_)) => "healthy",
+            _ => "unhealthy",
+        }
+    }
+
     pub fn ttl(&self) -> Duration {
         self.ttl
     }

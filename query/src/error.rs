@@ -108,3 +108,42 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// Error answers that axum and tower-http make themselves (an unknown path or method, a caught
+/// panic) carry plain text or nothing; this turns them into the `{"error", "detail"}` body of
+/// every other error. JSON answers pass unchanged; server errors never show their text.
+pub async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use axum::http::{HeaderValue, header};
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let error = match status.as_u16() {
+        401 => "authentication_required",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        413 => "too_large",
+        429 => "rate_limited",
+        503 => "unavailable",
+        _ if status.is_server_error() => "internal",
+        _ => "invalid_parameter",
+    };
+    let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
+    let detail = if status.is_server_error() || text.is_empty() { reason } else { text };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let body = json!({"error": error, "detail": detail}).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}

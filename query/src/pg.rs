@@ -254,23 +254,8 @@ impl Backend for PgBackend {
                 Some((at, _)) => query.scope.end.min(at + time::Duration::microseconds(1)),
                 None => query.scope.end,
             };
-            let filter = &query.filter;
-            let status = query.status.map(|status| status as i16);
-            let mut rows = sqlx::query(AssertSqlSafe(listing_sql()))
-                .bind(query.scope.tenant_id)
-                .bind(query.scope.start)
-                .bind(end)
-                .bind(query.after.map(|(at, _)| at))
-                .bind(query.after.map(|(_, id)| id))
-                .bind(&filter.service_type)
-                .bind(&filter.service_provider)
-                .bind(&filter.user_id)
-                .bind(&filter.model)
-                .bind(&filter.event_type)
-                .bind(status)
-                .bind(i64::from(query.limit))
-                .bind(query.offset as i64)
-                .fetch(&pool);
+            let sql = listing_sql();
+            let mut rows = bind_listing(sqlx::query(AssertSqlSafe(sql)), &query, end).fetch(&pool);
             while let Some(row) = rows.next().await {
                 let record = row.and_then(|row| event_record(&row)).map_err(classify);
                 let failed = record.is_err();
@@ -280,6 +265,18 @@ impl Backend for PgBackend {
             }
         });
         receiver
+    }
+
+    fn count_events<'a>(&'a self, query: &'a ListQuery) -> BoxFuture<'a, Result<i64, BackendError>> {
+        Box::pin(async move {
+            let whole = ListQuery { after: None, offset: 0, limit: u32::MAX, ..query.clone() };
+            let sql = format!("SELECT count(*) FROM ({}) AS listed", listing_sql());
+            let row = bind_listing(sqlx::query(AssertSqlSafe(sql)), &whole, whole.scope.end)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)?;
+            row.try_get::<i64, _>(0).map_err(classify)
+        })
     }
 
     fn aggregate<'a>(
@@ -762,7 +759,7 @@ fn aggregate_row(
 }
 
 /// The listing: `$1` tenant, `$2`/`$3` range, `$4`/`$5` keyset position, `$6`..`$10` filters,
-/// `$11` status, `$12` limit, `$13` offset. Served by the `(tenant_id, occurred_at, event_id)`
+/// `$11` status, `$12` limit, `$13` offset, `$14`/`$15` a metadata key and value. Served by the `(tenant_id, occurred_at, event_id)`
 /// index, read backwards; with a cursor the scan starts at the position.
 fn listing_sql() -> String {
     format!(
@@ -775,9 +772,35 @@ fn listing_sql() -> String {
            AND ($6::text IS NULL OR service_type = $6::text) AND ($7::text IS NULL OR service_provider = $7::text) \
            AND ($8::text IS NULL OR user_id = $8::text) AND ($9::text IS NULL OR coalesce(model, '') = $9::text) \
            AND ($10::text IS NULL OR event_type = $10::text) AND ($11::smallint IS NULL OR status = $11::smallint) \
+           AND ($14::text IS NULL OR metadata ->> $14::text = $15::text) \
          ORDER BY occurred_at DESC, event_id DESC LIMIT $12 OFFSET $13",
         quantities = QUANTITY_NAMES.join(", "),
     )
+}
+
+/// Binds [`listing_sql`]'s parameters, the range ending at `end`.
+fn bind_listing<'q>(
+    statement: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    query: &'q ListQuery,
+    end: OffsetDateTime,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let filter = &query.filter;
+    statement
+        .bind(query.scope.tenant_id)
+        .bind(query.scope.start)
+        .bind(end)
+        .bind(query.after.map(|(at, _)| at))
+        .bind(query.after.map(|(_, id)| id))
+        .bind(&filter.service_type)
+        .bind(&filter.service_provider)
+        .bind(&filter.user_id)
+        .bind(&filter.model)
+        .bind(&filter.event_type)
+        .bind(query.status.map(|status| status as i16))
+        .bind(i64::from(query.limit))
+        .bind(i64::try_from(query.offset).unwrap_or(i64::MAX))
+        .bind(query.metadata.as_ref().map(|(key, _)| key.as_str()))
+        .bind(query.metadata.as_ref().map(|(_, value)| value.as_str()))
 }
 
 fn event_record(row: &PgRow) -> Result<EventRecord, sqlx::Error> {

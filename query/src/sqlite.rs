@@ -347,24 +347,9 @@ impl Backend for SqliteBackend {
                 Some((at, _)) => query.scope.end.min(at + time::Duration::microseconds(1)),
                 None => query.scope.end,
             };
-            let filter = &query.filter;
-            let status = query.status.map(|status| status as i64);
             let sql = listing_sql();
-            let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
-                .bind(query.scope.tenant_id)
-                .bind(to_us(query.scope.start))
-                .bind(to_us(end))
-                .bind(query.after.map(|(at, _)| to_us(at)))
-                .bind(query.after.map(|(_, id)| id))
-                .bind(&filter.service_type)
-                .bind(&filter.service_provider)
-                .bind(&filter.user_id)
-                .bind(&filter.model)
-                .bind(&filter.event_type)
-                .bind(status)
-                .bind(i64::from(query.limit))
-                .bind(i64::try_from(query.offset).unwrap_or(i64::MAX))
-                .fetch(&pool);
+            let mut rows =
+                bind_listing(sqlx::query(sqlx::AssertSqlSafe(sql.as_str())), &query, end).fetch(&pool);
             while let Some(row) = rows.next().await {
                 let record = row.map_err(classify).and_then(|row| event_record(&row));
                 let failed = record.is_err();
@@ -374,6 +359,18 @@ impl Backend for SqliteBackend {
             }
         });
         receiver
+    }
+
+    fn count_events<'a>(&'a self, query: &'a ListQuery) -> BoxFuture<'a, Result<i64, BackendError>> {
+        Box::pin(async move {
+            let whole = ListQuery { after: None, offset: 0, limit: u32::MAX, ..query.clone() };
+            let sql = format!("SELECT count(*) FROM ({}) AS listed", listing_sql());
+            let row = bind_listing(sqlx::query(sqlx::AssertSqlSafe(sql.as_str())), &whole, whole.scope.end)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)?;
+            row.try_get::<i64, _>(0).map_err(classify)
+        })
     }
 
     fn aggregate<'a>(
@@ -768,9 +765,36 @@ fn listing_sql() -> String {
            AND (?6 IS NULL OR service_type = ?6) AND (?7 IS NULL OR service_provider = ?7) \
            AND (?8 IS NULL OR user_id = ?8) AND (?9 IS NULL OR coalesce(model, '') = ?9) \
            AND (?10 IS NULL OR event_type = ?10) AND (?11 IS NULL OR status = ?11) \
+           AND (?14 IS NULL OR json_extract(metadata, '$.\"' || ?14 || '\"') = ?15) \
          ORDER BY occurred_at DESC, event_id DESC LIMIT ?12 OFFSET ?13",
         quantities = QUANTITY_NAMES.join(", "),
     )
+}
+
+/// Binds [`listing_sql`]'s parameters, the range ending at `end`. A metadata key is a name of
+/// `A-Z a-z 0-9 _ . -` (checked by the handler), so it is safe inside a JSON path.
+fn bind_listing<'q>(
+    statement: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    query: &'q ListQuery,
+    end: OffsetDateTime,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    let filter = &query.filter;
+    statement
+        .bind(query.scope.tenant_id)
+        .bind(to_us(query.scope.start))
+        .bind(to_us(end))
+        .bind(query.after.map(|(at, _)| to_us(at)))
+        .bind(query.after.map(|(_, id)| id))
+        .bind(&filter.service_type)
+        .bind(&filter.service_provider)
+        .bind(&filter.user_id)
+        .bind(&filter.model)
+        .bind(&filter.event_type)
+        .bind(query.status.map(|status| status as i64))
+        .bind(i64::from(query.limit))
+        .bind(i64::try_from(query.offset).unwrap_or(i64::MAX))
+        .bind(query.metadata.as_ref().map(|(key, _)| key.as_str()))
+        .bind(query.metadata.as_ref().map(|(_, value)| value.as_str()))
 }
 
 fn event_record(row: &SqliteRow) -> Result<EventRecord, BackendError> {
@@ -1080,6 +1104,7 @@ mod tests {
                 after,
                 offset: 0,
                 limit: 7,
+                metadata: None,
             };
             let mut receiver = backend.list_events(query);
             let mut page = Vec::new();
@@ -1114,6 +1139,7 @@ mod tests {
             after: None,
             offset: 1,
             limit: 100,
+            metadata: None,
         };
         let mut receiver = backend.list_events(query);
         let mut ids = Vec::new();

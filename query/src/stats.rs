@@ -62,8 +62,9 @@ pub enum Trend {
 
 /// The trend of `values` (missing values skipped) and the percentage change between the means
 /// of the first and second half; an odd middle point belongs to neither half. Changes within
-/// ±5% are stable. The change is `None` when the first half's mean is zero.
-pub fn trend(values: &[Option<f64>]) -> (Trend, Option<f64>) {
+/// ±5% are stable. From a zero mean the change is 100% (up) or -100% (down), as the older
+/// system reported it; from nothing to nothing it is 0.
+pub fn trend(values: &[Option<f64>]) -> (Trend, f64) {
     let half = values.len() / 2;
     let mean = |part: &[Option<f64>]| {
         let present: Vec<f64> = part.iter().flatten().copied().collect();
@@ -80,11 +81,11 @@ pub fn trend(values: &[Option<f64>]) -> (Trend, Option<f64>) {
             } else {
                 Trend::Stable
             };
-            (direction, Some(round3(change)))
+            (direction, round3(change))
         }
-        (Some(_), Some(second)) if second > 0.0 => (Trend::Up, None),
-        (Some(_), Some(second)) if second < 0.0 => (Trend::Down, None),
-        _ => (Trend::Stable, Some(0.0)),
+        (Some(_), Some(second)) if second > 0.0 => (Trend::Up, 100.0),
+        (Some(_), Some(second)) if second < 0.0 => (Trend::Down, -100.0),
+        _ => (Trend::Stable, 0.0),
     }
 }
 
@@ -115,10 +116,16 @@ impl Serialize for Quantity {
     }
 }
 
-/// Money: an exact decimal written as a JSON string (`"12.5"`), so no client parses it as a
-/// float.
+/// Money as text (`"12.5"`): for CSV cells.
 pub fn money(value: Decimal) -> String {
     value.normalize().to_string()
+}
+
+/// Money in JSON: a number carrying the exact decimal digits (`12.5`, `0.000375`), written from
+/// the decimal's text, never through a float (the older system's callers read money as
+/// numbers). A client that parses it into a float rounds it; one that reads the digits does not.
+pub fn money_number(value: Decimal) -> Quantity {
+    Quantity(value)
 }
 
 #[cfg(test)]
@@ -161,12 +168,12 @@ mod tests {
 
     #[test]
     fn trends_compare_half_means() {
-        assert_eq!(trend(&[Some(10.0), Some(10.0), Some(12.0), Some(12.0)]), (Trend::Up, Some(20.0)));
-        assert_eq!(trend(&[Some(10.0), Some(99.0), Some(10.4)]), (Trend::Stable, Some(4.0)));
-        assert_eq!(trend(&[Some(10.0), Some(5.0)]), (Trend::Down, Some(-50.0)));
-        assert_eq!(trend(&[Some(0.0), Some(5.0)]), (Trend::Up, None));
-        assert_eq!(trend(&[]), (Trend::Stable, Some(0.0)));
-        assert_eq!(trend(&[None, Some(1.0)]), (Trend::Stable, Some(0.0)));
+        assert_eq!(trend(&[Some(10.0), Some(10.0), Some(12.0), Some(12.0)]), (Trend::Up, 20.0));
+        assert_eq!(trend(&[Some(10.0), Some(99.0), Some(10.4)]), (Trend::Stable, 4.0));
+        assert_eq!(trend(&[Some(10.0), Some(5.0)]), (Trend::Down, -50.0));
+        assert_eq!(trend(&[Some(0.0), Some(5.0)]), (Trend::Up, 100.0));
+        assert_eq!(trend(&[]), (Trend::Stable, 0.0));
+        assert_eq!(trend(&[None, Some(1.0)]), (Trend::Stable, 0.0));
     }
 
     #[test]

@@ -137,6 +137,10 @@ pub struct TenantSettings {
     pub quota_policy: String,
     pub late_window_seconds: u32,
     pub future_window_seconds: u32,
+    /// Refuse events of service types that are neither built in nor registered (default: take
+    /// them as custom events, as the older system did).
+    #[serde(default)]
+    pub require_registered_services: bool,
 }
 
 impl Default for TenantSettings {
@@ -150,6 +154,7 @@ impl Default for TenantSettings {
             quota_policy: "reject".into(),
             late_window_seconds: 35 * 86_400,
             future_window_seconds: 300,
+            require_registered_services: false,
         }
     }
 }

@@ -124,6 +124,8 @@ pub async fn trends(
             range: range(&query.scope),
             service_type: query.filter.service_type.clone(),
             data_points,
+            trend_direction: trend,
+            period_type: period.sql_unit().to_owned(),
             trend,
             percentage_change,
         })
@@ -190,7 +192,7 @@ pub async fn top_users(
                     value: Quantity(value),
                     share: stats::round6(share),
                     event_count: row.stats.event_count,
-                    total_cost: stats::money(row.stats.cost),
+                    total_cost: stats::money_number(row.stats.cost),
                     unpriced_event_count: row.stats.unpriced_count,
                 }
             })

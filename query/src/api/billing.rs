@@ -369,11 +369,11 @@ impl MonthUsage {
                 unit: rule.unit.name().to_owned(),
                 method: method_name(&rule.method).to_owned(),
                 units: Quantity(line.units),
-                usage_cost: stats::money(usage.per_event_cost),
-                tiered_charge: stats::money(tiered_charge),
-                minimum_charge: rule.minimum_charge.map(stats::money),
-                minimum_top_up: stats::money(line.minimum_top_up),
-                total_cost: stats::money(add(line.charge, line.minimum_top_up, "total_cost")?),
+                usage_cost: stats::money_number(usage.per_event_cost),
+                tiered_charge: stats::money_number(tiered_charge),
+                minimum_charge: rule.minimum_charge.map(stats::money_number),
+                minimum_top_up: stats::money_number(line.minimum_top_up),
+                total_cost: stats::money_number(add(line.charge, line.minimum_top_up, "total_cost")?),
             });
         }
         // Costliest first, ordered on the decimals before they become text.
@@ -394,9 +394,9 @@ impl MonthUsage {
                 model: key.2.clone(),
                 event_count: group.event_count,
                 unpriced_event_count: group.unpriced_count,
-                usage_cost: stats::money(group.cost),
-                period_charges: stats::money(period_charges),
-                total_cost: stats::money(total),
+                usage_cost: stats::money_number(group.cost),
+                period_charges: stats::money_number(period_charges),
+                total_cost: stats::money_number(total),
             })
             .collect();
         let projection = match elapsed {
@@ -416,14 +416,18 @@ impl MonthUsage {
                 .groups
                 .values()
                 .try_fold(0, |total, group| add_count(total, group.unpriced_count, "unpriced_event_count"))?,
-            usage_cost: stats::money(usage_cost),
-            tiered_charges: stats::money(tiered),
-            minimum_top_ups: stats::money(top_ups),
-            total_cost: stats::money(add(add(usage_cost, tiered, "total_cost")?, top_ups, "total_cost")?),
+            usage_cost: stats::money_number(usage_cost),
+            tiered_charges: stats::money_number(tiered),
+            minimum_top_ups: stats::money_number(top_ups),
+            total_cost: stats::money_number(add(
+                add(usage_cost, tiered, "total_cost")?,
+                top_ups,
+                "total_cost",
+            )?),
             by_service,
-            shared_period_charges: stats::money(shared),
+            shared_period_charges: stats::money_number(shared),
             rules,
-            unattributed_cost: stats::money(self.unattributed),
+            unattributed_cost: stats::money_number(self.unattributed),
             projection,
         })
     }
@@ -454,10 +458,10 @@ impl MonthUsage {
             event_count: projected_events
                 .try_into()
                 .map_err(|_| ApiError::overflow("projection.event_count"))?,
-            usage_cost: stats::money(usage_cost),
-            tiered_charges: stats::money(tiered),
-            minimum_top_ups: stats::money(top_ups),
-            total_cost: stats::money(total),
+            usage_cost: stats::money_number(usage_cost),
+            tiered_charges: stats::money_number(tiered),
+            minimum_top_ups: stats::money_number(top_ups),
+            total_cost: stats::money_number(total),
         })
     }
 }
@@ -516,7 +520,7 @@ mod tests {
         // One fits: billed exactly; projected from a part of the month, it no longer fits.
         let usage = MonthUsage::collect(&book, &two[..1], &HashMap::new()).expect("fits");
         let body = usage.body(&book, &caller, "2026-11".into(), bounds, None).expect("billed");
-        assert_eq!(body.total_cost, stats::money(half));
+        assert_eq!(body.total_cost, stats::money_number(half));
         let error =
             usage.body(&book, &caller, "2026-11".into(), bounds, Some(Decimal::new(1, 1))).expect_err("no");
         assert!(matches!(&error, ApiError::Overflow(detail) if detail.starts_with("projection.")), "{error}");

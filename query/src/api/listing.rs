@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use rust_decimal::Decimal;
@@ -14,7 +14,7 @@ use time::{OffsetDateTime, PrimitiveDateTime};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::schema::{BillingInfo, ErrorBody, UsageEvent, UsageList};
+use super::schema::{BillingInfo, ErrorBody, MetricValue, UsageEvent, UsageList};
 use super::{Params, caller, scope};
 use crate::QueryState;
 use crate::auth::Caller;
@@ -47,8 +47,9 @@ const CHUNK_BYTES: usize = 32 * 1024;
 pub async fn list_usage(
     State(state): State<Arc<QueryState>>,
     headers: HeaderMap,
-    Params(params): Params<UsageParams>,
+    uri: Uri,
 ) -> Result<Response, ApiError> {
+    let (Params(params), metadata) = usage_params(&uri)?;
     let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
     let csv = wants_csv(&params, &headers)?;
     let limit = parse_u32("limit", params.limit.as_deref(), 1000, 1, 10_000)?;
@@ -67,9 +68,7 @@ pub async fn list_usage(
         &params.event_type,
     )?;
     let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
-    // Counted here, never read from the client; later pages may reuse the first page's count
-    // for the cache's time to live.
-    let total_count = count(&state, &caller, &scope, &filter, status, cursor.is_some()).await?;
+    let later_page = cursor.is_some();
     let query = ListQuery {
         scope: scope.clone(),
         filter,
@@ -78,6 +77,14 @@ pub async fn list_usage(
         offset,
         // One more than a page tells whether another page follows.
         limit: if csv { limit } else { limit + 1 },
+        metadata,
+    };
+    // Counted here, never read from the client; later pages may reuse the first page's count
+    // for the cache's time to live. The rollups hold no metadata: such a filter is counted on
+    // the raw events.
+    let total_count = match &query.metadata {
+        Some(_) => state.backend.count_events(&query).await?,
+        None => count(&state, &caller, &scope, &query.filter, status, later_page).await?,
     };
     let receiver = state.backend.list_events(query);
     let page = Page { limit, offset, total_count, include_billing, scope };
@@ -91,6 +98,49 @@ pub async fn list_usage(
     response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response_headers.insert("x-total-count", HeaderValue::from(total_count));
     Ok(response)
+}
+
+/// A metadata key and the value it must have.
+type MetadataFilter = (String, String);
+
+/// The listing's parameters, and its one optional metadata filter `metadata.<key>=<value>`
+/// (e.g. `metadata.model_version=v2.1`, a non-numeric metric), which `UsageParams` cannot name.
+fn usage_params(uri: &Uri) -> Result<(Params<UsageParams>, Option<MetadataFilter>), ApiError> {
+    let query = uri.query().unwrap_or_default();
+    let (metadata, rest): (Vec<&str>, Vec<&str>) =
+        query.split('&').filter(|pair| !pair.is_empty()).partition(|pair| pair.starts_with("metadata."));
+    let parse = |pairs: &[&str]| -> Result<Uri, ApiError> {
+        format!("/?{}", pairs.join("&"))
+            .parse()
+            .map_err(|_| ApiError::parameter("query", "is not a valid query string"))
+    };
+    let params = match Query::<UsageParams>::try_from_uri(&parse(&rest)?) {
+        Ok(Query(params)) => Params(params),
+        Err(rejection) => {
+            let text = rejection.body_text();
+            let detail = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text);
+            return Err(ApiError::InvalidParameter(detail.to_owned()));
+        }
+    };
+    let filter = match metadata.as_slice() {
+        [] => None,
+        [_] => {
+            let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(&parse(&metadata)?)
+                .map_err(|_| ApiError::parameter("metadata", "expected metadata.<key>=<value>"))?;
+            let (name, value) = pairs.into_iter().next().unwrap_or_default();
+            let key = name.strip_prefix("metadata.").unwrap_or_default().to_owned();
+            let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+            if key.is_empty() || key.len() > 64 || !key.chars().all(valid) {
+                return Err(ApiError::parameter(&name, "the key must be 1 to 64 of A-Z a-z 0-9 _ . -"));
+            }
+            if value.contains('\0') {
+                return Err(ApiError::parameter(&name, "must not contain a NUL byte"));
+            }
+            Some((key, value))
+        }
+        _ => return Err(ApiError::parameter("metadata", "one metadata.<key>=<value> filter at most")),
+    };
+    Ok((params, filter))
 }
 
 fn wants_csv(params: &UsageParams, headers: &HeaderMap) -> Result<bool, ApiError> {
@@ -224,7 +274,19 @@ pub fn event_json(record: EventRecord, include_billing: bool) -> UsageEvent {
     if let Some(latency_us) = record.latency_us {
         metrics.insert("latency_ms".into(), Quantity(Decimal::new(latency_us, 3)));
     }
-    let total_cost = record.cost.map(stats::money);
+    let mut metrics: BTreeMap<String, MetricValue> =
+        metrics.into_iter().map(|(name, value)| (name, MetricValue::Exact(value))).collect();
+    let mut metadata = record.metadata.unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+    if let serde_json::Value::Object(entries) = &mut metadata {
+        let (sent, model_in_metadata) = caller_view(entries);
+        for (name, value) in sent {
+            metrics.insert(name, MetricValue::Sent(value));
+        }
+        if model_in_metadata && let Some(model) = &record.model {
+            entries.insert("model".into(), serde_json::Value::String(model.clone()));
+        }
+    }
+    let total_cost = record.cost.map(stats::money_number);
     UsageEvent {
         event_id: record.event_id,
         timestamp: record.occurred_at,
@@ -239,14 +301,55 @@ pub fn event_json(record: EventRecord, include_billing: bool) -> UsageEvent {
         },
         error_code: record.error_code,
         metrics,
-        billing_info: include_billing
-            .then(|| BillingInfo { total_cost: total_cost.clone(), priced: total_cost.is_some() }),
+        billing_info: include_billing.then(|| BillingInfo { total_cost, priced: total_cost.is_some() }),
         total_cost,
         tags: record.tags,
-        metadata: record.metadata.unwrap_or_else(|| serde_json::Value::Object(Default::default())),
+        metadata,
         session_id: record.session_id,
         request_id: record.request_id,
     }
+}
+
+/// The reserved metadata entry in which the edge keeps what the caller sent where Tally's own
+/// form differs (`edge::json::CALLER_KEY`, documented there): `"m"`, metric names as sent (with
+/// the value, or `null` for "the metadata entry of that name"), and `"j"`, metadata keys whose
+/// value is JSON text of a non-string value.
+const CALLER_KEY: &str = "$caller";
+
+/// Restores the caller's view from the stored metadata: removes the reserved entry, gives
+/// metadata values their JSON types back, and returns the metrics to list under the caller's
+/// names (moving metric dimensions out of the metadata), and whether the model was sent in the
+/// metadata.
+fn caller_view(
+    metadata: &mut serde_json::Map<String, serde_json::Value>,
+) -> (Vec<(String, serde_json::Value)>, bool) {
+    use serde_json::Value;
+    let Some(Value::String(view)) = metadata.remove(CALLER_KEY) else { return (Vec::new(), false) };
+    let Ok(Value::Object(mut view)) = serde_json::from_str::<Value>(&view) else {
+        return (Vec::new(), false);
+    };
+    let model_in_metadata = view.get("mm") == Some(&Value::Bool(true));
+    if let Some(Value::Array(keys)) = view.remove("j") {
+        for key in keys.iter().filter_map(Value::as_str) {
+            if let Some(entry) = metadata.get_mut(key)
+                && let Some(parsed) = entry.as_str().and_then(|text| serde_json::from_str(text).ok())
+            {
+                *entry = parsed;
+            }
+        }
+    }
+    let Some(Value::Object(sent)) = view.remove("m") else { return (Vec::new(), model_in_metadata) };
+    let sent = sent
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let stored = metadata.remove(&name);
+            match value {
+                Value::Null => stored.map(|stored| (name, stored)),
+                value => Some((name, value)),
+            }
+        })
+        .collect();
+    (sent, model_in_metadata)
 }
 
 type Chunk = Result<Bytes, std::io::Error>;

@@ -7,6 +7,7 @@
 
 pub mod analytics;
 pub mod billing;
+pub mod ingest_doc;
 pub mod listing;
 pub mod schema;
 pub mod usage;
@@ -57,14 +58,22 @@ pub fn router(state: Arc<QueryState>) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .with_state(state)
         .merge(docs)
+        .layer(axum::middleware::from_fn(crate::error::json_errors))
 }
 
-/// Only `GET /api/v1/usage`, for the edge to serve the older gateway's listing on its own port.
+/// What the older gateway served on the ingest port besides ingest, for the edge to mount there:
+/// `GET /api/v1/usage` (the older SDK's `get_usage` calls the ingest port), and `/docs` with
+/// `/openapi.json` documenting that port (ingest and the listing).
 pub fn usage_routes(state: Arc<QueryState>) -> Router {
+    let docs =
+        utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", ingest_doc::IngestDoc::openapi());
     Router::new()
         .route("/api/v1/usage", get(listing::list_usage))
         .layer(axum::middleware::from_fn(record_request))
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .with_state(state)
+        .merge(docs)
+        .layer(axum::middleware::from_fn(crate::error::json_errors))
 }
 
 /// The OpenAPI 3 document, generated from the handlers and types.
@@ -242,13 +251,24 @@ async fn record_request(request: Request<Body>, next: Next) -> Response {
     response
 }
 
-/// Liveness: the process answers.
+/// Liveness, in the older system's shape: `status` `healthy` (`unhealthy` when the database
+/// does not answer within a second), `timestamp`, and each dependency's state under `services`.
+/// Always 200: whether to send traffic here is `/ready`'s answer.
 #[utoipa::path(get, path = "/health", security(()), responses((status = 200, body = schema::HealthBody)))]
-pub async fn health() -> Json<schema::HealthBody> {
+pub async fn health(State(state): State<Arc<QueryState>>) -> Json<schema::HealthBody> {
+    let database = match tokio::time::timeout(Duration::from_secs(1), state.backend.ping()).await {
+        Ok(Ok(())) => "healthy",
+        _ => "unhealthy",
+    };
+    let cache = state.cache.redis_state().await;
     Json(schema::HealthBody {
-        status: "ok".into(),
+        status: if database == "healthy" { "healthy" } else { "unhealthy" }.into(),
+        timestamp: OffsetDateTime::now_utc(),
         service: "tally-query".into(),
         version: env!("CARGO_PKG_VERSION").into(),
+        services: [("database".to_owned(), database.to_owned()), ("redis".to_owned(), cache.to_owned())]
+            .into_iter()
+            .collect(),
     })
 }
 

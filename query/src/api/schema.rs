@@ -29,9 +29,9 @@ pub struct Totals {
     /// Distinct `user_id`s (exact).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unique_users: Option<i64>,
-    /// Sum over priced events, an exact decimal string.
-    #[schema(value_type = String, example = "12.5")]
-    pub total_cost: String,
+    /// Sum over priced events: a JSON number with the exact decimal digits.
+    #[schema(value_type = f64, example = 12.5)]
+    pub total_cost: Quantity,
     /// Events without a price (not included in `total_cost`).
     pub unpriced_event_count: i64,
     /// Every well-known quantity, and custom quantities where computed, as exact numbers.
@@ -78,7 +78,7 @@ impl Totals {
             error_count: stats.error_count,
             error_rate: stats::error_rate(stats.error_count, stats.event_count),
             unique_users: stats.unique_users,
-            total_cost: stats::money(stats.cost),
+            total_cost: stats::money_number(stats.cost),
             unpriced_event_count: stats.unpriced_count,
             aggregated_metrics: metrics,
             latency: Latency::from_stats(stats),
@@ -124,14 +124,17 @@ pub struct UsageEvent {
     /// `success` or `error`.
     pub status: &'static str,
     pub error_code: Option<String>,
-    /// Quantities (well-known and custom) as exact numbers, and `latency_ms`.
-    #[schema(value_type = BTreeMap<String, f64>)]
-    pub metrics: BTreeMap<String, Quantity>,
+    /// What the caller sent under `metrics` (or as flat numeric fields), under the caller's
+    /// names and JSON types (`pages_processed`, `"model_version": "v2.1"`), beside Tally's
+    /// canonical quantities (well-known and custom, as exact numbers) and `latency_ms`.
+    #[schema(value_type = BTreeMap<String, Object>)]
+    pub metrics: BTreeMap<String, MetricValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub billing_info: Option<BillingInfo>,
-    /// The event's price as an exact decimal string; `null` when no price rule matched.
-    #[schema(value_type = Option<String>)]
-    pub total_cost: Option<String>,
+    /// The event's price, a JSON number with the exact decimal digits; `null` when no price rule
+    /// matched.
+    #[schema(value_type = Option<f64>)]
+    pub total_cost: Option<Quantity>,
     pub tags: Vec<String>,
     #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
@@ -139,11 +142,21 @@ pub struct UsageEvent {
     pub request_id: Option<String>,
 }
 
+/// A value under an event's `metrics`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum MetricValue {
+    /// A stored quantity: an exact decimal.
+    Exact(Quantity),
+    /// A value as the caller sent it.
+    Sent(serde_json::Value),
+}
+
 /// How an event was priced.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BillingInfo {
-    #[schema(value_type = Option<String>)]
-    pub total_cost: Option<String>,
+    #[schema(value_type = Option<f64>)]
+    pub total_cost: Option<Quantity>,
     /// False when no price rule matched: the event is unpriced, not free.
     pub priced: bool,
 }
@@ -180,7 +193,7 @@ pub struct Range {
 }
 
 /// One row of `GET /api/v1/usage/aggregate`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AggregateRowBody {
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = String, format = DateTime)]
@@ -206,6 +219,11 @@ pub struct AggregateBody {
     pub group_by: Vec<String>,
     #[serde(flatten)]
     pub range: Range,
+    /// One row per period and group (the older system's name).
+    pub aggregates: Vec<AggregateRowBody>,
+    /// The same sums over the whole range and filters (unique users counted once).
+    pub total_aggregates: Totals,
+    /// The same rows as `aggregates` (Tally's earlier name, kept for its clients).
     pub aggregations: Vec<AggregateRowBody>,
 }
 
@@ -214,8 +232,8 @@ pub struct AggregateBody {
 pub struct UserUsage {
     pub user_id: String,
     pub event_count: i64,
-    #[schema(value_type = String)]
-    pub total_cost: String,
+    #[schema(value_type = f64)]
+    pub total_cost: Quantity,
     pub unpriced_event_count: i64,
 }
 
@@ -258,8 +276,8 @@ pub struct CostSlice {
     #[serde(with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none", default)]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub period_end: Option<OffsetDateTime>,
-    #[schema(value_type = String)]
-    pub total_cost: String,
+    #[schema(value_type = f64)]
+    pub total_cost: Quantity,
     pub event_count: i64,
     pub unpriced_event_count: i64,
 }
@@ -270,8 +288,8 @@ pub struct CostsBody {
     #[serde(flatten)]
     pub range: Range,
     pub group_by: String,
-    #[schema(value_type = String)]
-    pub total_cost: String,
+    #[schema(value_type = f64)]
+    pub total_cost: Quantity,
     pub event_count: i64,
     pub unpriced_event_count: i64,
     pub cost_by_service: Vec<CostSlice>,
@@ -304,9 +322,15 @@ pub struct TrendsBody {
     pub range: Range,
     pub service_type: Option<String>,
     pub data_points: Vec<DataPoint>,
+    /// `up`, `down` or `stable` (the older system's name).
+    pub trend_direction: Trend,
+    /// The period unit (the older system's name for `period`).
+    pub period_type: String,
+    /// Same as `trend_direction`.
     pub trend: Trend,
-    /// Between the means of the first and second half; `null` when the first is zero.
-    pub percentage_change: Option<f64>,
+    /// From the mean of the first half to that of the second, in percent: 100 when the first is
+    /// zero and the second is not, 0 when both are zero.
+    pub percentage_change: f64,
 }
 
 /// A ranked user.
@@ -319,8 +343,8 @@ pub struct RankedUser {
     /// This user's part of the metric's total, 0 to 1.
     pub share: f64,
     pub event_count: i64,
-    #[schema(value_type = String)]
-    pub total_cost: String,
+    #[schema(value_type = f64)]
+    pub total_cost: Quantity,
     pub unpriced_event_count: i64,
 }
 
@@ -416,9 +440,15 @@ pub struct ErrorsBody {
 /// `GET /health`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct HealthBody {
+    /// `healthy` or `unhealthy`.
     pub status: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub timestamp: OffsetDateTime,
     pub service: String,
     pub version: String,
+    /// Each dependency (`database`, `redis`): `healthy`, `unhealthy` or `not_configured`.
+    pub services: BTreeMap<String, String>,
 }
 
 /// The dimension values of a group as a map, in the order asked for.
@@ -471,29 +501,29 @@ pub struct BillingSummaryBody {
     /// Events no price rule matched: stored with no cost, never counted as 0.
     pub unpriced_event_count: i64,
     /// Per-event (per-unit and package) charges, exactly the costs stored on the events.
-    #[schema(value_type = String)]
-    pub usage_cost: String,
+    #[schema(value_type = f64)]
+    pub usage_cost: Quantity,
     /// Graduated and volume charges on the month's total units.
-    #[schema(value_type = String)]
-    pub tiered_charges: String,
+    #[schema(value_type = f64)]
+    pub tiered_charges: Quantity,
     /// What minimum charges add to rules that charged less.
-    #[schema(value_type = String)]
-    pub minimum_top_ups: String,
+    #[schema(value_type = f64)]
+    pub minimum_top_ups: Quantity,
     /// `usage_cost + tiered_charges + minimum_top_ups`.
-    #[schema(value_type = String)]
-    pub total_cost: String,
+    #[schema(value_type = f64)]
+    pub total_cost: Quantity,
     /// Per service type, provider and model, costliest first.
     pub by_service: Vec<BillingServiceLine>,
     /// Tiered charges and top-ups of rules that priced more than one service/provider/model
     /// group (a rule with no model, say), which no single group owns.
-    #[schema(value_type = String)]
-    pub shared_period_charges: String,
+    #[schema(value_type = f64)]
+    pub shared_period_charges: Quantity,
     /// One line per price rule that priced usage this month.
     pub rules: Vec<BillingRuleLine>,
     /// Stored per-event cost of events whose rule is no longer in the book (deleted before it
     /// ended); part of `usage_cost`.
-    #[schema(value_type = String)]
-    pub unattributed_cost: String,
+    #[schema(value_type = f64)]
+    pub unattributed_cost: Quantity,
     /// Where the month ends if usage goes on at the month's rate so far; `null` once complete.
     pub projection: Option<BillingProjection>,
 }
@@ -507,13 +537,13 @@ pub struct BillingServiceLine {
     pub model: String,
     pub event_count: i64,
     pub unpriced_event_count: i64,
-    #[schema(value_type = String)]
-    pub usage_cost: String,
+    #[schema(value_type = f64)]
+    pub usage_cost: Quantity,
     /// Tiered charges and minimum top-ups of rules that priced only this group.
-    #[schema(value_type = String)]
-    pub period_charges: String,
-    #[schema(value_type = String)]
-    pub total_cost: String,
+    #[schema(value_type = f64)]
+    pub period_charges: Quantity,
+    #[schema(value_type = f64)]
+    pub total_cost: Quantity,
 }
 
 /// One price rule in a bill.
@@ -533,17 +563,17 @@ pub struct BillingRuleLine {
     #[schema(value_type = f64)]
     pub units: Quantity,
     /// Per-event charges stored on the events (per-unit and package rules).
-    #[schema(value_type = String)]
-    pub usage_cost: String,
+    #[schema(value_type = f64)]
+    pub usage_cost: Quantity,
     /// The graduated or volume charge on `units` (0 for per-event rules).
-    #[schema(value_type = String)]
-    pub tiered_charge: String,
-    #[schema(value_type = Option<String>)]
-    pub minimum_charge: Option<String>,
-    #[schema(value_type = String)]
-    pub minimum_top_up: String,
-    #[schema(value_type = String)]
-    pub total_cost: String,
+    #[schema(value_type = f64)]
+    pub tiered_charge: Quantity,
+    #[schema(value_type = Option<f64>)]
+    pub minimum_charge: Option<Quantity>,
+    #[schema(value_type = f64)]
+    pub minimum_top_up: Quantity,
+    #[schema(value_type = f64)]
+    pub total_cost: Quantity,
 }
 
 /// A linear projection to the end of the month.
@@ -555,12 +585,12 @@ pub struct BillingProjection {
     /// Elapsed part of the month, 0 to 1.
     pub elapsed_fraction: f64,
     pub event_count: i64,
-    #[schema(value_type = String)]
-    pub usage_cost: String,
-    #[schema(value_type = String)]
-    pub tiered_charges: String,
-    #[schema(value_type = String)]
-    pub minimum_top_ups: String,
-    #[schema(value_type = String)]
-    pub total_cost: String,
+    #[schema(value_type = f64)]
+    pub usage_cost: Quantity,
+    #[schema(value_type = f64)]
+    pub tiered_charges: Quantity,
+    #[schema(value_type = f64)]
+    pub minimum_top_ups: Quantity,
+    #[schema(value_type = f64)]
+    pub total_cost: Quantity,
 }

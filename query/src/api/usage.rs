@@ -72,7 +72,8 @@ pub async fn aggregate(
         scope,
         filter,
         period: Some(period),
-        grouping_sets: vec![set],
+        // The second, empty set is the whole range: `total_aggregates`.
+        grouping_sets: vec![set, vec![]],
         measures: Measures { unique_users: true, latency_histogram: true, custom_metric: None },
         top: None,
     };
@@ -89,8 +90,16 @@ pub async fn aggregate(
             if dimensions.contains(&dimension) { value.map(str::to_owned) } else { filter.clone() }
         };
         let f = &query.filter;
-        let aggregations = rows
+        let total_aggregates = match rows.iter().find(|row| row.set == 1) {
+            Some(row) => {
+                let metrics = quantities_of(&row.stats, &custom_of(&custom, row.set, &row.key));
+                Totals::new(&row.stats, Some(metrics))
+            }
+            None => Totals::new(&Stats::default(), Some(quantities_of(&Stats::default(), &[]))),
+        };
+        let aggregates: Vec<AggregateRowBody> = rows
             .iter()
+            .filter(|row| row.set == 0)
             .map(|row| {
                 let key = &row.key;
                 let metrics = quantities_of(&row.stats, &custom_of(&custom, row.set, key));
@@ -114,7 +123,9 @@ pub async fn aggregate(
             period: period.sql_unit().to_owned(),
             group_by: dimensions.iter().map(|d| d.name().to_owned()).collect(),
             range: range(&query.scope),
-            aggregations,
+            aggregations: aggregates.clone(),
+            aggregates,
+            total_aggregates,
         })
     })
     .await
@@ -193,7 +204,7 @@ pub async fn by_service(
                         .map(|user| UserUsage {
                             user_id: user.key.user_id.clone().unwrap_or_default(),
                             event_count: user.stats.event_count,
-                            total_cost: stats::money(user.stats.cost),
+                            total_cost: stats::money_number(user.stats.cost),
                             unpriced_event_count: user.stats.unpriced_count,
                         })
                         .collect(),
@@ -265,7 +276,7 @@ pub async fn costs(
             model: None,
             period_start: None,
             period_end: None,
-            total_cost: stats::money(stats.cost),
+            total_cost: stats::money_number(stats.cost),
             event_count: stats.event_count,
             unpriced_event_count: stats.unpriced_count,
         };
@@ -290,7 +301,7 @@ pub async fn costs(
         Ok(CostsBody {
             range: range(&query.scope),
             group_by: period.sql_unit().to_owned(),
-            total_cost: stats::money(totals.cost),
+            total_cost: stats::money_number(totals.cost),
             event_count: totals.event_count,
             unpriced_event_count: totals.unpriced_count,
             cost_by_service: services

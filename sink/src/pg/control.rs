@@ -43,7 +43,7 @@ impl PgStore {
     ) -> Result<Option<TenantSettings>, StoreError> {
         let row = sqlx::query(
             "SELECT time_zone, rate_limit_per_second, rate_limit_burst, monthly_event_quota, monthly_cost_quota,
-                    quota_policy, late_window_seconds, future_window_seconds
+                    quota_policy, late_window_seconds, future_window_seconds, require_registered_services
              FROM tenants WHERE id = $1",
         )
         .bind(tenant_id)
@@ -61,6 +61,7 @@ impl PgStore {
             quota_policy: row.get(5),
             late_window_seconds: row.get::<i32, _>(6).max(0) as u32,
             future_window_seconds: row.get::<i32, _>(7).max(0) as u32,
+            require_registered_services: row.get(8),
         }))
     }
 
@@ -84,7 +85,8 @@ impl PgStore {
         let result = sqlx::query(
             "UPDATE tenants SET time_zone = $2, rate_limit_per_second = $3, rate_limit_burst = $4,
                     monthly_event_quota = $5, monthly_cost_quota = $6, quota_policy = $7,
-                    late_window_seconds = $8, future_window_seconds = $9
+                    late_window_seconds = $8, future_window_seconds = $9,
+                    require_registered_services = $10
              WHERE id = $1",
         )
         .bind(tenant_id)
@@ -96,6 +98,7 @@ impl PgStore {
         .bind(&settings.quota_policy)
         .bind(settings.late_window_seconds as i32)
         .bind(settings.future_window_seconds as i32)
+        .bind(settings.require_registered_services)
         .execute(self.pool())
         .await
         .map_err(|error| match &error {

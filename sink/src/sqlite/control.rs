@@ -151,7 +151,7 @@ impl SqliteStore {
     ) -> Result<Option<TenantSettings>, StoreError> {
         let row = sqlx::query(
             "SELECT time_zone, rate_limit_per_second, rate_limit_burst, monthly_event_quota, monthly_cost_quota,
-                    quota_policy, late_window_seconds, future_window_seconds
+                    quota_policy, late_window_seconds, future_window_seconds, require_registered_services
              FROM tenants WHERE id = ?1",
         )
         .bind(tenant_id)
@@ -173,6 +173,7 @@ impl SqliteStore {
             quota_policy: row.try_get(5).map_err(classify)?,
             late_window_seconds: unsigned(6)?.unwrap_or_default(),
             future_window_seconds: unsigned(7)?.unwrap_or_default(),
+            require_registered_services: row.try_get(8).map_err(classify)?,
         }))
     }
 
@@ -190,7 +191,8 @@ impl SqliteStore {
         let result = sqlx::query(
             "UPDATE tenants SET time_zone = ?2, rate_limit_per_second = ?3, rate_limit_burst = ?4,
                     monthly_event_quota = ?5, monthly_cost_quota = ?6, quota_policy = ?7,
-                    late_window_seconds = ?8, future_window_seconds = ?9
+                    late_window_seconds = ?8, future_window_seconds = ?9,
+                    require_registered_services = ?10
              WHERE id = ?1",
         )
         .bind(tenant_id)
@@ -202,6 +204,7 @@ impl SqliteStore {
         .bind(&settings.quota_policy)
         .bind(i64::from(settings.late_window_seconds))
         .bind(i64::from(settings.future_window_seconds))
+        .bind(settings.require_registered_services)
         .execute(&self.writer)
         .await
         .map_err(|error| match &error {

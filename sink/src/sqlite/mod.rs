@@ -109,6 +109,18 @@ pub struct SqliteStore {
     rollup_cache: std::sync::Arc<rollups::RollupCache>,
 }
 
+/// Creates the database file readable and writable by this user only (0600), like the key file
+/// next to it: it holds every tenant's usage and key hashes. SQLite gives the `-wal` and `-shm`
+/// files the database file's permissions. An existing file is left as it is.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(StoreError::Unavailable(format!("failed to create {}: {error}", path.display()))),
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating it and its directory if needed) the database at `path` with default
     /// options, and applies the migrations it lacks.
@@ -127,6 +139,7 @@ impl SqliteStore {
                 StoreError::Unavailable(format!("failed to create {}: {error}", parent.display()))
             })?;
         }
+        create_private(&path)?;
         let synchronous = match options.synchronous {
             Synchronous::Full => SqliteSynchronous::Full,
             Synchronous::Normal => SqliteSynchronous::Normal,

@@ -163,6 +163,7 @@ async fn tenants_keys_and_settings_round_trip(backend: Backend) -> Result<()> {
         quota_policy: "flag".into(),
         late_window_seconds: 3600,
         future_window_seconds: 60,
+        require_registered_services: true,
     };
     store.update_tenant_settings(globex.id, &settings).await?;
     assert_eq!(store.tenant_settings(globex.id).await?, Some(settings.clone()));

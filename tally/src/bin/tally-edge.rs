@@ -2,6 +2,10 @@
 //!
 //! Storage is PostgreSQL when `DATABASE_URL` is set, and otherwise an embedded SQLite file,
 //! `tally.db` in the data directory (`--data-dir`, `TALLY_DATA_DIR`, default `./tally-data`).
+//!
+//! Besides ingest, the HTTP port serves the query service's usage listing (`GET /api/v1/usage`)
+//! and `/docs`, as the older gateway did; that is why this binary lives in the `tally` crate,
+//! the one crate that depends on both `edge` and `query`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -231,6 +235,7 @@ async fn run(cli: &Cli, storage: &Storage) -> anyhow::Result<()> {
 struct Storage {
     backend: Backend,
     store: Arc<dyn Store>,
+    database_url: Option<String>,
 }
 
 enum Backend {
@@ -247,7 +252,11 @@ impl Storage {
             let options = PgOptions { max_connections: cli.serve.pg_pool_size, ..PgOptions::default() };
             let store = Arc::new(PgStore::connect_lazy(url, &options)?);
             tracing::info!("storage: postgresql");
-            return Ok(Storage { backend: Backend::Postgres(store.clone()), store });
+            return Ok(Storage {
+                backend: Backend::Postgres(store.clone()),
+                store,
+                database_url: Some(url.to_owned()),
+            });
         }
         let path = cli.data_dir.join(DATABASE_FILE_NAME);
         let store = SqliteStore::open(&path)
@@ -255,7 +264,7 @@ impl Storage {
             .with_context(|| format!("failed to open the embedded database {}", path.display()))?;
         tracing::info!(path = %path.display(), "storage: embedded sqlite (DATABASE_URL is not set)");
         let store = Arc::new(store);
-        Ok(Storage { backend: Backend::Sqlite(store.clone()), store })
+        Ok(Storage { backend: Backend::Sqlite(store.clone()), store, database_url: None })
     }
 
     /// Applies the migrations the database lacks.
@@ -264,6 +273,27 @@ impl Storage {
             Backend::Postgres(store) => store.migrate().await.context("failed to migrate the database"),
             Backend::Sqlite(_) => Ok(()),
         }
+    }
+
+    /// A query service over the same database, for the listing on the ingest port (a small
+    /// pool: the query service proper runs as `tally-query`).
+    async fn listing_state(&self, http_addr: SocketAddr) -> anyhow::Result<Arc<query::QueryState>> {
+        let (url, backend): (String, Arc<dyn query::backend::Backend>) = match &self.backend {
+            Backend::Postgres(_) => {
+                let url = self.database_url.clone().unwrap_or_default();
+                let options = query::pg::PgOptions { max_connections: 4, ..query::pg::PgOptions::default() };
+                let backend = query::pg::PgBackend::connect_lazy(&url, &options)?;
+                (url, Arc::new(backend))
+            }
+            Backend::Sqlite(store) => {
+                let backend = query::sqlite::SqliteBackend::open(store.path())
+                    .await
+                    .with_context(|| format!("failed to open {} for the listing", store.path().display()))?;
+                (String::new(), Arc::new(backend))
+            }
+        };
+        let config = query::QueryConfig { addr: http_addr, ..query::QueryConfig::new(url) };
+        Ok(query::QueryState::with_backend(config, backend, None))
     }
 
     /// Closes the connections; SQLite then checkpoints its WAL into the database file.
@@ -332,7 +362,8 @@ async fn serve(storage: &Storage, config: EdgeConfig) -> anyhow::Result<()> {
     storage.migrate().await?;
     let store = storage.store.clone();
     store.maintain(&config.retention_with_window()).await.context("failed to run storage maintenance")?;
-    let edge = edge::start(config, store).await?;
+    let listing = storage.listing_state(config.http_addr).await?;
+    let edge = edge::start_with_routes(config, store, query::usage_routes(listing)).await?;
     println!("tally-edge: binary protocol on {}, HTTP on http://{}", edge.wire_addr, edge.http_addr);
     wait_for_signal().await;
     tracing::info!("shutting down");
