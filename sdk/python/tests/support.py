@@ -128,9 +128,10 @@ class _Server(ThreadingHTTPServer):
 
 class ScriptedServer:
     """A loopback HTTP server that answers from a script, one answer per request (the last one
-    repeats), and records what it was sent and when."""
+    repeats), and records what it was sent and when. An entry may be a function of the requests
+    so far that returns the answer."""
 
-    def __init__(self, script: List[Scripted]) -> None:
+    def __init__(self, script: List[Any]) -> None:
         self.script = list(script)
         self.requests: List[Recorded] = []
         owner = self
@@ -144,6 +145,8 @@ class ScriptedServer:
                 body = self.rfile.read(length) if length else b""
                 owner.requests.append(Recorded(time.monotonic(), self.command, self.path, body))
                 answer = owner.script.pop(0) if len(owner.script) > 1 else owner.script[0]
+                if callable(answer):
+                    answer = answer(owner.requests)
                 payload = json.dumps(answer.body).encode() if answer.body is not None else b""
                 self.send_response(answer.status)
                 for name, value in answer.headers.items():
@@ -171,8 +174,8 @@ class ScriptedServer:
 
 
 class LossyProxy:
-    """A loopback proxy in front of Tally. For the next ``lose`` batch posts it forwards the
-    request (Tally stores the events) and then loses the answer the way ``mode`` says:
+    """A loopback proxy in front of Tally. For the next ``lose`` posts of events (single or batch)
+    it forwards the request (Tally stores the events) and then loses the answer as ``mode`` says:
     ``drop`` closes the connection without answering, ``timeout`` answers nothing until the
     client gave up, ``502`` answers 502. While ``down`` it answers 503 without forwarding."""
 
@@ -201,7 +204,7 @@ class LossyProxy:
                     return
                 status, headers, answer = owner._forward(self.command, self.path, dict(self.headers), body)
                 owner.forwarded.append(Recorded(time.monotonic(), self.command, self.path, body))
-                if self.path.startswith("/api/v1/events/batch") and owner.lose > 0:
+                if self.path.startswith("/api/v1/events") and owner.lose > 0:
                     owner.lose -= 1
                     if owner.mode == "502":
                         self._send(502, {}, b"bad gateway")
@@ -239,8 +242,8 @@ class LossyProxy:
         finally:
             connection.close()
 
-    def batch_posts(self) -> List[Recorded]:
-        return [r for r in self.forwarded if r.path.startswith("/api/v1/events/batch")]
+    def posts(self, path: str = "/api/v1/events/batch") -> List[Recorded]:
+        return [r for r in self.forwarded if r.path.split("?")[0] == path]
 
     def close(self) -> None:
         self._server.shutdown()
