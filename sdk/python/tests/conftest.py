@@ -18,4 +18,3 @@ def tally() -> Iterator[TallyProcess]:
         yield server
     finally:
         server.stop()
-

@@ -48,14 +48,18 @@ class TallyProcess:
         self.ingest_url = f"http://127.0.0.1:{self.http_port}"
         self.query_url = f"http://127.0.0.1:{self.query_port}"
         self.log_path = self.data_dir / "tally.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - open while the process runs
         self.process = subprocess.Popen(
             [
                 str(binary),
-                "--data-dir", str(self.data_dir),
-                "--wire-addr", f"127.0.0.1:{self.wire_port}",
-                "--http-addr", f"127.0.0.1:{self.http_port}",
-                "--query-addr", f"127.0.0.1:{self.query_port}",
+                "--data-dir",
+                str(self.data_dir),
+                "--wire-addr",
+                f"127.0.0.1:{self.wire_port}",
+                "--http-addr",
+                f"127.0.0.1:{self.http_port}",
+                "--query-addr",
+                f"127.0.0.1:{self.query_port}",
             ],  # fmt: skip
             stdout=self._log,
             stderr=subprocess.STDOUT,

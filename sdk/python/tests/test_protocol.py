@@ -17,8 +17,9 @@ from tally_sdk import (
     SyncUsageTracker,
     ValidationError,
     WhenFull,
+    _events,
+    _protocol,
 )
-from tally_sdk import _events, _protocol
 from tally_sdk._buffer import EventBuffer
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -74,9 +75,7 @@ def test_money_is_decimal_as_string_or_number():
         assert body["rows"][0]["usage_cost"] == Decimal("12.5")
         assert body["n"] == 3 and isinstance(body["n"], int)
     # A number never passes through float: digits beyond a double's precision survive.
-    assert _protocol.decode('{"total_cost": 0.12345678901234567890}')["total_cost"] == Decimal(
-        "0.12345678901234567890"
-    )
+    assert _protocol.decode('{"total_cost": 0.12345678901234567890}')["total_cost"] == Decimal("0.12345678901234567890")
     assert _protocol.decode('{"total_cost": null}')["total_cost"] is None
 
 
@@ -174,8 +173,9 @@ def test_query_urls_and_parameters():
     assert _protocol.derive_query_url("http://localhost:8000") == "http://localhost:8002"
     assert _protocol.derive_query_url("https://tally.example.com") == "https://tally.example.com"
     params = _protocol.query_params(
-        _protocol.usage_params(None, datetime(2024, 1, 1), None, "llm_service", None, None, 10, 0, False,
-                               None, None, None, "abc")  # fmt: skip
+        _protocol.usage_params(
+            None, datetime(2024, 1, 1), None, "llm_service", None, None, 10, 0, False, None, None, None, "abc"
+        )  # fmt: skip
     )
     assert params == {"start_date": "2024-01-01T00:00:00", "service_type": "llm_service", "limit": "10",
                       "cursor": "abc", "include_billing": "false"}  # fmt: skip

@@ -112,7 +112,9 @@ def test_retries_are_bounded_and_the_events_are_kept():
 
 
 def test_a_retry_after_beyond_the_limit_is_not_waited_for():
-    with ScriptedServer([Scripted(429, {"error": "rate_limited", "detail": "slow down"}, {"Retry-After": "3600"})]) as server:
+    with ScriptedServer(
+        [Scripted(429, {"error": "rate_limited", "detail": "slow down"}, {"Retry-After": "3600"})]
+    ) as server:
 
         async def scenario():
             t = UsageTracker(api_key="k", base_url=server.url, retry_after_max=5)

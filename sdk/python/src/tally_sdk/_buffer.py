@@ -61,8 +61,7 @@ class EventBuffer:
                 self._waiting.append(event)
                 return False
         raise BufferFullError(
-            f"{self.max_events} events are waiting to be sent to Tally (max_buffer); "
-            "the event was not buffered",
+            f"{self.max_events} events are waiting to be sent to Tally (max_buffer); the event was not buffered",
             event=event,
         )
 

@@ -88,9 +88,7 @@ def llm_event(
     _require(input_tokens is not None and input_tokens >= 0, "input_tokens must be >= 0")
     _require(output_tokens is not None and output_tokens >= 0, "output_tokens must be >= 0")
     assert input_tokens is not None and output_tokens is not None
-    event = _common(
-        tenant_id, user_id, "llm_service", service_provider, event_type, session_id, request_id, tags
-    )
+    event = _common(tenant_id, user_id, "llm_service", service_provider, event_type, session_id, request_id, tags)
     fixed = {"model": model, "model_version": model_version, "temperature": temperature, "max_tokens": max_tokens}
     event["metadata"] = _without_none({**fixed, **(metadata or {})})
     event["metrics"] = _without_none(
@@ -165,9 +163,7 @@ def api_event(
     _require(bool(user_id), "user_id is required for API tracking")
     _require(bool(service_provider), "service_provider is required for API tracking")
     _require(bool(endpoint), "endpoint is required for API tracking")
-    event = _common(
-        tenant_id, user_id, "api_service", service_provider, event_type, session_id, request_id, tags
-    )
+    event = _common(tenant_id, user_id, "api_service", service_provider, event_type, session_id, request_id, tags)
     fixed = {
         "endpoint": endpoint,
         "method": method.upper(),
@@ -232,4 +228,3 @@ def raw_event(event: Mapping[str, Any], default_tenant_id: Optional[str]) -> Eve
         if isinstance(copied.get(nested), dict):
             copied[nested] = _without_none(copied[nested])
     return _without_none(copied)
-

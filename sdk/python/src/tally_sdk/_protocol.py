@@ -92,9 +92,7 @@ def query_params(values: Mapping[str, Any]) -> Dict[str, str]:
             continue
         if isinstance(value, bool):
             params[name] = "true" if value else "false"
-        elif isinstance(value, datetime):
-            params[name] = value.isoformat()
-        elif isinstance(value, date):
+        elif isinstance(value, (datetime, date)):
             params[name] = value.isoformat()
         elif isinstance(value, (list, tuple)):
             params[name] = ",".join(str(item) for item in value)
@@ -136,8 +134,8 @@ class RetryPolicy:
     backoff_max: float = 30.0
     retry_after_max: float = 60.0
 
-    def delay(self, attempt: int, retry_after: Optional[float], rng: "random.Random") -> float:
-        backoff = min(self.backoff_max, self.retry_backoff * (2**attempt)) * (0.5 + rng.random() / 2)
+    def delay(self, attempt: int, retry_after: Optional[float], rng: random.Random) -> float:
+        backoff = min(self.backoff_max, self.retry_backoff * (2.0**attempt)) * (0.5 + rng.random() / 2)
         if retry_after is None:
             return backoff
         return max(backoff, retry_after + rng.random() * min(1.0, retry_after * 0.1))
@@ -171,8 +169,7 @@ def judge(status: int, body_text: str, headers: Mapping[str, str], batch: bool) 
         if status == 429:
             error: UsageTrackingError = RateLimitError(message, retry_after=retry_after, response=error_body)
         else:
-            error = ServiceUnavailableError(message, response=error_body, status_code=status)
-            setattr(error, "retry_after", retry_after)
+            error = ServiceUnavailableError(message, error_body, status, retry_after)
         return Verdict(retry=True, retry_after=retry_after, error=error)
     return Verdict(error=permanent_error(status, message, error_body))
 

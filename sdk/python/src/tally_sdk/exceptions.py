@@ -62,12 +62,18 @@ class PayloadTooLargeError(UsageTrackingError):
 
 
 class ServiceUnavailableError(UsageTrackingError):
-    """Tally could not be reached or answered 5xx until the retries ran out."""
+    """Tally could not be reached (``status_code`` None), or answered 5xx or 408 until the retries
+    ran out; ``retry_after`` is the last answer's ``Retry-After`` in seconds, if it had one."""
 
     def __init__(
-        self, message: str, response: Optional[Dict[str, Any]] = None, status_code: Optional[int] = 503
+        self,
+        message: str,
+        response: Optional[Dict[str, Any]] = None,
+        status_code: Optional[int] = 503,
+        retry_after: Optional[float] = None,
     ) -> None:
         super().__init__(message, status_code=status_code, response=response)
+        self.retry_after = retry_after
 
 
 class ConfigurationError(UsageTrackingError):

@@ -4,7 +4,7 @@
 import threading
 import time
 from datetime import date
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union, cast
 
 import httpx
 
@@ -44,9 +44,7 @@ class SyncUsageTracker(TrackerBase[str]):
     def _start_flusher(self) -> None:
         with self._start_lock:
             if self._flusher is None and self.enable_batching and not self._closed:
-                self._flusher = threading.Thread(
-                    target=self._flush_periodically, name="tally-sdk-flush", daemon=True
-                )
+                self._flusher = threading.Thread(target=self._flush_periodically, name="tally-sdk-flush", daemon=True)
                 self._flusher.start()
 
     def _flush_periodically(self) -> None:
@@ -176,7 +174,7 @@ class SyncUsageTracker(TrackerBase[str]):
             tenant_id or self.tenant_id, start_date, end_date, service_type, service_provider, user_id,
             limit, offset, include_billing, model, event_type, status, cursor,
         )  # fmt: skip
-        return self._get(self._usage_url, "/api/v1/usage", params)
+        return cast(UsageList, self._get(self._usage_url, "/api/v1/usage", params))
 
     def iter_usage(self, page_size: int = 1000, **filters: Any) -> Iterator[UsageEvent]:
         """Every event matching ``filters`` (the arguments of :meth:`get_usage`), page by page."""
@@ -207,7 +205,9 @@ class SyncUsageTracker(TrackerBase[str]):
             tenant_id or self.tenant_id, period, start_date, end_date, service_type, service_provider,
             user_id, model, event_type, group_by,
         )  # fmt: skip
-        return _protocol.normalize_aggregate(self._get(self.query_url, "/api/v1/usage/aggregate", params))
+        return cast(
+            AggregateResult, _protocol.normalize_aggregate(self._get(self.query_url, "/api/v1/usage/aggregate", params))
+        )
 
     def get_trends(
         self,
@@ -227,7 +227,7 @@ class SyncUsageTracker(TrackerBase[str]):
             tenant_id or self.tenant_id, metric, period, start_date, end_date, service_type,
             service_provider, model, user_id,
         )  # fmt: skip
-        return _protocol.normalize_trends(self._get(self.query_url, "/api/v1/analytics/trends", params))
+        return cast(Trends, _protocol.normalize_trends(self._get(self.query_url, "/api/v1/analytics/trends", params)))
 
     def get_top_users(
         self,
@@ -247,11 +247,12 @@ class SyncUsageTracker(TrackerBase[str]):
             tenant_id or self.tenant_id, by, limit, start_date, end_date, service_type, service_provider,
             model, event_type,
         )  # fmt: skip
-        return _protocol.normalize_top_users(self._get(self.query_url, "/api/v1/analytics/top-users", params))
+        body = self._get(self.query_url, "/api/v1/analytics/top-users", params)
+        return cast(TopUsers, _protocol.normalize_top_users(body))
 
     def get_billing_summary(
         self, month: Optional[Union[str, date]] = None, *, tenant_id: Optional[str] = None
     ) -> BillingSummary:
         """A month's bill; see :meth:`UsageTracker.get_billing_summary`."""
         params = _protocol.billing_params(tenant_id or self.tenant_id, month)
-        return self._get(self.query_url, "/api/v1/billing/summary", params)
+        return cast(BillingSummary, self._get(self.query_url, "/api/v1/billing/summary", params))

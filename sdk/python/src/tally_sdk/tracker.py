@@ -3,7 +3,7 @@
 import asyncio
 import contextlib
 from datetime import date, datetime
-from typing import Any, AsyncIterator, Awaitable, Dict, List, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Awaitable, Dict, List, Optional, Tuple, Union, cast
 
 import httpx
 
@@ -215,7 +215,7 @@ class UsageTracker(TrackerBase[Awaitable[str]]):
             tenant_id or self.tenant_id, start_date, end_date, service_type, service_provider, user_id,
             limit, offset, include_billing, model, event_type, status, cursor,
         )  # fmt: skip
-        return await self._get(self._usage_url, "/api/v1/usage", params)
+        return cast(UsageList, await self._get(self._usage_url, "/api/v1/usage", params))
 
     async def iter_usage(self, page_size: int = 1000, **filters: Any) -> AsyncIterator[UsageEvent]:
         """Every event matching ``filters`` (the arguments of :meth:`get_usage`), page by page."""
@@ -249,7 +249,10 @@ class UsageTracker(TrackerBase[Awaitable[str]]):
             tenant_id or self.tenant_id, period, start_date, end_date, service_type, service_provider,
             user_id, model, event_type, group_by,
         )  # fmt: skip
-        return _protocol.normalize_aggregate(await self._get(self.query_url, "/api/v1/usage/aggregate", params))
+        return cast(
+            AggregateResult,
+            _protocol.normalize_aggregate(await self._get(self.query_url, "/api/v1/usage/aggregate", params)),
+        )
 
     async def get_trends(
         self,
@@ -271,7 +274,9 @@ class UsageTracker(TrackerBase[Awaitable[str]]):
             tenant_id or self.tenant_id, metric, period, start_date, end_date, service_type,
             service_provider, model, user_id,
         )  # fmt: skip
-        return _protocol.normalize_trends(await self._get(self.query_url, "/api/v1/analytics/trends", params))
+        return cast(
+            Trends, _protocol.normalize_trends(await self._get(self.query_url, "/api/v1/analytics/trends", params))
+        )
 
     async def get_top_users(
         self,
@@ -292,9 +297,8 @@ class UsageTracker(TrackerBase[Awaitable[str]]):
             tenant_id or self.tenant_id, by, limit, start_date, end_date, service_type, service_provider,
             model, event_type,
         )  # fmt: skip
-        return _protocol.normalize_top_users(
-            await self._get(self.query_url, "/api/v1/analytics/top-users", params)
-        )
+        body = await self._get(self.query_url, "/api/v1/analytics/top-users", params)
+        return cast(TopUsers, _protocol.normalize_top_users(body))
 
     async def get_billing_summary(
         self, month: Optional[Union[str, date]] = None, *, tenant_id: Optional[str] = None
@@ -302,4 +306,4 @@ class UsageTracker(TrackerBase[Awaitable[str]]):
         """A month's bill (``GET /api/v1/billing/summary``); ``month`` is ``"YYYY-MM"`` or a date
         in it, default the current month in the tenant's time zone. Money is Decimal."""
         params = _protocol.billing_params(tenant_id or self.tenant_id, month)
-        return await self._get(self.query_url, "/api/v1/billing/summary", params)
+        return cast(BillingSummary, await self._get(self.query_url, "/api/v1/billing/summary", params))
