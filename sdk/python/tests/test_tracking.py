@@ -89,7 +89,6 @@ def test_the_background_flush_sends_a_partial_batch(tally):
                 assert time.monotonic() - start < 10, "the background flush did not send the event"
                 await asyncio.sleep(0.05)
             assert t.pending_events() == []
-            assert time.monotonic() - start < 5
 
     run(scenario())
 

@@ -97,7 +97,9 @@ class SyncUsageTracker(TrackerBase[str]):
         try:
             self.flush()
         except UsageTrackingError as error:
-            logger.warning("failed to flush events to tally (kept for the next flush): %s", error)
+            if _protocol.is_retryable_status(error.status_code):
+                logger.warning("failed to flush events to tally (kept for the next flush): %s", error)
+            # Refusals of a whole batch were logged with the events they failed.
 
     def _send_batch(self, batch: List[Dict[str, Any]]) -> FlushResult:
         url = f"{self.base_url}/api/v1/events/batch"
