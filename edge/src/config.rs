@@ -32,6 +32,8 @@ pub struct EdgeConfig {
     pub http_body_bytes_max: usize,
     /// Deadlines for reading HTTP requests and the cap on open HTTP connections.
     pub http: serve::HttpLimits,
+    /// TLS for both listeners (HTTP and the binary protocol). Unset: plain TCP.
+    pub tls: Option<serve::Tls>,
     /// Ring buffers, their depth, and the events all of them may hold.
     pub queue: QueueLimits,
     /// When a sink worker commits.
@@ -69,6 +71,7 @@ impl Default for EdgeConfig {
             http_batch_events_max: 1000,
             http_body_bytes_max: 16 * 1024 * 1024,
             http: serve::HttpLimits::default(),
+            tls: None,
             queue: QueueLimits { shards: 2, submissions_per_shard: 1024, events_max: 200_000 },
             batch: BatchLimits::default(),
             key_cache_ttl: Duration::from_secs(30),

@@ -127,7 +127,8 @@ pub async fn start_with_routes(
         let router = http::router(state.clone()).merge(extra_routes);
         let shutdown = shutdown.clone();
         let limits = state.config.http;
-        tokio::spawn(serve::serve(http_listener, router, limits, "ingest", shutdown))
+        let tls = state.config.tls.clone();
+        tokio::spawn(serve::serve(http_listener, router, limits, tls, "ingest", shutdown))
     };
     let maintenance = tokio::spawn(maintain_forever(
         store,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use sink::{Scope, WhenFull};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -63,6 +63,17 @@ pub async fn serve(
         let (state, shutdown) = (state.clone(), shutdown.clone());
         tracker.spawn(async move {
             metrics::gauge!("tally_wire_connections_open").increment(1.0);
+            let stream: Box<dyn Io> = match &state.config.tls {
+                None => Box::new(stream),
+                Some(tls) => match tls.accept(stream, HANDSHAKE_TIMEOUT).await {
+                    Ok(stream) => Box::new(stream),
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "tls handshake failed");
+                        metrics::gauge!("tally_wire_connections_open").decrement(1.0);
+                        return;
+                    }
+                },
+            };
             if let Err(error) = Connection::new(stream, state, shutdown).run().await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
@@ -72,8 +83,13 @@ pub async fn serve(
     }
 }
 
+/// A connection's byte stream: TCP, or TLS over TCP.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 struct Connection {
-    framed: Framed<TcpStream, WireCodec>,
+    framed: Framed<Box<dyn Io>, WireCodec>,
     state: Arc<EdgeState>,
     shutdown: CancellationToken,
     shard_hint: usize,
@@ -85,7 +101,7 @@ struct Connection {
 type Answer = (u64, Result<Vec<EventStatus>, IngestError>);
 
 impl Connection {
-    fn new(stream: TcpStream, state: Arc<EdgeState>, shutdown: CancellationToken) -> Connection {
+    fn new(stream: Box<dyn Io>, state: Arc<EdgeState>, shutdown: CancellationToken) -> Connection {
         let shard_hint = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
         Connection {
             framed: Framed::new(stream, WireCodec::new()),

@@ -1,7 +1,12 @@
 //! Serves Tally's HTTP APIs (the edge's ingest port, the query port) with every read bounded: a
 //! deadline for a request's headers and for its body, one for the whole request, and a cap on
 //! open connections. A client that trickles headers or stalls its body is dropped, never waited
-//! for; past the cap, new clients wait in the listen backlog.
+//! for; past the cap, new clients wait in the listen backlog. Optionally over TLS ([`Tls`], also
+//! used by the edge's binary protocol listener).
+
+mod tls;
+
+pub use tls::{Tls, TlsArgs, TlsError};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,10 +46,12 @@ impl Default for HttpLimits {
 
 /// Serves `router` on `listener` until `shutdown`, then lets the open connections finish their
 /// requests (the caller bounds how long it waits for this future). `name` labels the metrics.
+/// With `tls`, every connection first completes a TLS handshake within the header deadline.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: HttpLimits,
+    tls: Option<Tls>,
     name: &'static str,
     shutdown: CancellationToken,
 ) {
@@ -79,12 +86,24 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-        let connection =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone()));
-        let connection = graceful.watch(connection);
+        let service = TowerToHyperService::new(router.clone());
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
             metrics::gauge!("tally_http_connections_open", "listener" => name).increment(1.0);
-            if let Err(error) = connection.await {
+            let result = match tls {
+                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
+                Some(tls) => match tls.accept(stream, limits.header_read_timeout).await {
+                    Ok(stream) => {
+                        watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await
+                    }
+                    Err(error) => {
+                        tracing::debug!(listener = name, %error, "tls handshake failed");
+                        Ok(())
+                    }
+                },
+            };
+            if let Err(error) = result {
                 tracing::debug!(listener = name, %error, "http connection ended with an error");
             }
             metrics::gauge!("tally_http_connections_open", "listener" => name).decrement(1.0);

@@ -28,6 +28,8 @@ struct Cli {
     /// Query HTTP listen address.
     #[arg(long, env = "TALLY_QUERY_ADDR", default_value = "127.0.0.1:8002")]
     query_addr: SocketAddr,
+    #[command(flatten)]
+    tls: serve::TlsArgs,
 }
 
 /// The demo tenant created on first run.
@@ -51,7 +53,9 @@ async fn main() -> anyhow::Result<()> {
         ..query::QueryConfig::new(cli.database_url.clone().unwrap_or_default())
     };
     let query_state = query::QueryState::with_backend(query_config, backend, None);
+    let tls = cli.tls.load()?;
     let edge_config = edge::EdgeConfig {
+        tls: tls.clone(),
         wire_addr: cli.wire_addr,
         http_addr: cli.http_addr,
         ..edge::EdgeConfig::default()
@@ -66,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         query_listener,
         query::router(query_state),
         serve::HttpLimits::default(),
+        tls,
         "query",
         stop,
     ));

@@ -15,6 +15,8 @@ struct Cli {
     /// HTTP listen address.
     #[arg(long, env = "TALLY_QUERY_ADDR", default_value = "0.0.0.0:8002")]
     addr: SocketAddr,
+    #[command(flatten)]
+    tls: serve::TlsArgs,
     /// PostgreSQL URL, e.g. postgres://tally@127.0.0.1:5432/tally.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -72,7 +74,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config = Cli::parse().config()?;
+    let cli = Cli::parse();
+    let tls = cli.tls.load()?;
+    let config = cli.config()?;
     config.validate()?;
     let addr = config.addr;
     let state = query::QueryState::connect(config).await?;
@@ -84,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
         listener,
         query::router(state),
         serve::HttpLimits::default(),
+        tls,
         "query",
         stop.clone(),
     ));

@@ -82,6 +82,8 @@ enum KeyCommand {
 /// Server settings. Each has a flag and a `TALLY_` environment variable.
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
+    #[command(flatten)]
+    tls: serve::TlsArgs,
     /// Binary protocol listen address.
     #[arg(long, env = "TALLY_WIRE_ADDR", default_value = "0.0.0.0:7000")]
     wire_addr: SocketAddr,
@@ -210,7 +212,8 @@ async fn run(cli: &Cli, storage: &Storage) -> anyhow::Result<()> {
                 );
                 edge::ingest::bench_skip_pricing_and_validation();
             }
-            serve(storage, cli.serve.config()).await
+            let config = EdgeConfig { tls: cli.serve.tls.load()?, ..cli.serve.config() };
+            serve(storage, config).await
         }
         Some(Command::Migrate) => {
             storage.migrate().await?;

@@ -14,3 +14,4 @@ mod query_hardening;
 mod query_properties;
 mod store;
 mod support;
+mod tls;
