@@ -90,6 +90,13 @@ pub struct HttpAnswer {
     pub body: String,
 }
 
+impl HttpAnswer {
+    /// The body as JSON.
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.body).with_context(|| format!("not JSON ({}): {}", self.status, self.body))
+    }
+}
+
 /// Sends one HTTP/1.0 request (the server closes the connection after the answer, so the body
 /// needs no chunked decoding) and reads the answer, within 30 s.
 pub async fn http(

@@ -7,6 +7,7 @@ mod faults;
 mod harness_smoke;
 mod ingest;
 mod inspect;
+mod prometheus;
 mod query;
 mod store;
 mod support;
