@@ -3,6 +3,7 @@
 
 mod billing;
 mod control;
+mod deploy;
 mod faults;
 mod harness_smoke;
 mod ingest;

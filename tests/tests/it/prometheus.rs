@@ -343,7 +343,7 @@ fn installed(program: &str) -> Result<PathBuf> {
 }
 
 /// A binary of the workspace, built next to this test binary (target/debug).
-fn built_binary(name: &str) -> Result<PathBuf> {
+pub(crate) fn built_binary(name: &str) -> Result<PathBuf> {
     let test_binary = std::env::current_exe()?;
     let dir =
         test_binary.parent().and_then(Path::parent).context("test binary without a target directory")?;
@@ -356,10 +356,10 @@ fn built_binary(name: &str) -> Result<PathBuf> {
     Ok(binary)
 }
 
-fn deploy_dir() -> PathBuf {
+pub(crate) fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
-fn loopback() -> Result<SocketAddr> {
+pub(crate) fn loopback() -> Result<SocketAddr> {
     Ok(format!("127.0.0.1:{}", tests::free_port()?).parse()?)
 }
