@@ -250,3 +250,34 @@ async fn check_paths_are_served(
     ensure!(problems.is_empty(), "{}", problems.join("\n"));
     Ok(())
 }
+
+/// Migration 0006: on plain PostgreSQL `usage_events` is natively partitioned, so partitions are
+/// created and dropped by day; the dedup index is its only index (TimescaleDB's default time
+/// index, which `create_hypertable` used to add, is dropped where it exists).
+#[tokio::test(flavor = "multi_thread")]
+async fn partition_maintenance_follows_the_table_and_the_dedup_index_stands_alone() -> Result<()> {
+    use sink::Store;
+    let database = tests::postgres().await.fresh_database().await?;
+    let store = sink::pg::PgStore::connect_lazy(&database.url, &sink::pg::PgOptions::default())?;
+    store.migrate().await?;
+    let mut db = database.connect().await?;
+    let native: bool =
+        sqlx::query_scalar("SELECT tally_events_natively_partitioned()").fetch_one(&mut db).await?;
+    ensure!(native, "usage_events is natively partitioned on plain PostgreSQL");
+    let created: i32 =
+        sqlx::query_scalar("SELECT tally_ensure_partitions(DATE '2030-01-01', DATE '2030-01-03')")
+            .fetch_one(&mut db)
+            .await?;
+    ensure!(created == 3, "created {created} partitions");
+    let dropped: i32 =
+        sqlx::query_scalar("SELECT tally_drop_events_before(DATE '2030-01-03')").fetch_one(&mut db).await?;
+    ensure!(dropped >= 2, "dropped {dropped} partitions");
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE tablename = 'usage_events' ORDER BY indexname",
+    )
+    .fetch_all(&mut db)
+    .await?;
+    ensure!(indexes == ["usage_events_dedup"], "indexes on usage_events: {indexes:?}");
+    store.maintain(&sink::Retention::default()).await?;
+    Ok(())
+}
