@@ -93,8 +93,14 @@ impl Authenticator {
         let key = key.map(str::trim).filter(|key| !key.is_empty()).ok_or(AuthError::Missing)?;
         let hash = sink::hash_api_key(key);
         let record = match self.cache.get(&hash) {
-            Some(record) => record,
+            Some(record) => {
+                metrics::counter!("tally_key_cache_total", "component" => "edge", "result" => "hit")
+                    .increment(1);
+                record
+            }
             None => {
+                metrics::counter!("tally_key_cache_total", "component" => "edge", "result" => "miss")
+                    .increment(1);
                 let record =
                     self.store.find_api_key(&hash).await.map_err(AuthError::Unavailable)?.map(Arc::new);
                 self.cache.insert(hash, record.clone());

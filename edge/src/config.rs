@@ -56,6 +56,9 @@ pub struct EdgeConfig {
     pub maintenance_interval: Duration,
     /// How long a graceful shutdown may take before remaining work is abandoned. Default 30 s.
     pub shutdown_timeout: Duration,
+    /// The process's Prometheus recorder, rendered on `GET /metrics`; installed by the binary
+    /// (`telemetry::install_metrics`), never by the edge. Unset: `/metrics` answers 404.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl Default for EdgeConfig {
@@ -82,6 +85,7 @@ impl Default for EdgeConfig {
             retention: Retention::default(),
             maintenance_interval: Duration::from_secs(3600),
             shutdown_timeout: Duration::from_secs(30),
+            metrics: None,
         }
     }
 }

@@ -27,8 +27,9 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/api/v1/events/batch", post(ingest_batch))
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics_text))
+        .route("/metrics", get(crate::series::metrics_text))
         .merge(crate::admin::routes())
+        .layer(axum::middleware::from_fn(crate::series::record_request))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .layer(axum::middleware::from_fn(json_errors))
@@ -240,6 +241,7 @@ async fn ingest(
     params: &IngestParams,
     events: Vec<Value>,
 ) -> Result<(Vec<Option<uuid::Uuid>>, Vec<EventStatus>), ApiError> {
+    let started = std::time::Instant::now();
     let ack_mode = params.ack_mode()?;
     let caller = state.auth.authenticate(api_key(headers), Scope::Ingest).await?;
     check_tenant(&caller, &events)?;
@@ -248,9 +250,11 @@ async fn ingest(
     let converted: Vec<_> = events.into_iter().map(|event| event_from_json(event, registry)).collect();
     let ids = converted.iter().map(|event| event.as_ref().ok().map(wire::Event::id)).collect();
     let prepared = state.ingestor.prepare(&context, over_quota, converted);
+    metrics::counter!("tally_events_received_total", "protocol" => "http").increment(prepared.len() as u64);
     let shard_hint = state.next_shard();
     let when_full = if state.config.overflow.is_some() { WhenFull::Overflow } else { WhenFull::Reject };
     let statuses = state.ingestor.submit(prepared, ack_mode, when_full, shard_hint).await?;
+    crate::series::record_ack("http", ack_mode, started);
     Ok((ids, statuses))
 }
 
@@ -415,9 +419,4 @@ async fn ready(State(state): State<Arc<EdgeState>>) -> Response {
     let body = json!({"status": if is_ready { "ready" } else { "not_ready" },
         "components": {"storage": storage, "queue": queue_status, "sink_workers": workers}});
     (status, Json(body)).into_response()
-}
-
-async fn metrics_text(State(state): State<Arc<EdgeState>>) -> Response {
-    let text = state.metrics.render();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

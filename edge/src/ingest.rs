@@ -216,7 +216,7 @@ impl Ingestor {
             false => prepare_rows::<true>(context, window, over_quota, events),
             true => prepare_rows::<false>(context, window, over_quota, events),
         };
-        metrics::counter!("tally_events_received_total").increment(prepared.slots.len() as u64);
+        metrics::counter!("tally_cost_microunits_total").increment(cost_microunits(prepared.cost));
         context.record(prepared.rows.len() as i64, prepared.cost);
         prepared
     }
@@ -313,6 +313,12 @@ fn prepare_rows<const PRICE_AND_VALIDATE: bool>(
         }
     }
     prepared
+}
+
+/// A cost in millionths of its currency, for the cost counter (rounded; negative costs count 0).
+fn cost_microunits(cost: rust_decimal::Decimal) -> u64 {
+    use rust_decimal::prelude::ToPrimitive;
+    (cost * rust_decimal::Decimal::from(1_000_000)).round().to_u64().unwrap_or(0)
 }
 
 fn check_window(

@@ -8,6 +8,7 @@ pub mod http;
 pub mod ingest;
 pub mod json;
 pub mod registry;
+mod series;
 pub mod tenants;
 mod wire_server;
 
@@ -16,7 +17,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use sink::{IngestQueue, Store};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -36,7 +36,6 @@ pub struct EdgeState {
     pub store: Arc<dyn Store>,
     pub auth: Authenticator,
     pub ingestor: Ingestor,
-    pub metrics: PrometheusHandle,
     /// Whether the sink workers are up and committing (`/ready`).
     pub workers: Arc<sink::WorkerHealth>,
     next_shard: AtomicUsize,
@@ -47,23 +46,6 @@ impl EdgeState {
     pub fn next_shard(&self) -> usize {
         self.next_shard.fetch_add(1, Ordering::Relaxed)
     }
-}
-
-/// The process-wide Prometheus recorder, installed on first use.
-pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
-                .expect("static buckets are valid");
-            match builder.install_recorder() {
-                Ok(handle) => handle,
-                // Another recorder is installed (a test harness): render an empty registry.
-                Err(_) => metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
-            }
-        })
-        .clone()
 }
 
 /// A running edge: its bound addresses, and the handle to stop it.
@@ -93,6 +75,7 @@ pub async fn start_with_routes(
     extra_routes: axum::Router,
 ) -> anyhow::Result<RunningEdge> {
     config.validate()?;
+    series::register();
     let overflow = match &config.overflow {
         Some(overflow) => Some(Arc::new(sink::overflow::Overflow::connect(overflow.clone()).await?)),
         None => None,
@@ -102,14 +85,13 @@ pub async fn start_with_routes(
     let state = Arc::new(EdgeState {
         auth: Authenticator::new(store.clone(), config.key_cache_ttl),
         ingestor: Ingestor::new(queue.clone(), tenants, config.window),
-        metrics: metrics_handle(),
         workers: sink::WorkerHealth::new(config.queue.shards),
         store: store.clone(),
         next_shard: AtomicUsize::new(0),
         config,
     });
-    let wire_listener = TcpListener::bind(state.config.wire_addr).await?;
-    let http_listener = TcpListener::bind(state.config.http_addr).await?;
+    let wire_listener = listen(state.config.wire_addr, "ingest binary protocol", "--wire-addr").await?;
+    let http_listener = listen(state.config.http_addr, "ingest HTTP", "--http-addr").await?;
     let (wire_addr, http_addr) = (wire_listener.local_addr()?, http_listener.local_addr()?);
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
@@ -148,6 +130,11 @@ pub async fn start_with_routes(
         maintenance,
         drainer,
     })
+}
+
+/// Binds `addr`; the error names the listener and the flag that moves it.
+async fn listen(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|error| telemetry::listen_error(addr, what, flag, error))
 }
 
 async fn maintain_forever(

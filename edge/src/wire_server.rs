@@ -241,6 +241,7 @@ impl Connection {
                 return Err(WireError::Io("closed after a protocol error".into()));
             }
         }
+        let started = std::time::Instant::now();
         let batch = match wire::access_events(&frame.payload, u32::MAX) {
             Ok(batch) => batch,
             Err(error) => {
@@ -289,10 +290,15 @@ impl Connection {
                 .map_err(|error| wire::EventError::new("event", error.to_string()))
         });
         let prepared = self.state.ingestor.prepare(&context, over_quota, events);
+        metrics::counter!("tally_events_received_total", "protocol" => "wire")
+            .increment(prepared.len() as u64);
         let ingestor = self.state.ingestor.clone();
         let shard_hint = self.shard_hint;
         Ok(Some(async move {
             let result = ingestor.submit(prepared, ack_mode, WhenFull::Block, shard_hint).await;
+            if result.is_ok() {
+                crate::series::record_ack("wire", ack_mode, started);
+            }
             (sequence, result)
         }))
     }

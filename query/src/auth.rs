@@ -61,8 +61,14 @@ impl Authenticator {
         let key = key.ok_or(ApiError::AuthenticationRequired)?;
         let hash: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
         let record = match self.cache.get(&hash) {
-            Some(record) => record,
+            Some(record) => {
+                metrics::counter!("tally_key_cache_total", "component" => "query", "result" => "hit")
+                    .increment(1);
+                record
+            }
             None => {
+                metrics::counter!("tally_key_cache_total", "component" => "query", "result" => "miss")
+                    .increment(1);
                 let record = self.backend.find_api_key(&hash).await?.map(Arc::new);
                 self.cache.insert(hash, record.clone());
                 record

@@ -28,6 +28,9 @@ pub struct QueryConfig {
     pub cache_memory_bytes_max: u64,
     /// How long a looked-up API key is trusted before it is checked again. Default 30 s.
     pub key_cache_ttl: Duration,
+    /// The process's Prometheus recorder, rendered on `GET /metrics`; installed by the binary
+    /// (`telemetry::install_metrics`), never by this library. Unset: `/metrics` answers 404.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl QueryConfig {
@@ -43,6 +46,7 @@ impl QueryConfig {
             cache_ttl: Duration::from_secs(15),
             cache_memory_bytes_max: 64 * 1024 * 1024,
             key_cache_ttl: Duration::from_secs(30),
+            metrics: None,
         }
     }
 

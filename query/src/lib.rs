@@ -41,12 +41,11 @@ pub mod config;
 pub mod error;
 pub mod params;
 pub mod pg;
+mod series;
 pub mod sqlite;
 pub mod stats;
 
 use std::sync::Arc;
-
-use metrics_exporter_prometheus::PrometheusHandle;
 
 pub use api::{router, usage_routes};
 pub use config::{ConfigError, QueryConfig};
@@ -62,7 +61,6 @@ pub struct QueryState {
     pub backend: Arc<dyn Backend>,
     pub auth: Authenticator,
     pub cache: ResponseCache,
-    pub metrics: PrometheusHandle,
 }
 
 /// Why the service could not start.
@@ -95,28 +93,12 @@ impl QueryState {
         backend: Arc<dyn Backend>,
         redis: Option<redis::aio::ConnectionManager>,
     ) -> Arc<QueryState> {
+        series::register();
         Arc::new(QueryState {
             auth: Authenticator::new(backend.clone(), config.key_cache_ttl),
             cache: ResponseCache::new(config.cache_ttl, config.cache_memory_bytes_max, redis),
-            metrics: metrics_handle(),
             backend,
             config,
         })
     }
-}
-
-/// The process-wide Prometheus recorder, installed on first use unless another recorder is
-/// installed already (then `/metrics` renders an empty registry).
-pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
-            match builder.and_then(|builder| builder.install_recorder()) {
-                Ok(handle) => handle,
-                Err(_) => metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
-            }
-        })
-        .clone()
 }

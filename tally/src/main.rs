@@ -30,6 +30,9 @@ struct Cli {
     query_addr: SocketAddr,
     #[command(flatten)]
     tls: serve::TlsArgs,
+    /// Log lines on standard error: `text` (coloured only on a terminal) or `json`.
+    #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: telemetry::LogFormat,
 }
 
 /// The demo tenant created on first run.
@@ -37,19 +40,17 @@ const DEMO_TENANT: &str = "demo";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,edge=info,query=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    telemetry::init_logging(cli.log_format, "warn,edge=info,query=info");
+    // One recorder for the process: the edge's and the query service's `/metrics` both render
+    // every series (ingest, storage, queries, process).
+    let metrics = telemetry::install_metrics()?;
     let (store, backend, described) = open(&cli).await?;
     let key = demo_key(store.as_ref(), &cli.data_dir).await?;
 
     let query_config = query::QueryConfig {
         addr: cli.query_addr,
+        metrics: Some(metrics.clone()),
         ..query::QueryConfig::new(cli.database_url.clone().unwrap_or_default())
     };
     let query_state = query::QueryState::with_backend(query_config, backend, None);
@@ -58,12 +59,13 @@ async fn main() -> anyhow::Result<()> {
         tls: tls.clone(),
         wire_addr: cli.wire_addr,
         http_addr: cli.http_addr,
+        metrics: Some(metrics),
         ..edge::EdgeConfig::default()
     };
     let edge = edge::start_with_routes(edge_config, store, query::usage_routes(query_state.clone())).await?;
     let query_listener = tokio::net::TcpListener::bind(cli.query_addr)
         .await
-        .with_context(|| format!("failed to listen on {}", cli.query_addr))?;
+        .map_err(|error| telemetry::listen_error(cli.query_addr, "query HTTP", "--query-addr", error))?;
     let query_addr = query_listener.local_addr()?;
     let stop = edge.shutdown_token();
     let query_server = tokio::spawn(serve::serve(
@@ -88,9 +90,18 @@ type Opened = (Arc<dyn Store>, Arc<dyn query::backend::Backend>, String);
 
 async fn open(cli: &Cli) -> anyhow::Result<Opened> {
     if let Some(url) = &cli.database_url {
+        let location = telemetry::database_location(url);
         let store = sink::pg::PgStore::connect_lazy(url, &sink::pg::PgOptions::default())?;
-        store.migrate().await.context("failed to migrate PostgreSQL")?;
-        store.maintain(&sink::Retention::default()).await.context("failed to create partitions")?;
+        store.migrate().await.with_context(|| {
+            format!(
+                "failed to migrate PostgreSQL at {location}; check that it is running there and that \
+                 DATABASE_URL names the right host, user and password"
+            )
+        })?;
+        store
+            .maintain(&sink::Retention::default())
+            .await
+            .with_context(|| format!("failed to create partitions in PostgreSQL at {location}"))?;
         let backend = query::pg::PgBackend::connect_lazy(url, &query::pg::PgOptions::default())?;
         return Ok((Arc::new(store), Arc::new(backend), "PostgreSQL (DATABASE_URL)".into()));
     }

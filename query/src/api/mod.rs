@@ -290,5 +290,15 @@ pub async fn ready(State(state): State<Arc<QueryState>>) -> Response {
 }
 
 async fn metrics_text(State(state): State<Arc<QueryState>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    match &state.config.metrics {
+        Some(handle) => {
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            "this process exports no metrics
+",
+        )
+            .into_response(),
+    }
 }

@@ -41,6 +41,9 @@ struct Cli {
     /// Milliseconds one SQL statement may run.
     #[arg(long, env = "TALLY_QUERY_STATEMENT_TIMEOUT_MS", default_value_t = 10_000)]
     statement_timeout_ms: u64,
+    /// Log lines on standard error: `text` (coloured only on a terminal) or `json`.
+    #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: telemetry::LogFormat,
 }
 
 impl Cli {
@@ -68,20 +71,24 @@ impl Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    telemetry::init_logging(cli.log_format, "info,sqlx=warn");
     let tls = cli.tls.load()?;
     let config = cli.config()?;
     config.validate()?;
     let addr = config.addr;
-    let state = query::QueryState::connect(config).await?;
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("failed to bind {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|error| telemetry::listen_error(addr, "query HTTP", "--addr", error))?;
+    let config = QueryConfig { metrics: Some(telemetry::install_metrics()?), ..config };
+    let redis = config.redis_url.clone();
+    let state = query::QueryState::connect(config).await.with_context(|| match redis {
+        Some(url) => format!(
+            "failed to start the query service (Redis cache at {}); check that Redis is running there or unset REDIS_URL",
+            telemetry::database_location(&url)
+        ),
+        None => "failed to start the query service".to_owned(),
+    })?;
     println!("tally-query: HTTP on http://{}", listener.local_addr()?);
     let stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(serve::serve(

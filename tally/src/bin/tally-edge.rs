@@ -31,6 +31,10 @@ struct Cli {
     #[arg(long, env = "TALLY_DATA_DIR", global = true, default_value = "./tally-data")]
     data_dir: PathBuf,
 
+    /// Log lines on standard error: `text` (coloured only on a terminal) or `json`.
+    #[arg(long, env = "TALLY_LOG_FORMAT", global = true, value_enum, default_value = "text")]
+    log_format: telemetry::LogFormat,
+
     #[command(flatten)]
     serve: ServeArgs,
 
@@ -188,13 +192,8 @@ impl ServeArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    telemetry::init_logging(cli.log_format, "info,sqlx=warn");
     let storage = Storage::open(&cli).await?;
     let result = run(&cli, &storage).await;
     storage.close().await;
@@ -237,6 +236,8 @@ async fn run(cli: &Cli, storage: &Storage) -> anyhow::Result<()> {
 /// The storage backend chosen at start-up, and the store the edge uses.
 struct Storage {
     backend: Backend,
+    /// Where the data is, for messages (never the password).
+    location: String,
     store: Arc<dyn Store>,
     database_url: Option<String>,
 }
@@ -254,11 +255,13 @@ impl Storage {
         if let Some(url) = cli.database_url.as_deref() {
             let options = PgOptions { max_connections: cli.serve.pg_pool_size, ..PgOptions::default() };
             let store = Arc::new(PgStore::connect_lazy(url, &options)?);
-            tracing::info!("storage: postgresql");
+            let location = format!("PostgreSQL {}", telemetry::database_location(url));
+            tracing::info!(%location, "storage: postgresql");
             return Ok(Storage {
                 backend: Backend::Postgres(store.clone()),
                 store,
                 database_url: Some(url.to_owned()),
+                location,
             });
         }
         let path = cli.data_dir.join(DATABASE_FILE_NAME);
@@ -267,13 +270,20 @@ impl Storage {
             .with_context(|| format!("failed to open the embedded database {}", path.display()))?;
         tracing::info!(path = %path.display(), "storage: embedded sqlite (DATABASE_URL is not set)");
         let store = Arc::new(store);
-        Ok(Storage { backend: Backend::Sqlite(store.clone()), store, database_url: None })
+        let location = format!("SQLite {}", path.display());
+        Ok(Storage { backend: Backend::Sqlite(store.clone()), store, database_url: None, location })
     }
 
     /// Applies the migrations the database lacks.
     async fn migrate(&self) -> anyhow::Result<()> {
         match &self.backend {
-            Backend::Postgres(store) => store.migrate().await.context("failed to migrate the database"),
+            Backend::Postgres(store) => store.migrate().await.with_context(|| {
+                format!(
+                    "failed to migrate the database at {}; check that PostgreSQL is running there and \
+                     that DATABASE_URL names the right host, user and password",
+                    self.location
+                )
+            }),
             Backend::Sqlite(_) => Ok(()),
         }
     }
@@ -364,7 +374,10 @@ async fn serve(storage: &Storage, config: EdgeConfig) -> anyhow::Result<()> {
     config.validate()?;
     storage.migrate().await?;
     let store = storage.store.clone();
-    store.maintain(&config.retention_with_window()).await.context("failed to run storage maintenance")?;
+    store.maintain(&config.retention_with_window()).await.with_context(|| {
+        format!("failed to run storage maintenance (partitions, retention) on {}", storage.location)
+    })?;
+    let config = EdgeConfig { metrics: Some(telemetry::install_metrics()?), ..config };
     let listing = storage.listing_state(config.http_addr).await?;
     let edge = edge::start_with_routes(config, store, query::usage_routes(listing)).await?;
     println!("tally-edge: binary protocol on {}, HTTP on http://{}", edge.wire_addr, edge.http_addr);

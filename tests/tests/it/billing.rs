@@ -33,7 +33,11 @@ fn money(value: &Value) -> Decimal {
 
 /// A query service over the edge's database, whichever backend it is.
 async fn query_state(edge: &TestEdge) -> Result<Arc<QueryState>> {
-    let config = QueryConfig { cache_ttl: Duration::from_millis(1), ..QueryConfig::new(edge.db.url.clone()) };
+    let config = QueryConfig {
+        cache_ttl: Duration::from_millis(1),
+        metrics: Some(crate::support::metrics_handle()),
+        ..QueryConfig::new(edge.db.url.clone())
+    };
     match &edge.db.location {
         Location::Postgres(_) => Ok(QueryState::connect(config).await?),
         Location::Sqlite(file) => {

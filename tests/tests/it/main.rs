@@ -4,11 +4,13 @@
 mod billing;
 mod compat;
 mod control;
+mod deploy;
 mod faults;
 mod harness_smoke;
 mod hostile;
 mod ingest;
 mod inspect;
+mod prometheus;
 mod query;
 mod query_hardening;
 mod query_properties;

@@ -266,7 +266,12 @@ async fn query_state(
     cache_ttl: Duration,
     redis_url: Option<String>,
 ) -> Result<Arc<QueryState>> {
-    let config = QueryConfig { cache_ttl, redis_url, ..QueryConfig::new(edge.db.url.clone()) };
+    let config = QueryConfig {
+        cache_ttl,
+        redis_url,
+        metrics: Some(crate::support::metrics_handle()),
+        ..QueryConfig::new(edge.db.url.clone())
+    };
     Ok(QueryState::connect(config).await?)
 }
 

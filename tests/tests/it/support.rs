@@ -21,6 +21,16 @@ use wire::{AckMode, EventBatch, Hello, Message, Welcome, WireCodec};
 /// The operator key of edges started with [`TestEdge::with_admin`].
 pub const OPERATOR_KEY: &str = "operator-key-for-tests-0123456789abcdef";
 
+/// The test process's Prometheus recorder, installed once (as a binary does at start) and handed
+/// to every edge and query service the tests start, so their `/metrics` render every series.
+pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| telemetry::install_metrics().expect("the only recorder of the test process"))
+        .clone()
+}
+
 /// The storage backend a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -121,6 +131,7 @@ impl TestEdge {
     ) -> Result<TestEdge> {
         config.wire_addr = "127.0.0.1:0".parse()?;
         config.http_addr = "127.0.0.1:0".parse()?;
+        config.metrics = Some(metrics_handle());
         store.maintain(&config.retention_with_window()).await?;
         let tenant = store.create_tenant("acme").await?;
         let key = create_key(&store, &tenant, vec![Scope::Ingest, Scope::Query]).await?;
