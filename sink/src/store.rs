@@ -143,10 +143,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// One of the tenant's re-rates; `None` when the tenant has no run with this id.
-    fn find_rerate(&self, tenant_id: Uuid, id: Uuid) -> BoxFuture<'_, Result<Option<RerateRecord>, StoreError>>;
+    fn find_rerate(
+        &self,
+        tenant_id: Uuid,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<Option<RerateRecord>, StoreError>>;
 
     /// The tenant's latest re-rates, newest first, at most `limit`.
-    fn list_rerates(&self, tenant_id: Uuid, limit: u32) -> BoxFuture<'_, Result<Vec<RerateRecord>, StoreError>>;
+    fn list_rerates(
+        &self,
+        tenant_id: Uuid,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<RerateRecord>, StoreError>>;
 }
 
 /// A tenant's settings.

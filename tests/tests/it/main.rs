@@ -12,5 +12,6 @@ mod inspect;
 mod query;
 mod query_hardening;
 mod query_properties;
+mod rerate;
 mod store;
 mod support;
