@@ -325,3 +325,46 @@ async fn a_rerate_left_running_by_a_stopped_process_stops_blocking_once_stale(
     );
     Ok(())
 }
+
+/// Shutdown stops a job after the batch in hand and records it as interrupted, with its figures
+/// so far. PostgreSQL only: the job is held in its first batch by a row lock the test takes.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_records_a_running_rerate_as_interrupted() -> Result<()> {
+    use std::future::Future;
+    use std::task::Poll;
+
+    let (edge, admin) = TestEdge::with_admin(Backend::Postgres).await?;
+    let batch = edge::rerate::RERATE_BATCH_EVENTS as usize;
+    for chunk in 0..=batch / 1000 {
+        let events: Vec<Value> = (0..1000)
+            .map(|i| json!({"user_id": format!("u{chunk}-{i}"), "service_type": "custom", "service_provider": "p", "event_type": "job"}))
+            .collect();
+        let (status, body) =
+            edge.http("POST", "/api/v1/events/batch", Some(&edge.key), json!({"events": events})).await?;
+        ensure!(status == StatusCode::OK, "{body}");
+    }
+    let mut lock = edge.connect_db().await?;
+    sqlx::raw_sql("BEGIN").execute(&mut lock).await?;
+    sqlx::query("SELECT 1 FROM usage_events WHERE tenant_id = $1 FOR UPDATE")
+        .bind(edge.tenant.id)
+        .fetch_all(&mut lock)
+        .await?;
+    let (status, started) = start(&edge, &admin, &recent_range()).await?;
+    assert_eq!(status, StatusCode::ACCEPTED, "{started}");
+    let id: Uuid = started["id"].as_str().context("an id")?.parse()?;
+
+    // The first poll asks the jobs to stop; the job is still in its first batch.
+    let mut stop = Box::pin(edge.edge.state.rerates.stop(RERATE_DEADLINE));
+    let first = std::future::poll_fn(|cx| Poll::Ready(stop.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "the held job cannot have ended");
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await?;
+    assert!(stop.await, "the job ended after its batch");
+
+    let record = edge.store.find_rerate(edge.tenant.id, id).await?.context("the run")?;
+    assert_eq!(record.status, sink::RerateStatus::Interrupted, "{record:?}");
+    assert_eq!(record.run.events_scanned, batch as i64, "{record:?}");
+    assert!(
+        record.finished_at_us.is_some() && record.error.as_deref().unwrap_or_default().contains("shut down")
+    );
+    Ok(())
+}
