@@ -13,7 +13,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sink::{
-    NewApiKey, Repriced, RerateRequest, RerateRun, Scope, ServiceRecord, StoredPriceRule, TenantSettings,
+    NewApiKey, Repriced, RerateRecord, RerateRun, RerateStart, Scope, ServiceRecord, StoredPriceRule,
+    TenantSettings,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -24,12 +25,9 @@ use crate::EdgeState;
 use crate::auth::{Caller, generate_api_key, now_us};
 use crate::http::{ApiError, api_key};
 use crate::registry::{FieldSpec, Registry};
+use crate::rerate::{RERATE_LIST_MAX, RERATE_RANGE_DAYS_MAX, RERATE_STALE_SECONDS};
 
 const MICROS_PER_HOUR: i64 = 3_600_000_000;
-/// Events re-priced per transaction.
-const RERATE_BATCH_EVENTS: u32 = 5_000;
-/// Longest range one re-rate request may cover.
-const RERATE_RANGE_DAYS_MAX: i64 = 400;
 
 pub fn routes() -> Router<Arc<EdgeState>> {
     Router::new()
@@ -42,7 +40,8 @@ pub fn routes() -> Router<Arc<EdgeState>> {
         .route("/api/v1/admin/settings", get(get_settings).put(put_settings))
         .route("/api/v1/admin/prices", get(list_prices).post(create_price))
         .route("/api/v1/admin/prices/{id}", delete(retire_price))
-        .route("/api/v1/admin/rerate", post(rerate))
+        .route("/api/v1/admin/rerate", post(rerate).get(list_rerates))
+        .route("/api/v1/admin/rerate/{id}", get(get_rerate))
         .route("/api/v1/services", get(list_services).post(create_service))
         .route("/api/v1/services/{service_type}", get(get_service).put(put_service).delete(delete_service))
 }
@@ -443,13 +442,15 @@ struct RerateBody {
     end_date: String,
 }
 
-/// Re-prices a tenant's events in a range with its current rules, in bounded batches, moving the
-/// rollups by the same amounts, and records an audit row. Running it twice changes nothing more.
+/// Starts re-pricing a tenant's events in a range with its current rules, as a background job
+/// ([`crate::rerate`]): the audit row is written first (status running), then the answer is 202
+/// with the run's id and where to follow it. One run per tenant at a time: while one runs, 409
+/// names it. Running it twice changes nothing more.
 async fn rerate(
     State(state): State<Arc<EdgeState>>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let caller = admin(&state, &headers).await?;
     let request: RerateBody = parse(&body)?;
     let (start_us, end_us) =
@@ -471,9 +472,7 @@ async fn rerate(
             Repriced { cost: None, rule_ids: Vec::new() }
         }
     };
-    let job =
-        RerateRequest { tenant_id: caller.tenant_id, start_us, end_us, batch_events: RERATE_BATCH_EVENTS };
-    let mut run = RerateRun {
+    let run = RerateRun {
         id: Uuid::now_v7(),
         tenant_id: caller.tenant_id,
         start_us,
@@ -485,23 +484,59 @@ async fn rerate(
         cost_after: Default::default(),
         requested_by: Some(caller.key_id),
     };
-    let mut after = None;
-    loop {
-        let batch = state.store.rerate_batch(&job, after, &reprice).await.map_err(storage)?;
-        run.events_scanned += batch.scanned;
-        run.events_changed += batch.changed;
-        run.cost_before = sink::add_money(run.cost_before, batch.cost_before).map_err(storage)?;
-        run.cost_after = sink::add_money(run.cost_after, batch.cost_after).map_err(storage)?;
-        match batch.last {
-            Some(last) => after = Some(last),
-            None => break,
-        }
+    let stale_before_us = run.started_at_us - RERATE_STALE_SECONDS * 1_000_000;
+    if let RerateStart::AlreadyRunning(running) =
+        state.store.start_rerate(&run, stale_before_us).await.map_err(storage)?
+    {
+        return Err(ApiError::with_status(
+            StatusCode::CONFLICT,
+            "rerate_running",
+            format!("re-rate {running} of this tenant is running; follow it at {}", rerate_path(running)),
+        ));
     }
-    state.store.record_rerate(&run).await.map_err(storage)?;
-    state.ingestor.tenants().invalidate(caller.tenant_id);
-    Ok(Json(json!({"id": run.id, "start_date": format_time(start_us), "end_date": format_time(end_us),
-        "events_scanned": run.events_scanned, "events_changed": run.events_changed,
-        "cost_before": run.cost_before, "cost_after": run.cost_after})))
+    let location = rerate_path(run.id);
+    state.rerates.spawn(state.clone(), run.clone(), Box::new(reprice));
+    let body = json!({"id": run.id, "status": "running", "start_date": format_time(start_us),
+        "end_date": format_time(end_us), "started_at": format_time(run.started_at_us),
+        "links": {"self": location}});
+    Ok((StatusCode::ACCEPTED, [(axum::http::header::LOCATION, location)], Json(body)).into_response())
+}
+
+/// One of the caller's tenant's re-rates; another tenant's is not found.
+async fn get_rerate(
+    State(state): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    let caller = admin(&state, &headers).await?;
+    match state.store.find_rerate(caller.tenant_id, id).await.map_err(storage)? {
+        Some(record) => Ok(Json(rerate_json(&record))),
+        None => Err(not_found(format!("no re-rate {id}"))),
+    }
+}
+
+/// The caller's tenant's latest re-rates, newest first.
+async fn list_rerates(
+    State(state): State<Arc<EdgeState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let caller = admin(&state, &headers).await?;
+    let records = state.store.list_rerates(caller.tenant_id, RERATE_LIST_MAX).await.map_err(storage)?;
+    Ok(Json(json!({"runs": records.iter().map(rerate_json).collect::<Vec<_>>()})))
+}
+
+fn rerate_path(id: Uuid) -> String {
+    format!("/api/v1/admin/rerate/{id}")
+}
+
+fn rerate_json(record: &RerateRecord) -> Value {
+    let run = &record.run;
+    json!({"id": run.id, "status": record.status.as_str(), "start_date": format_time(run.start_us),
+        "end_date": format_time(run.end_us), "events_scanned": run.events_scanned,
+        "events_changed": run.events_changed, "cost_before": run.cost_before, "cost_after": run.cost_after,
+        "started_at": format_time(run.started_at_us), "updated_at": format_time(record.updated_at_us),
+        "finished_at": record.finished_at_us.map(format_time), "error": record.error,
+        "requested_by": run.requested_by, "links": {"self": rerate_path(run.id)}})
 }
 
 /// A service type in the older system's shape.

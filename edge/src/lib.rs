@@ -8,6 +8,7 @@ pub mod http;
 pub mod ingest;
 pub mod json;
 pub mod registry;
+pub mod rerate;
 mod series;
 pub mod tenants;
 mod wire_server;
@@ -38,6 +39,8 @@ pub struct EdgeState {
     pub ingestor: Ingestor,
     /// Whether the sink workers are up and committing (`/ready`).
     pub workers: Arc<sink::WorkerHealth>,
+    /// Re-rates running in the background.
+    pub rerates: rerate::RerateJobs,
     next_shard: AtomicUsize,
 }
 
@@ -87,6 +90,7 @@ pub async fn start_with_routes(
         ingestor: Ingestor::new(queue.clone(), tenants, config.window),
         workers: sink::WorkerHealth::new(config.queue.shards),
         store: store.clone(),
+        rerates: rerate::RerateJobs::default(),
         next_shard: AtomicUsize::new(0),
         config,
     });
@@ -170,6 +174,8 @@ impl RunningEdge {
             "connections closed"
         );
         let _ = tokio::time::timeout(deadline.saturating_sub(started.elapsed()), self.http).await;
+        // Re-rates stop after the batch in hand and record themselves as interrupted.
+        let rerates_done = self.state.rerates.stop(deadline.saturating_sub(started.elapsed())).await;
         self.state.ingestor.queue().close();
         let mut workers_done = true;
         for worker in self.workers {
@@ -182,7 +188,7 @@ impl RunningEdge {
             drainer.abort();
         }
         self.maintenance.abort();
-        connections_done && workers_done
+        connections_done && workers_done && rerates_done
     }
 
     /// A token that stops the edge's listeners when cancelled (for signal handlers).

@@ -23,4 +23,5 @@ pub use store::{
     Scope, ServiceRecord, Store, StoreError, StoredPriceRule, Tenant, TenantSettings, add_money,
     hash_api_key,
 };
+pub use store::{RerateRecord, RerateStart, RerateStatus};
 pub use worker::{BatchLimits, WorkerHealth, spawn_workers};

@@ -122,6 +122,39 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Records a finished re-rate.
     fn record_rerate<'a>(&'a self, run: &'a RerateRun) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Writes a re-rate's audit row before it starts, with status running, unless another
+    /// re-rate of the tenant is running: then nothing is written and that run's id is returned.
+    /// A running row not updated since `stale_before_us` was left by a stopped process: it is
+    /// marked interrupted and does not block the new run.
+    fn start_rerate<'a>(
+        &'a self,
+        run: &'a RerateRun,
+        stale_before_us: i64,
+    ) -> BoxFuture<'a, Result<RerateStart, StoreError>>;
+
+    /// Writes a running re-rate's progress (its figures so far), or its end when `status` is not
+    /// running, with a public `error` message for a failed or interrupted run.
+    fn update_rerate<'a>(
+        &'a self,
+        run: &'a RerateRun,
+        status: RerateStatus,
+        error: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// One of the tenant's re-rates; `None` when the tenant has no run with this id.
+    fn find_rerate(
+        &self,
+        tenant_id: Uuid,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<Option<RerateRecord>, StoreError>>;
+
+    /// The tenant's latest re-rates, newest first, at most `limit`.
+    fn list_rerates(
+        &self,
+        tenant_id: Uuid,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<RerateRecord>, StoreError>>;
 }
 
 /// A tenant's settings.
@@ -236,6 +269,61 @@ pub struct RerateRun {
     pub cost_before: rust_decimal::Decimal,
     pub cost_after: rust_decimal::Decimal,
     pub requested_by: Option<Uuid>,
+}
+
+/// Where a re-rate is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RerateStatus {
+    Running,
+    Finished,
+    /// Stopped by an error; the events re-rated before it keep their new prices.
+    Failed,
+    /// Stopped by a shutdown, or found abandoned by a stopped process.
+    Interrupted,
+}
+
+impl RerateStatus {
+    /// The name stored and shown by the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RerateStatus::Running => "running",
+            RerateStatus::Finished => "finished",
+            RerateStatus::Failed => "failed",
+            RerateStatus::Interrupted => "interrupted",
+        }
+    }
+
+    /// The status of a stored name.
+    pub fn parse(name: &str) -> Result<RerateStatus, StoreError> {
+        Ok(match name {
+            "running" => RerateStatus::Running,
+            "finished" => RerateStatus::Finished,
+            "failed" => RerateStatus::Failed,
+            "interrupted" => RerateStatus::Interrupted,
+            other => return Err(StoreError::Internal(format!("unknown re-rate status {other:?}"))),
+        })
+    }
+}
+
+/// What [`Store::start_rerate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RerateStart {
+    /// The audit row is written; the run may start.
+    Started,
+    /// Another re-rate of the tenant is running: this one.
+    AlreadyRunning(Uuid),
+}
+
+/// A re-rate's audit row as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RerateRecord {
+    pub run: RerateRun,
+    pub status: RerateStatus,
+    pub finished_at_us: Option<i64>,
+    /// Last progress written; a running row that stops moving was left by a stopped process.
+    pub updated_at_us: i64,
+    /// A public message, for a failed or interrupted run.
+    pub error: Option<String>,
 }
 
 /// How long data is kept, and how far partitions are created around today.

@@ -4,6 +4,7 @@
 mod control;
 mod copy;
 mod rerate;
+mod rerate_jobs;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -598,6 +599,39 @@ impl Store for PgStore {
 
     fn record_rerate<'a>(&'a self, run: &'a RerateRun) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(self.record_rerate_impl(run))
+    }
+
+    fn start_rerate<'a>(
+        &'a self,
+        run: &'a RerateRun,
+        stale_before_us: i64,
+    ) -> BoxFuture<'a, Result<crate::store::RerateStart, StoreError>> {
+        Box::pin(self.start_rerate_impl(run, stale_before_us))
+    }
+
+    fn update_rerate<'a>(
+        &'a self,
+        run: &'a RerateRun,
+        status: crate::store::RerateStatus,
+        error: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.update_rerate_impl(run, status, error))
+    }
+
+    fn find_rerate(
+        &self,
+        tenant_id: Uuid,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<Option<crate::store::RerateRecord>, StoreError>> {
+        Box::pin(self.find_rerate_impl(tenant_id, id))
+    }
+
+    fn list_rerates(
+        &self,
+        tenant_id: Uuid,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<crate::store::RerateRecord>, StoreError>> {
+        Box::pin(self.list_rerates_impl(tenant_id, limit))
     }
 }
 

@@ -137,15 +137,8 @@ async fn a_new_rule_version_and_a_rerate_move_events_and_rollups_together(backen
     replacement["replaces"] = v1["id"].clone();
     let (status, v2) = post(&edge, "/api/v1/admin/prices", &admin, replacement).await?;
     assert_eq!(status, StatusCode::CREATED, "{v2}");
-    let format = |us: i64| {
-        let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000).expect("a time");
-        at.format(&time::format_description::well_known::Rfc3339).expect("formats")
-    };
-    let now_us = edge::auth::now_us();
-    let range =
-        json!({"start_date": format(now_us - 86_400_000_000), "end_date": format(now_us + 3_600_000_000)});
-    let (status, run) = post(&edge, "/api/v1/admin/rerate", &admin, range.clone()).await?;
-    assert_eq!(status, StatusCode::OK, "{run}");
+    let range = crate::rerate::recent_range();
+    let run = crate::rerate::rerate_and_wait(&edge, &admin, &range).await?;
     assert_eq!((run["events_scanned"].as_i64(), run["events_changed"].as_i64()), (Some(10), Some(10)));
     assert_eq!(
         (
@@ -160,7 +153,7 @@ async fn a_new_rule_version_and_a_rerate_move_events_and_rollups_together(backen
     let recorded = events.iter().filter(|event| event.price_rule_ids == Some(vec![v2_id])).count();
     assert_eq!(recorded, 10, "events record the version that priced them");
     // Idempotent: a second run changes nothing; both runs are audited.
-    let (_, again) = post(&edge, "/api/v1/admin/rerate", &admin, range).await?;
+    let again = crate::rerate::rerate_and_wait(&edge, &admin, &range).await?;
     assert_eq!(again["events_changed"].as_i64(), Some(0));
     assert_eq!(edge.rerate_runs().await?, vec![(10, 10), (10, 0)]);
     edge.assert_rollups_match_raw().await?;

@@ -14,6 +14,7 @@ mod prometheus;
 mod query;
 mod query_hardening;
 mod query_properties;
+mod rerate;
 mod store;
 mod support;
 mod tls;
