@@ -52,8 +52,11 @@ impl Stack {
 
     async fn with_config(backend: Backend, config: edge::EdgeConfig) -> Result<Stack> {
         let edge = TestEdge::launch(backend, config).await?;
-        let config =
-            QueryConfig { cache_ttl: Duration::from_millis(1), ..QueryConfig::new(edge.db.url.clone()) };
+        let config = QueryConfig {
+            cache_ttl: Duration::from_millis(1),
+            metrics: Some(crate::support::metrics_handle()),
+            ..QueryConfig::new(edge.db.url.clone())
+        };
         let query = match &edge.db.location {
             Location::Postgres(_) => QueryState::connect(config).await?,
             Location::Sqlite(file) => {

@@ -271,6 +271,7 @@ async fn one_hostile_tenant_cannot_hurt_two_others() -> Result<()> {
         .await?;
     let (status, body) = post(&edge, "/api/v1/admin/prices", &admin, absurd_rule()).await?;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+    let lost_before = crate::support::events_lost(&edge);
 
     let run_for = Duration::from_secs(6);
     let started = tokio::time::Instant::now();
@@ -331,6 +332,10 @@ async fn one_hostile_tenant_cannot_hurt_two_others() -> Result<()> {
                 Message::Ack(ack) => anyhow::ensure!(ack.stored == 1 && ack.rejected.len() == 2, "{ack:?}"),
                 other => anyhow::bail!("acme over the protocol got {other:?}"),
             }
+            // Accepted before storage refused it: it must be counted lost, not vanish.
+            let (status, body) =
+                post(&edge, "/api/v1/events?ack=accepted", &edge.key, llm("poison", 1.0)).await?;
+            anyhow::ensure!(status == StatusCode::ACCEPTED, "{status}: {body}");
             let service = json!({"service_name": "OCR", "billing_config": {"unit": "pages", "rates": {"standard": "0.5"}}});
             let (status, body) = edge.http("PUT", "/api/v1/services/ocr", Some(&admin), service).await?;
             anyhow::ensure!(status.is_success(), "{status}: {body}");
@@ -366,6 +371,16 @@ async fn one_hostile_tenant_cannot_hurt_two_others() -> Result<()> {
     assert_eq!(edge.stored_count(bravo.id).await?, bravo_acked, "bravo lost or doubled events");
     assert_eq!(edge.stored_count(charlie.id).await?, charlie_acked, "charlie lost or doubled events");
     assert_eq!(edge.stored_count(edge.tenant.id).await?, 2 * hostile_rounds as usize);
+    // Every accepted poison event is counted lost (once its batch is done), and nothing else.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let lost = crate::support::events_lost(&edge) - lost_before;
+        if lost >= hostile_rounds as f64 || tokio::time::Instant::now() > deadline {
+            assert_eq!(lost, hostile_rounds as f64, "accepted events refused by storage, counted lost");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     sqlx::query("ALTER TABLE usage_events DROP CONSTRAINT test_no_poison").execute(&mut conn).await?;
     crate::support::assert_rollups_match_raw(&mut conn).await?;
     Ok(())

@@ -364,3 +364,16 @@ pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
     }
     Ok(sqlx::query_scalar("SELECT count(*) FROM usage_rollup_hourly").fetch_one(&mut *conn).await?)
 }
+
+/// `tally_events_lost_total` as an edge's recorder renders it (0 when absent). The recorder is
+/// shared by every in-process edge of this test binary; only the tests that lose `accepted`
+/// events on purpose move it.
+pub fn events_lost(edge: &TestEdge) -> f64 {
+    let Some(metrics) = edge.edge.state.config.metrics.as_ref() else { return 0.0 };
+    metrics
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix("tally_events_lost_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
