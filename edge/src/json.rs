@@ -18,7 +18,7 @@
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use wire::{Event, EventError, QuantityKind, Status};
+use wire::{ErrorCode, Event, EventError, QuantityKind, Status};
 
 use crate::registry::Registry;
 
@@ -70,6 +70,52 @@ pub fn tenant_of(value: &Value) -> Result<Option<&str>, EventError> {
         Some(Value::String(tenant)) => Ok(Some(tenant)),
         Some(_) => Err(EventError::new("tenant_id", "must be a string")),
     }
+}
+
+/// Why a body was refused as a whole, before any event in it was looked at.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("invalid JSON body: {0}")]
+    Json(String),
+    #[error("body must be {{\"events\": [...]}}: {0}")]
+    NotABatch(String),
+    #[error("events: the batch is empty")]
+    EmptyBatch,
+    // 400 as in the older system (its MAX_BATCH_SIZE); 413 is for bodies over the byte limit.
+    #[error("events: {events} events exceed the batch limit of {max} (MAX_BATCH_SIZE); split the batch")]
+    TooManyEvents { events: usize, max: usize },
+}
+
+impl BodyError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BodyError::Json(_) | BodyError::NotABatch(_) => ErrorCode::BadFrame,
+            BodyError::EmptyBatch | BodyError::TooManyEvents { .. } => ErrorCode::InvalidEvent,
+        }
+    }
+}
+
+/// The JSON value of a request body.
+pub fn body_value(body: &[u8]) -> Result<Value, BodyError> {
+    serde_json::from_slice(body).map_err(|error| BodyError::Json(error.to_string()))
+}
+
+/// The events of a batch body, `{"events": [...]}`, with 1 to `events_max` of them. Each is then
+/// checked alone: [`tenant_of`], then [`event_from_json`].
+pub fn batch_events(body: &[u8], events_max: usize) -> Result<Vec<Value>, BodyError> {
+    #[derive(serde::Deserialize)]
+    struct BatchBody {
+        events: Vec<Value>,
+    }
+    let body: BatchBody =
+        serde_json::from_value(body_value(body)?).map_err(|error| BodyError::NotABatch(error.to_string()))?;
+    if body.events.is_empty() {
+        return Err(BodyError::EmptyBatch);
+    }
+    if body.events.len() > events_max {
+        return Err(BodyError::TooManyEvents { events: body.events.len(), max: events_max });
+    }
+    Ok(body.events)
 }
 
 /// What [`event_from_json`] records of the caller's own names and JSON types.

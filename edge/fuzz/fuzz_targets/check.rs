@@ -1,0 +1,93 @@
+//! The invariants both targets check on every JSON event that reaches `event_from_json`.
+
+use edge::json::{CALLER_KEY, event_from_json, tenant_of};
+use edge::registry::Registry;
+use serde_json::{Value, json};
+use wire::{EventError, QuantityKind};
+
+/// The built-in types and one custom type with a provider list and typed required fields, so
+/// both halves of `Registry::check` are reached.
+pub fn registry() -> Registry {
+    let vision = sink::ServiceRecord {
+        service_type: "vision".into(),
+        service_name: "Vision".into(),
+        description: None,
+        providers: vec!["p".into(), "q".into()],
+        required_fields: json!([{"name": "images", "kind": "number"}, {"name": "resolution", "type": "string"},
+            "model", "score"]),
+        optional_fields: json!([]),
+        billing_config: None,
+    };
+    Registry::with_custom(&[vision])
+}
+
+/// Field names an error may name although the caller did not send them: a missing required
+/// field, or the wire name of what a caller's alias or metric became.
+const WIRE_FIELDS: &[&str] = &[
+    "event",
+    "user_id",
+    "service_type",
+    "service_provider",
+    "event_type",
+    "model",
+    "latency_ms",
+    "quantities",
+    "custom_quantities",
+    "metadata",
+    "tags",
+    "document_type",
+    "processing_type",
+    "endpoint",
+    "method",
+    "images",
+    "resolution",
+    "score",
+];
+
+/// Converts one event and checks what came out: never a panic, an accepted event is valid for
+/// the wire and can become a stored row, and an error names a field.
+pub fn check_event(value: Value, registry: &Registry) {
+    let sent: Vec<String> =
+        value.as_object().map(|object| object.keys().cloned().collect()).unwrap_or_default();
+    if let Err(error) = tenant_of(&value) {
+        assert_eq!(error.field, "tenant_id", "{error:?}");
+    }
+    match event_from_json(value, registry) {
+        Ok(event) => {
+            if let Err(error) = event.validate() {
+                panic!("an accepted event is invalid: {error:?} {event:?}");
+            }
+            check_caller_view(&event);
+            if let Err(error) = registry.check(&event) {
+                check_error(&error, &sent);
+            }
+            let row = sink::EventRow::new(uuid::Uuid::nil(), event, None);
+            assert!(row.latency_us.is_none_or(|latency_us| latency_us >= 0));
+        }
+        Err(error) => check_error(&error, &sent),
+    }
+}
+
+/// The reserved entry, when present, is the JSON object `event_from_json` writes.
+fn check_caller_view(event: &wire::Event) {
+    let Some(extra) = &event.extra else { return };
+    let views: Vec<_> = extra.metadata.iter().filter(|entry| entry.key == CALLER_KEY).collect();
+    assert!(views.len() <= 1, "{views:?}");
+    if let Some(view) = views.first() {
+        let Ok(Value::Object(view)) = serde_json::from_str::<Value>(&view.value) else {
+            panic!("the caller's view is not a JSON object: {view:?}")
+        };
+        assert!(!view.is_empty());
+        assert!(view.keys().all(|key| ["m", "j", "mm"].contains(&key.as_str())), "{view:?}");
+    }
+}
+
+/// An error names a field the caller sent, or one of the event's own fields.
+pub fn check_error(error: &EventError, sent: &[String]) {
+    assert!(!error.reason.is_empty(), "{error:?}");
+    let root = error.field.split(['.', '[']).next().unwrap_or_default();
+    let named = sent.iter().any(|key| key == root)
+        || WIRE_FIELDS.contains(&root)
+        || QuantityKind::from_name(root).is_some();
+    assert!(!root.is_empty() && named, "the error names no field: {error:?} (sent {sent:?})");
+}
