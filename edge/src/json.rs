@@ -208,6 +208,10 @@ pub fn event_from_json(value: Value, registry: &Registry) -> Result<Event, Event
         }
     }
     for (name, value) in object {
+        if name.is_empty() {
+            // An error must name a field, and "" names none.
+            return Err(EventError::new("event", "has a field with an empty name"));
+        }
         if numeric_target(&name).is_none() {
             return Err(EventError::new(name, "is not a field of an event"));
         }
@@ -563,6 +567,14 @@ mod tests {
         let mut unknown = base();
         unknown["input_token"] = json!(3);
         assert_eq!(convert(unknown).expect_err("typo").field, "input_token");
+        // Found by the event_json fuzz target: the error for an empty key named no field.
+        let mut empty_key = base();
+        empty_key[""] = json!({"images": 3});
+        let error = convert(empty_key).expect_err("empty key");
+        assert_eq!(
+            (error.field.as_str(), error.reason.as_str()),
+            ("event", "has a field with an empty name")
+        );
         let mut negative = base();
         negative["metrics"] = json!({"images": -1});
         assert_eq!(convert(negative).expect_err("negative").field, "images");

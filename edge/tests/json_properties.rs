@@ -137,12 +137,15 @@ fn check_event(value: Value) -> Result<(), TestCaseError> {
         }
         Err(error) => {
             let root = error.field.split(['.', '[']).next().unwrap_or_default();
-            let named = sent.iter().any(|key| key == root)
+            let named = sent.iter().any(|key| names_key(&error.field, key))
                 || WIRE_FIELDS.contains(&root)
                 || QuantityKind::from_name(root).is_some()
                 || ["user_id", "service_type", "service_provider", "event_type", "latency_ms"]
                     .contains(&root);
-            prop_assert!(!root.is_empty() && named && !error.reason.is_empty(), "{error:?} (sent {sent:?})");
+            prop_assert!(
+                !error.field.is_empty() && named && !error.reason.is_empty(),
+                "{error:?} (sent {sent:?})"
+            );
         }
     }
     Ok(())
@@ -176,4 +179,9 @@ proptest! {
             Err(error) => prop_assert!(false, "{body}: {error}"),
         }
     }
+}
+
+/// `field` is `key` or a path under it (`key.inner`, `key[0]`); keys may contain `.` and `[`.
+fn names_key(field: &str, key: &str) -> bool {
+    field.strip_prefix(key).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
 }

@@ -86,8 +86,13 @@ fn check_caller_view(event: &wire::Event) {
 pub fn check_error(error: &EventError, sent: &[String]) {
     assert!(!error.reason.is_empty(), "{error:?}");
     let root = error.field.split(['.', '[']).next().unwrap_or_default();
-    let named = sent.iter().any(|key| key == root)
+    let named = sent.iter().any(|key| names_key(&error.field, key))
         || WIRE_FIELDS.contains(&root)
         || QuantityKind::from_name(root).is_some();
-    assert!(!root.is_empty() && named, "the error names no field: {error:?} (sent {sent:?})");
+    assert!(!error.field.is_empty() && named, "the error names no field: {error:?} (sent {sent:?})");
+}
+
+/// `field` is `key` or a path under it (`key.inner`, `key[0]`); keys may contain `.` and `[`.
+fn names_key(field: &str, key: &str) -> bool {
+    field.strip_prefix(key).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
 }
