@@ -121,8 +121,7 @@ fn event_json() -> impl Strategy<Value = Value> {
 }
 
 fn check_event(value: Value) -> Result<(), TestCaseError> {
-    let sent: Vec<String> =
-        value.as_object().map(|object| object.keys().cloned().collect()).unwrap_or_default();
+    let sent = sent_keys(&value);
     if let Err(error) = tenant_of(&value) {
         prop_assert_eq!(error.field, "tenant_id");
     }
@@ -184,4 +183,12 @@ proptest! {
 /// `field` is `key` or a path under it (`key.inner`, `key[0]`); keys may contain `.` and `[`.
 fn names_key(field: &str, key: &str) -> bool {
     field.strip_prefix(key).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+/// The keys a caller sent: at the top level and under `metrics` and `metadata`, whose entries'
+/// errors name the entry (`images` for `metrics.images`).
+fn sent_keys(value: &Value) -> Vec<String> {
+    let Some(object) = value.as_object() else { return Vec::new() };
+    let nested = ["metrics", "metadata"].into_iter().filter_map(|key| object.get(key)?.as_object());
+    object.keys().chain(nested.flat_map(|inner| inner.keys())).cloned().collect()
 }

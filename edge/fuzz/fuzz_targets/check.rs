@@ -47,8 +47,7 @@ const WIRE_FIELDS: &[&str] = &[
 /// Converts one event and checks what came out: never a panic, an accepted event is valid for
 /// the wire and can become a stored row, and an error names a field.
 pub fn check_event(value: Value, registry: &Registry) {
-    let sent: Vec<String> =
-        value.as_object().map(|object| object.keys().cloned().collect()).unwrap_or_default();
+    let sent = sent_keys(&value);
     if let Err(error) = tenant_of(&value) {
         assert_eq!(error.field, "tenant_id", "{error:?}");
     }
@@ -95,4 +94,12 @@ pub fn check_error(error: &EventError, sent: &[String]) {
 /// `field` is `key` or a path under it (`key.inner`, `key[0]`); keys may contain `.` and `[`.
 fn names_key(field: &str, key: &str) -> bool {
     field.strip_prefix(key).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+/// The keys a caller sent: at the top level and under `metrics` and `metadata`, whose entries'
+/// errors name the entry (`images` for `metrics.images`).
+fn sent_keys(value: &Value) -> Vec<String> {
+    let Some(object) = value.as_object() else { return Vec::new() };
+    let nested = ["metrics", "metadata"].into_iter().filter_map(|key| object.get(key)?.as_object());
+    object.keys().chain(nested.flat_map(|inner| inner.keys())).cloned().collect()
 }
