@@ -150,6 +150,10 @@ pub fn event_from_json(value: Value, registry: &Registry) -> Result<Event, Event
     let Value::Object(mut object) = value else {
         return Err(EventError::new("event", "must be a JSON object"));
     };
+    if object.contains_key("") {
+        // An error must name a field, and "" names none (nor can a path under it).
+        return Err(EventError::new("event", "has a field with an empty name"));
+    }
     check_no_nul(&object, "")?;
     let user_id = take_string(&mut object, "user_id")?.ok_or_else(|| missing("user_id"))?;
     let service_type = take_string(&mut object, "service_type")?.ok_or_else(|| missing("service_type"))?;
@@ -208,10 +212,6 @@ pub fn event_from_json(value: Value, registry: &Registry) -> Result<Event, Event
         }
     }
     for (name, value) in object {
-        if name.is_empty() {
-            // An error must name a field, and "" names none.
-            return Err(EventError::new("event", "has a field with an empty name"));
-        }
         if numeric_target(&name).is_none() {
             return Err(EventError::new(name, "is not a field of an event"));
         }
@@ -575,6 +575,10 @@ mod tests {
             (error.field.as_str(), error.reason.as_str()),
             ("event", "has a field with an empty name")
         );
+        // Found by the property test: a NUL under the empty key was reported as `event_id`.
+        let mut nul_under_empty_key = base();
+        nul_under_empty_key[""] = json!({"event_id": "a\0b"});
+        assert_eq!(convert(nul_under_empty_key).expect_err("empty key").field, "event");
         let mut negative = base();
         negative["metrics"] = json!({"images": -1});
         assert_eq!(convert(negative).expect_err("negative").field, "images");
