@@ -2,7 +2,7 @@
 //! `POST /api/v1/events` does, and checks the invariants of `check::check_event`.
 //!
 //! Start from the seeds and the dictionary next to this crate:
-//! `cargo +nightly fuzz run event_json seeds/event_json -- -dict=json.dict`.
+//! `cargo +nightly fuzz run event_json corpus/event_json seeds/event_json -- -dict=json.dict`.
 
 #![no_main]
 
