@@ -17,7 +17,7 @@ use wire::{AckMode, ErrorCode};
 use crate::EdgeState;
 use crate::auth::{AuthError, Caller};
 use crate::ingest::{EventStatus, IngestError};
-use crate::json::{event_from_json, tenant_of};
+use crate::json::{BodyError, batch_events, body_value, event_from_json, tenant_of};
 
 /// The router, with its state. Tests drive it with `oneshot` and no socket.
 pub fn router(state: Arc<EdgeState>) -> Router {
@@ -208,9 +208,10 @@ impl IngestParams {
     }
 }
 
-fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|error| ApiError::new(ErrorCode::BadFrame, format!("invalid JSON body: {error}")))
+impl From<BodyError> for ApiError {
+    fn from(error: BodyError) -> ApiError {
+        ApiError::new(error.code(), error.to_string())
+    }
 }
 
 /// A body's `tenant_id`, where given, must be the key's tenant (by id or name).
@@ -264,7 +265,7 @@ async fn ingest_one(
     Query(params): Query<IngestParams>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let event = parse_body(&body)?;
+    let event = body_value(&body)?;
     let (ids, mut statuses) = ingest(&state, &headers, &params, vec![event]).await?;
     let event_id = ids.into_iter().next().flatten().map(|id| id.to_string());
     let (status, message, result) = match statuses.pop() {
@@ -280,34 +281,15 @@ async fn ingest_one(
     Ok((status, Json(body)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
-struct BatchBody {
-    events: Vec<Value>,
-}
-
 async fn ingest_batch(
     State(state): State<Arc<EdgeState>>,
     headers: HeaderMap,
     Query(params): Query<IngestParams>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: BatchBody = serde_json::from_value(parse_body(&body)?).map_err(|error| {
-        ApiError::new(ErrorCode::BadFrame, format!("body must be {{\"events\": [...]}}: {error}"))
-    })?;
-    let max = state.config.http_batch_events_max;
-    if body.events.is_empty() {
-        return Err(ApiError::new(ErrorCode::InvalidEvent, "events: the batch is empty"));
-    }
-    if body.events.len() > max {
-        // 400 as in the older system (its MAX_BATCH_SIZE); 413 is for bodies over the byte limit.
-        let detail = format!(
-            "events: {} events exceed the batch limit of {max} (MAX_BATCH_SIZE); split the batch",
-            body.events.len()
-        );
-        return Err(ApiError::new(ErrorCode::InvalidEvent, detail));
-    }
-    let originals: Vec<Value> = body.events.clone();
-    let (ids, statuses) = ingest(&state, &headers, &params, body.events).await?;
+    let events = batch_events(&body, state.config.http_batch_events_max)?;
+    let originals: Vec<Value> = events.clone();
+    let (ids, statuses) = ingest(&state, &headers, &params, events).await?;
     Ok(batch_response(originals, ids, statuses))
 }
 

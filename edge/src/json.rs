@@ -18,7 +18,7 @@
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use wire::{Event, EventError, QuantityKind, Status};
+use wire::{ErrorCode, Event, EventError, QuantityKind, Status};
 
 use crate::registry::Registry;
 
@@ -72,6 +72,52 @@ pub fn tenant_of(value: &Value) -> Result<Option<&str>, EventError> {
     }
 }
 
+/// Why a body was refused as a whole, before any event in it was looked at.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("invalid JSON body: {0}")]
+    Json(String),
+    #[error("body must be {{\"events\": [...]}}: {0}")]
+    NotABatch(String),
+    #[error("events: the batch is empty")]
+    EmptyBatch,
+    // 400 as in the older system (its MAX_BATCH_SIZE); 413 is for bodies over the byte limit.
+    #[error("events: {events} events exceed the batch limit of {max} (MAX_BATCH_SIZE); split the batch")]
+    TooManyEvents { events: usize, max: usize },
+}
+
+impl BodyError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BodyError::Json(_) | BodyError::NotABatch(_) => ErrorCode::BadFrame,
+            BodyError::EmptyBatch | BodyError::TooManyEvents { .. } => ErrorCode::InvalidEvent,
+        }
+    }
+}
+
+/// The JSON value of a request body.
+pub fn body_value(body: &[u8]) -> Result<Value, BodyError> {
+    serde_json::from_slice(body).map_err(|error| BodyError::Json(error.to_string()))
+}
+
+/// The events of a batch body, `{"events": [...]}`, with 1 to `events_max` of them. Each is then
+/// checked alone: [`tenant_of`], then [`event_from_json`].
+pub fn batch_events(body: &[u8], events_max: usize) -> Result<Vec<Value>, BodyError> {
+    #[derive(serde::Deserialize)]
+    struct BatchBody {
+        events: Vec<Value>,
+    }
+    let body: BatchBody =
+        serde_json::from_value(body_value(body)?).map_err(|error| BodyError::NotABatch(error.to_string()))?;
+    if body.events.is_empty() {
+        return Err(BodyError::EmptyBatch);
+    }
+    if body.events.len() > events_max {
+        return Err(BodyError::TooManyEvents { events: body.events.len(), max: events_max });
+    }
+    Ok(body.events)
+}
+
 /// What [`event_from_json`] records of the caller's own names and JSON types.
 #[derive(Default)]
 struct CallerView {
@@ -104,6 +150,10 @@ pub fn event_from_json(value: Value, registry: &Registry) -> Result<Event, Event
     let Value::Object(mut object) = value else {
         return Err(EventError::new("event", "must be a JSON object"));
     };
+    if object.contains_key("") {
+        // An error must name a field, and "" names none (nor can a path under it).
+        return Err(EventError::new("event", "has a field with an empty name"));
+    }
     check_no_nul(&object, "")?;
     let user_id = take_string(&mut object, "user_id")?.ok_or_else(|| missing("user_id"))?;
     let service_type = take_string(&mut object, "service_type")?.ok_or_else(|| missing("service_type"))?;
@@ -517,6 +567,18 @@ mod tests {
         let mut unknown = base();
         unknown["input_token"] = json!(3);
         assert_eq!(convert(unknown).expect_err("typo").field, "input_token");
+        // Found by the event_json fuzz target: the error for an empty key named no field.
+        let mut empty_key = base();
+        empty_key[""] = json!({"images": 3});
+        let error = convert(empty_key).expect_err("empty key");
+        assert_eq!(
+            (error.field.as_str(), error.reason.as_str()),
+            ("event", "has a field with an empty name")
+        );
+        // Found by the property test: a NUL under the empty key was reported as `event_id`.
+        let mut nul_under_empty_key = base();
+        nul_under_empty_key[""] = json!({"event_id": "a\0b"});
+        assert_eq!(convert(nul_under_empty_key).expect_err("empty key").field, "event");
         let mut negative = base();
         negative["metrics"] = json!({"images": -1});
         assert_eq!(convert(negative).expect_err("negative").field, "images");
