@@ -352,6 +352,21 @@ async fn shutdown_records_a_running_rerate_as_interrupted() -> Result<()> {
     let (status, started) = start(&edge, &admin, &recent_range()).await?;
     assert_eq!(status, StatusCode::ACCEPTED, "{started}");
     let id: Uuid = started["id"].as_str().context("an id")?.parse()?;
+    // Wait (bounded) until the job is in its first batch, waiting for the row lock.
+    let mut observer = edge.connect_db().await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut observer)
+        .await?;
+        if waiting > 0 {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "the re-rate never reached its first batch");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     // The first poll asks the jobs to stop; the job is still in its first batch.
     let mut stop = Box::pin(edge.edge.state.rerates.stop(RERATE_DEADLINE));
