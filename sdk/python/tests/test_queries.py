@@ -46,7 +46,7 @@ def test_aggregates_trends_top_users_and_the_bill(tally):
     aggregate, trends, top, bill = run(scenario())
 
     rows = {row["user_id"]: row for row in aggregate["aggregations"]}
-    assert aggregate["aggregates"] is aggregate["aggregations"], "the older name is there too"
+    assert aggregate["aggregates"] == aggregate["aggregations"], "the older name is there too"
     assert (rows[heavy]["event_count"], rows[light]["event_count"]) == (3, 1)
     assert rows[heavy]["aggregated_metrics"]["input_tokens"] == 3000
     assert isinstance(rows[heavy]["total_cost"], Decimal) and rows[heavy]["total_cost"] > rows[light]["total_cost"] > 0
