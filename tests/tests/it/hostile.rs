@@ -469,7 +469,8 @@ async fn binary_clients_that_do_not_read_are_dropped() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn ready_goes_false_while_sink_workers_cannot_commit() -> Result<()> {
     let mut config = edge::EdgeConfig::default();
-    config.batch.commit_timeout = Duration::from_secs(4);
+    // Stalled from 4 s into the commit, given up at 8 s: a window wide enough for a busy machine.
+    config.batch.commit_timeout = Duration::from_secs(8);
     let edge = TestEdge::launch(Backend::Postgres, config).await?;
     assert_eq!(ready(&edge).await?, StatusCode::OK);
     let mut locker = edge.connect_db().await?;
@@ -490,7 +491,7 @@ async fn ready_goes_false_while_sink_workers_cannot_commit() -> Result<()> {
     });
     // Down within the stall limit (half the commit deadline), and while the commit hangs.
     let mut saw_not_ready = false;
-    for _ in 0..30 {
+    for _ in 0..75 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if ready(&edge).await? == StatusCode::SERVICE_UNAVAILABLE {
             saw_not_ready = true;
