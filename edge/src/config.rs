@@ -54,6 +54,8 @@ pub struct EdgeConfig {
     pub retention: Retention,
     /// Time between maintenance runs (partitions ahead, retention). Default 1 hour.
     pub maintenance_interval: Duration,
+    /// How often and how much the rollup materializer folds (see `sink::fold`).
+    pub fold: sink::FoldLimits,
     /// How long a graceful shutdown may take before remaining work is abandoned. Default 30 s.
     pub shutdown_timeout: Duration,
     /// The process's Prometheus recorder, rendered on `GET /metrics`; installed by the binary
@@ -84,6 +86,7 @@ impl Default for EdgeConfig {
             window: TimeWindow::default(),
             retention: Retention::default(),
             maintenance_interval: Duration::from_secs(3600),
+            fold: sink::FoldLimits::default(),
             shutdown_timeout: Duration::from_secs(30),
             metrics: None,
         }

@@ -62,6 +62,7 @@ pub struct RunningEdge {
     http: JoinHandle<()>,
     workers: Vec<JoinHandle<()>>,
     maintenance: JoinHandle<()>,
+    folder: JoinHandle<()>,
     drainer: Option<JoinHandle<()>>,
 }
 
@@ -116,6 +117,7 @@ pub async fn start_with_routes(
         let tls = state.config.tls.clone();
         tokio::spawn(serve::serve(http_listener, router, limits, tls, "ingest", shutdown))
     };
+    let folder = tokio::spawn(sink::run_folder(store.clone(), state.config.fold));
     let maintenance = tokio::spawn(maintain_forever(
         store,
         state.config.retention_with_window(),
@@ -132,6 +134,7 @@ pub async fn start_with_routes(
         http,
         workers,
         maintenance,
+        folder,
         drainer,
     })
 }
@@ -188,6 +191,8 @@ impl RunningEdge {
             drainer.abort();
         }
         self.maintenance.abort();
+        // An aborted fold is rolled back: what it held stays pending for the next fold.
+        self.folder.abort();
         connections_done && workers_done && rerates_done
     }
 

@@ -73,6 +73,8 @@ const COUNTERS: &[Counter] = &[
     ),
     ("tally_wire_protocol_errors_total", "Binary connections closed for a protocol error, by code.", &[]),
     ("tally_http_requests_total", "HTTP requests answered, by route and status.", &[]),
+    ("tally_rollup_folded_total", "Pending rollup entries folded into the rollups.", &[]),
+    ("tally_rollup_fold_failures_total", "Rollup folds that failed (retried).", &[]),
 ];
 
 /// Gauges: name and help.
@@ -85,6 +87,8 @@ const GAUGES: &[(&str, &str)] = &[
     ("tally_overflow_bytes", "Bytes held in the Redis overflow."),
     ("tally_overflow_bytes_max", "Bytes the overflow may hold (the bound)."),
     ("tally_overflow_oldest_age_seconds", "Age of the oldest batch in the overflow."),
+    ("tally_rollup_unfolded_entries", "Committed rollup entries not yet folded into the rollups (readers add them)."),
+    ("tally_rollup_fold_lag_seconds", "Age of the oldest committed rollup entry not yet folded."),
 ];
 
 /// Histograms: name and help.

@@ -5,6 +5,7 @@
 //! The storage boundary is the [`Store`] trait; [`pg::PgStore`] implements it for PostgreSQL and
 //! [`sqlite::SqliteStore`] for an embedded SQLite file.
 
+pub mod fold;
 pub mod overflow;
 pub mod pg;
 mod queue;
@@ -23,5 +24,6 @@ pub use store::{
     Scope, ServiceRecord, Store, StoreError, StoredPriceRule, Tenant, TenantSettings, add_money,
     hash_api_key,
 };
-pub use store::{RerateRecord, RerateStart, RerateStatus};
+pub use fold::{FoldLimits, run_folder};
+pub use store::{FoldReport, RerateRecord, RerateStart, RerateStatus};
 pub use worker::{BatchLimits, WorkerHealth, spawn_workers};

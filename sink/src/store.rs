@@ -155,6 +155,26 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         tenant_id: Uuid,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<RerateRecord>, StoreError>>;
+
+    /// Folds committed, not yet folded rollup deltas into the rollups, at most `max_entries`
+    /// of them in one transaction that also removes them, so none is folded twice or skipped,
+    /// even with several processes folding. A backend that grows its rollups in the commit
+    /// itself has nothing to fold.
+    fn fold_rollups(&self, max_entries: usize) -> BoxFuture<'_, Result<FoldReport, StoreError>> {
+        let _ = max_entries;
+        Box::pin(async { Ok(FoldReport::default()) })
+    }
+}
+
+/// What one [`Store::fold_rollups`] did, and what it left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FoldReport {
+    /// Entries folded and removed.
+    pub folded: u64,
+    /// Entries still waiting after this fold.
+    pub pending: u64,
+    /// Commit time (microseconds since the Unix epoch) of the oldest entry still waiting.
+    pub oldest_pending_us: Option<i64>,
 }
 
 /// A tenant's settings.
