@@ -87,7 +87,10 @@ const GAUGES: &[(&str, &str)] = &[
     ("tally_overflow_bytes", "Bytes held in the Redis overflow."),
     ("tally_overflow_bytes_max", "Bytes the overflow may hold (the bound)."),
     ("tally_overflow_oldest_age_seconds", "Age of the oldest batch in the overflow."),
-    ("tally_rollup_unfolded_entries", "Committed rollup entries not yet folded into the rollups (readers add them)."),
+    (
+        "tally_rollup_unfolded_entries",
+        "Committed rollup entries not yet folded into the rollups (readers add them).",
+    ),
     ("tally_rollup_fold_lag_seconds", "Age of the oldest committed rollup entry not yet folded."),
 ];
 

@@ -488,7 +488,7 @@ fn source_sql(histogram: bool, straddled: bool, source: Source) -> String {
             String::new()
         },
         straddle_filter = if straddled { " AND NOT (r.hour = ANY ($14::timestamptz[]))" } else { "" },
-        rollup_table = if users { "usage_rollup_hourly" } else { "usage_rollup_service_hourly" },
+        rollup_table = if users { "usage_rollup_hourly_live" } else { "usage_rollup_service_hourly_live" },
         rollup_user = if users { "r.user_id" } else { "''::text" },
     );
     sql

@@ -21,24 +21,28 @@ impl Default for FoldLimits {
     }
 }
 
-/// Folds forever: at once again while a full fold's worth is pending, else after `interval`.
+/// Folds forever: every `interval`, and at once again while a full fold's worth is pending.
 /// A failed fold changes nothing (it is one transaction) and is tried again next round. Abort
 /// the task to stop it; an aborted fold is rolled back, and what it held stays pending.
 pub async fn run_folder(store: Arc<dyn Store>, limits: FoldLimits) {
     loop {
-        match store.fold_rollups(limits.entries_max).await {
-            Ok(report) => {
-                record(&report);
-                if report.folded as usize >= limits.entries_max {
-                    continue;
+        tokio::time::sleep(limits.interval).await;
+        // A full fold means more is waiting: fold again at once.
+        loop {
+            match store.fold_rollups(limits.entries_max).await {
+                Ok(report) => {
+                    record(&report);
+                    if (report.folded as usize) < limits.entries_max {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    metrics::counter!("tally_rollup_fold_failures_total").increment(1);
+                    tracing::warn!(%error, "rollup fold failed; retrying next round");
+                    break;
                 }
             }
-            Err(error) => {
-                metrics::counter!("tally_rollup_fold_failures_total").increment(1);
-                tracing::warn!(%error, "rollup fold failed; retrying next round");
-            }
         }
-        tokio::time::sleep(limits.interval).await;
     }
 }
 

@@ -15,6 +15,7 @@ pub mod sqlite;
 mod store;
 mod worker;
 
+pub use fold::{FoldLimits, run_folder};
 pub use queue::{CommitResult, IngestQueue, QueueLimits, Submission, SubmitError, WhenFull};
 pub use row::{
     EventRow, FLAG_OVER_QUOTA, Outcome, QUANTITY_DECIMAL_PLACES, QUANTITY_KINDS, quantity_decimal,
@@ -24,6 +25,5 @@ pub use store::{
     Scope, ServiceRecord, Store, StoreError, StoredPriceRule, Tenant, TenantSettings, add_money,
     hash_api_key,
 };
-pub use fold::{FoldLimits, run_folder};
 pub use store::{FoldReport, RerateRecord, RerateStart, RerateStatus};
 pub use worker::{BatchLimits, WorkerHealth, spawn_workers};

@@ -96,16 +96,20 @@ pub async fn rollups(
 ) -> Result<Vec<StoredRollup>> {
     let (from, to) = range_params(hours);
     let (user, table) = match per_user {
-        true => ("user_id", "usage_rollup_hourly"),
-        false => ("''::text", "usage_rollup_service_hourly"),
+        true => ("user_id", "usage_rollup_hourly_live"),
+        false => ("''::text", "usage_rollup_service_hourly_live"),
     };
+    // The views hold folded rollup rows and pending ones: a key's sums are the sum over both.
+    let quantity_sums: Vec<String> = quantity_columns().iter().map(|name| format!("sum({name})")).collect();
     let sql = format!(
         "SELECT {hour}, service_type, service_provider, model, {user}, event_type,
-                event_count, error_count, {quantities}, custom_quantities::text, cost, unpriced_count,
-                latency_count, latency_sum_us, latency_max_us, latency_buckets
-         FROM {table} WHERE tenant_id = $1 AND {range}",
+                sum(event_count)::int8, sum(error_count)::int8, {quantities},
+                tally_sum_quantities(custom_quantities)::text, sum(cost), sum(unpriced_count)::int8,
+                sum(latency_count)::int8, sum(latency_sum_us)::int8, max(latency_max_us),
+                tally_sum_buckets(latency_buckets)
+         FROM {table} WHERE tenant_id = $1 AND {range} GROUP BY 1, 2, 3, 4, 5, 6",
         hour = micros("hour"),
-        quantities = quantity_columns().join(", "),
+        quantities = quantity_sums.join(", "),
         range = range("hour"),
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))

@@ -284,7 +284,7 @@ impl PgStore {
             // Held inside what a decimal can read (a quota compares against it; anything that
             // large is over every quota), so a tenant's month can never become unreadable.
             "SELECT sum(r.event_count)::bigint, least(sum(r.cost), 79228162514264337593543950335)
-             FROM usage_rollup_service_hourly r
+             FROM usage_rollup_service_hourly_live r
              JOIN tenants t ON t.id = r.tenant_id
              WHERE r.tenant_id = $1 AND r.hour >= date_trunc('month', now(), t.time_zone)",
         )

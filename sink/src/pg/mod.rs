@@ -3,6 +3,7 @@
 
 mod control;
 mod copy;
+mod nodelay;
 mod rerate;
 mod rerate_jobs;
 
@@ -15,12 +16,13 @@ use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 pub use copy::{CopyBuffer, encode_event, encode_numeric, event_columns, write_quantities_json};
+pub use nodelay::set_nodelay;
 
 use crate::rollup::{self, LATENCY_BUCKETS, RollupDelta, RollupKey};
 use crate::row::{EventRow, Outcome};
 use crate::store::{
-    ApiKey, ApiKeyInfo, BoxFuture, NewApiKey, Repriced, RerateBatch, RerateRequest, RerateRun, Retention,
-    Scope, ServiceRecord, Store, StoreError, StoredPriceRule, Tenant, TenantSettings,
+    ApiKey, ApiKeyInfo, BoxFuture, FoldReport, NewApiKey, Repriced, RerateBatch, RerateRequest, RerateRun,
+    Retention, Scope, ServiceRecord, Store, StoreError, StoredPriceRule, Tenant, TenantSettings,
 };
 
 /// Connection settings of the PostgreSQL backend.
@@ -44,8 +46,10 @@ pub struct PgStore {
     pool: PgPool,
     copy_events: String,
     copy_staging: String,
-    upsert_rollups: std::sync::Arc<str>,
-    upsert_service_rollups: std::sync::Arc<str>,
+    insert_pending: std::sync::Arc<str>,
+    fold_all: std::sync::Arc<str>,
+    fold_tenant: std::sync::Arc<str>,
+    dedup: std::sync::Arc<DedupHint>,
 }
 
 impl PgStore {
@@ -54,17 +58,26 @@ impl PgStore {
     pub fn connect_lazy(url: &str, options: &PgOptions) -> Result<PgStore, StoreError> {
         let connect: PgConnectOptions =
             url.parse().map_err(|error| StoreError::Invalid(format!("invalid DATABASE_URL: {error}")))?;
+        let server_port = connect.get_port();
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    set_nodelay(conn, server_port).await;
+                    Ok(())
+                })
+            })
             .connect_lazy_with(connect.application_name("tally"));
         let columns = event_columns();
         Ok(PgStore {
             pool,
             copy_events: format!("COPY usage_events ({columns}) FROM STDIN (FORMAT binary)"),
             copy_staging: format!("COPY events_staging ({columns}) FROM STDIN (FORMAT binary)"),
-            upsert_rollups: upsert_rollups_sql(RollupTable::PerUser).into(),
-            upsert_service_rollups: upsert_rollups_sql(RollupTable::PerService).into(),
+            insert_pending: insert_pending_sql().into(),
+            fold_all: fold_sql(false).into(),
+            fold_tenant: fold_sql(true).into(),
+            dedup: Default::default(),
         })
     }
 
@@ -85,90 +98,160 @@ impl PgStore {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let mut buffer = CopyBuffer::default();
-        buffer.start();
-        for row in rows {
-            encode_event(&mut buffer, row);
-        }
-        let stream = buffer.finish();
-        // Checked before the transaction: sums that cannot be stored fail this batch alone, and
+        // Checked before any transaction: sums that cannot be stored fail this batch alone, and
         // the worker then isolates the row responsible.
-        let deltas = rollup::aggregate(rows).map_err(|error| StoreError::Invalid(error.to_string()))?;
-        match self.insert_all(stream, deltas).await {
-            Ok(()) => Ok(vec![Outcome::Stored; rows.len()]),
-            Err(error) if is_unique_violation(&error) => {
-                metrics::counter!("tally_dedup_path_total").increment(1);
-                self.insert_new(stream, rows).await.map_err(classify)
+        rollup::aggregate(rows).map_err(|error| StoreError::Invalid(error.to_string()))?;
+        let mut outcomes = vec![Outcome::Stored; rows.len()];
+        // Rows in dedup-key order: every transaction inserts its keys into the unique index in
+        // the one order, so a resend racing its original makes one wait for the other, never a
+        // deadlock. A key repeated inside the batch is a duplicate of its first occurrence.
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_unstable_by_key(|&index| (rows[index].dedup_key(), index));
+        order.dedup_by(|later, earlier| {
+            let repeated = rows[*later].dedup_key() == rows[*earlier].dedup_key();
+            if repeated {
+                outcomes[*later] = Outcome::Duplicate;
             }
-            Err(error) => Err(classify(error)),
+            repeated
+        });
+        // After a batch met stored rows, the next ones look for them first rather than fail a
+        // whole COPY: resends come in runs (a client reconnecting, a drained overflow).
+        if self.dedup.probe_first() {
+            self.drop_stored(rows, &mut order, &mut outcomes).await.map_err(classify)?;
         }
+        match self.insert_rows(rows, &order).await {
+            Err(error) if is_unique_violation(&error) => {}
+            other => return other.map(|()| outcomes).map_err(classify),
+        }
+        // Some rows are stored already: find them by their keys and insert the rest. Only a
+        // row committed by another transaction in between sends the batch through staging.
+        metrics::counter!("tally_dedup_path_total").increment(1);
+        self.dedup.met_stored_rows();
+        self.drop_stored(rows, &mut order, &mut outcomes).await.map_err(classify)?;
+        match self.insert_rows(rows, &order).await {
+            Err(error) if is_unique_violation(&error) => {}
+            other => return other.map(|()| outcomes).map_err(classify),
+        }
+        let inserted = self.insert_new(rows, &order).await.map_err(classify)?;
+        for (index, stored) in order.iter().zip(inserted) {
+            if !stored {
+                outcomes[*index] = Outcome::Duplicate;
+            }
+        }
+        Ok(outcomes)
     }
 
-    /// The fast path: `COPY` every row into the table. Fails with a unique violation if any row
-    /// is stored already, and then nothing of it stays.
-    async fn insert_all(
+    /// Removes from `order` (and marks duplicate) the rows whose keys are stored already: one
+    /// index probe per row, never a scan.
+    async fn drop_stored(
         &self,
-        stream: &[u8],
-        deltas: std::collections::BTreeMap<RollupKey<'_>, RollupDelta>,
+        rows: &[EventRow],
+        order: &mut Vec<usize>,
+        outcomes: &mut [Outcome],
     ) -> Result<(), sqlx::Error> {
+        let (mut tenants, mut times, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for &index in order.iter() {
+            let (tenant, id, at_us) = rows[index].dedup_key();
+            tenants.push(tenant);
+            times.push(at_us);
+            ids.push(Uuid::from_bytes(id));
+        }
+        // LATERAL with LIMIT keeps this a nested loop of index probes, each pruned to the
+        // partition of its timestamp.
+        let stored: Vec<i64> = sqlx::query_scalar(
+            "SELECT k.i FROM unnest($1::uuid[], $2::bigint[], $3::uuid[]) WITH ORDINALITY AS k(t, at_us, e, i) \
+             CROSS JOIN LATERAL (SELECT 1 FROM usage_events u WHERE u.tenant_id = k.t \
+               AND u.occurred_at = tally_timestamptz(k.at_us) AND u.event_id = k.e LIMIT 1) hit",
+        )
+        .bind(tenants)
+        .bind(times)
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        if stored.is_empty() {
+            self.dedup.found_none();
+            return Ok(());
+        }
+        let mut stored_positions: Vec<usize> =
+            stored.into_iter().filter_map(|i| usize::try_from(i - 1).ok()).collect();
+        stored_positions.sort_unstable();
+        let mut next = stored_positions.iter().peekable();
+        let mut position = 0;
+        order.retain(|&index| {
+            let stored = next.next_if_eq(&&position).is_some();
+            position += 1;
+            if stored {
+                outcomes[index] = Outcome::Duplicate;
+            }
+            !stored
+        });
+        Ok(())
+    }
+
+    /// One transaction: `COPY` the rows (in `order`) into `usage_events` and append what they
+    /// add to the rollups to `usage_rollup_pending`. Fails with a unique violation if any row is
+    /// stored already, and then nothing of it stays.
+    async fn insert_rows(&self, rows: &[EventRow], order: &[usize]) -> Result<(), sqlx::Error> {
+        if order.is_empty() {
+            return Ok(());
+        }
+        let mut buffer = CopyBuffer::default();
+        buffer.start();
+        for &index in order {
+            encode_event(&mut buffer, &rows[index]);
+        }
+        let stream = buffer.finish();
+        let deltas = rollup::aggregate(order.iter().map(|&index| &rows[index])).map_err(overflow_error)?;
         let mut tx = self.pool.begin().await?;
         copy_in(&mut tx, &self.copy_events, stream).await?;
-        self.upsert(&mut tx, deltas).await?;
+        self.append_pending(&mut tx, &deltas).await?;
         tx.commit().await
     }
 
-    /// The dedup path: `COPY` into a staging table, insert what is new, and roll up exactly the
-    /// rows the insert returned.
-    async fn insert_new(&self, stream: &[u8], rows: &[EventRow]) -> Result<Vec<Outcome>, sqlx::Error> {
+    /// The dedup path for a batch racing another commit of its keys: `COPY` into a staging
+    /// table, insert what is new (in key order), and append the rollups of exactly the rows the
+    /// insert returned. Returns, for each row of `order`, whether it was new.
+    async fn insert_new(&self, rows: &[EventRow], order: &[usize]) -> Result<Vec<bool>, sqlx::Error> {
+        let mut buffer = CopyBuffer::default();
+        buffer.start();
+        for &index in order {
+            encode_event(&mut buffer, &rows[index]);
+        }
+        let stream = buffer.finish();
         let mut tx = self.pool.begin().await?;
         sqlx::query("CREATE TEMP TABLE events_staging (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DROP")
             .execute(&mut *tx)
             .await?;
         copy_in(&mut tx, &self.copy_staging, stream).await?;
         let inserted: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
-            "INSERT INTO usage_events SELECT * FROM events_staging ON CONFLICT DO NOTHING \
+            "INSERT INTO usage_events SELECT * FROM events_staging \
+             ORDER BY tenant_id, occurred_at, event_id ON CONFLICT DO NOTHING \
              RETURNING tenant_id, event_id, (EXTRACT(EPOCH FROM occurred_at) * 1000000)::bigint",
         )
         .fetch_all(&mut *tx)
         .await?;
         let mut unclaimed: HashMap<(Uuid, [u8; 16], i64), ()> =
             inserted.into_iter().map(|(tenant, event, at)| ((tenant, *event.as_bytes(), at), ())).collect();
-        let outcomes: Vec<Outcome> = rows
-            .iter()
-            .map(|row| match unclaimed.remove(&row.dedup_key()) {
-                Some(()) => Outcome::Stored,
-                None => Outcome::Duplicate,
-            })
-            .collect();
-        let stored = rows.iter().zip(&outcomes).filter(|(_, outcome)| **outcome == Outcome::Stored);
-        let deltas = rollup::aggregate(stored.map(|(row, _)| row)).map_err(overflow_error)?;
-        self.upsert(&mut tx, deltas).await?;
+        let new: Vec<bool> =
+            order.iter().map(|&index| unclaimed.remove(&rows[index].dedup_key()).is_some()).collect();
+        let stored = order.iter().zip(&new).filter(|(_, new)| **new).map(|(&index, _)| &rows[index]);
+        let deltas = rollup::aggregate(stored).map_err(overflow_error)?;
+        self.append_pending(&mut tx, &deltas).await?;
         tx.commit().await?;
-        Ok(outcomes)
+        Ok(new)
     }
 
-    /// Grows both rollup tables by the deltas: per user, then the same sums without the user.
-    async fn upsert(
+    /// Appends rollup deltas to `usage_rollup_pending` (no index, no conflict: an append).
+    async fn append_pending(
         &self,
         conn: &mut PgConnection,
-        deltas: std::collections::BTreeMap<RollupKey<'_>, RollupDelta>,
+        deltas: &std::collections::BTreeMap<RollupKey<'_>, RollupDelta>,
     ) -> Result<(), sqlx::Error> {
         if deltas.is_empty() {
             return Ok(());
         }
-        let services = rollup::without_users(&deltas).map_err(overflow_error)?;
-        self.upsert_into(conn, &self.upsert_rollups, &deltas).await?;
-        self.upsert_into(conn, &self.upsert_service_rollups, &services).await
-    }
-
-    async fn upsert_into(
-        &self,
-        conn: &mut PgConnection,
-        statement: &std::sync::Arc<str>,
-        deltas: &std::collections::BTreeMap<RollupKey<'_>, RollupDelta>,
-    ) -> Result<(), sqlx::Error> {
         let columns = RollupColumns::from_deltas(deltas);
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(self.insert_pending.clone()))
             .bind(columns.tenant_ids)
             .bind(columns.hours_us)
             .bind(columns.service_types)
@@ -192,6 +275,98 @@ impl PgStore {
             .execute(conn)
             .await?;
         Ok(())
+    }
+
+    /// Folds up to `max_entries` pending rows into both rollup tables and deletes them, in one
+    /// transaction. One process folds at a time (a transaction-scoped advisory lock; the others
+    /// skip the round), so folds never wait on each other. If the fold of everything fails for
+    /// a reason a retry will not cure, each tenant is folded on its own, so one tenant's rows
+    /// can only keep that tenant's own rows pending (readers stay exact meanwhile).
+    async fn fold(&self, max_entries: usize) -> Result<FoldReport, StoreError> {
+        let limit = i64::try_from(max_entries).unwrap_or(i64::MAX);
+        match self.fold_where(limit, None).await {
+            Ok(report) => Ok(report),
+            Err(error) if classify_ref(&error).is_retryable() => Err(classify(error)),
+            Err(error) => {
+                tracing::warn!(%error, "rollup fold failed; folding tenant by tenant");
+                let tenants: Vec<Uuid> =
+                    sqlx::query_scalar("SELECT DISTINCT tenant_id FROM usage_rollup_pending")
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(classify)?;
+                let mut total = FoldReport::default();
+                for tenant in tenants {
+                    match self.fold_where(limit, Some(tenant)).await {
+                        Ok(report) => {
+                            total.folded += report.folded;
+                            total.pending = report.pending;
+                            total.oldest_pending_us = report.oldest_pending_us;
+                        }
+                        Err(error) => {
+                            metrics::counter!("tally_rollup_fold_failures_total").increment(1);
+                            tracing::error!(%error, %tenant, "a tenant's rollups cannot be folded; they stay pending");
+                        }
+                    }
+                }
+                Ok(total)
+            }
+        }
+    }
+
+    async fn fold_where(&self, limit: i64, tenant: Option<Uuid>) -> Result<FoldReport, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('tally_fold'))")
+            .fetch_one(&mut *tx)
+            .await?;
+        let folded = if locked {
+            let statement = if tenant.is_some() { &self.fold_tenant } else { &self.fold_all };
+            let folded: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(statement.clone()))
+                .bind(limit)
+                .bind(tenant)
+                .fetch_one(&mut *tx)
+                .await?;
+            folded
+        } else {
+            0
+        };
+        let (pending, oldest_us): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT count(*), (extract(epoch FROM min(committed_at)) * 1000000)::bigint FROM usage_rollup_pending",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(FoldReport {
+            folded: u64::try_from(folded).unwrap_or(0),
+            pending: u64::try_from(pending).unwrap_or(0),
+            oldest_pending_us: oldest_us,
+        })
+    }
+}
+
+/// When a commit looks for stored rows before its `COPY`: for a while after a batch met some.
+#[derive(Debug, Default)]
+struct DedupHint {
+    /// Batches left that probe first; each probe that finds nothing uses one up.
+    probe_batches: std::sync::atomic::AtomicU32,
+}
+
+impl DedupHint {
+    const PROBE_BATCHES: u32 = 16;
+
+    fn probe_first(&self) -> bool {
+        self.probe_batches.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
+    fn met_stored_rows(&self) {
+        self.probe_batches.store(Self::PROBE_BATCHES, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn found_none(&self) {
+        let _ = self.probe_batches.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |left| left.checked_sub(1),
+        );
     }
 }
 
@@ -261,36 +436,18 @@ impl<'a> RollupColumns<'a> {
     }
 }
 
-/// The two rollup tables: per user, and without the user (`usage_rollup_service_hourly`, which
-/// aggregates that need no user read).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RollupTable {
-    PerUser,
-    PerService,
-}
-
-/// The rollup upsert into one table. Rows arrive in key order (a `BTreeMap`), so concurrent
-/// writers lock rollup rows in the same order and cannot deadlock on them. Both statements take
-/// the same parameters; the per-service one ignores the user ids.
-fn upsert_rollups_sql(table: RollupTable) -> String {
-    let (table_name, user) = match table {
-        RollupTable::PerUser => ("usage_rollup_hourly", "user_id, "),
-        RollupTable::PerService => ("usage_rollup_service_hourly", ""),
-    };
-    let quantity_names: Vec<&str> = wire::QuantityKind::ALL.iter().map(|kind| kind.as_str()).collect();
+/// Appends one pending row per rollup delta (`usage_rollup_pending`), from one array per column.
+fn insert_pending_sql() -> String {
+    let quantity_names = quantity_names();
+    let quantities = quantity_names.join(", ");
     let quantity_params: Vec<String> =
         (0..quantity_names.len()).map(|index| format!("${}::numeric[]", 10 + index)).collect();
     let next = 10 + quantity_names.len();
-    let quantity_updates: Vec<String> =
-        quantity_names.iter().map(|name| format!("{name} = r.{name} + excluded.{name}")).collect();
-    let bucket_sums: Vec<String> = (1..=LATENCY_BUCKETS)
-        .map(|i| format!("r.latency_buckets[{i}] + excluded.latency_buckets[{i}]"))
-        .collect();
     format!(
-        "INSERT INTO {table_name} AS r (tenant_id, hour, service_type, service_provider, model, {user}\
+        "INSERT INTO usage_rollup_pending (tenant_id, hour, service_type, service_provider, model, user_id, \
            event_type, event_count, error_count, {quantities}, custom_quantities, cost, unpriced_count, \
            latency_count, latency_sum_us, latency_max_us, latency_buckets) \
-         SELECT tenant_id, to_timestamp(hour_us / 1000000), service_type, service_provider, model, {user}\
+         SELECT tenant_id, to_timestamp(hour_us / 1000000), service_type, service_provider, model, user_id, \
            event_type, event_count, error_count, {quantities}, custom_quantities::jsonb, cost, unpriced_count, \
            latency_count, latency_sum_us, latency_max_us, \
            (${buckets}::bigint[])[(ord - 1) * {n} + 1 : ord * {n}] \
@@ -299,21 +456,7 @@ fn upsert_rollups_sql(table: RollupTable) -> String {
            ${unpriced}::bigint[], ${lcount}::bigint[], ${lsum}::bigint[], ${lmax}::bigint[]) WITH ORDINALITY \
            AS d(tenant_id, hour_us, service_type, service_provider, model, user_id, event_type, event_count, \
            error_count, {quantities}, custom_quantities, cost, unpriced_count, latency_count, latency_sum_us, \
-           latency_max_us, ord) \
-         ORDER BY ord \
-         ON CONFLICT (tenant_id, hour, service_type, service_provider, model, {user}event_type) DO UPDATE SET \
-           event_count = r.event_count + excluded.event_count, \
-           error_count = r.error_count + excluded.error_count, \
-           {quantity_updates}, \
-           custom_quantities = CASE WHEN excluded.custom_quantities = '{{}}' THEN r.custom_quantities \
-             ELSE tally_add_quantities(r.custom_quantities, excluded.custom_quantities) END, \
-           cost = r.cost + excluded.cost, \
-           unpriced_count = r.unpriced_count + excluded.unpriced_count, \
-           latency_count = r.latency_count + excluded.latency_count, \
-           latency_sum_us = r.latency_sum_us + excluded.latency_sum_us, \
-           latency_max_us = greatest(r.latency_max_us, excluded.latency_max_us), \
-           latency_buckets = ARRAY[{bucket_sums}]",
-        quantities = quantity_names.join(", "),
+           latency_max_us, ord)",
         quantity_params = quantity_params.join(", "),
         custom = next,
         cost = next + 1,
@@ -323,8 +466,71 @@ fn upsert_rollups_sql(table: RollupTable) -> String {
         lmax = next + 5,
         buckets = next + 6,
         n = LATENCY_BUCKETS,
-        quantity_updates = quantity_updates.join(", "),
+    )
+}
+
+/// The well-known quantity columns, in `QuantityKind` order.
+fn quantity_names() -> Vec<&'static str> {
+    wire::QuantityKind::ALL.iter().map(|kind| kind.as_str()).collect()
+}
+
+/// One fold: deletes up to `$1` pending rows (only tenant `$2`'s when `per_tenant`) and adds
+/// their sums, grouped by key, to both rollup tables in key order. Returns the rows folded.
+fn fold_sql(per_tenant: bool) -> String {
+    let quantity_names = quantity_names();
+    let quantities = quantity_names.join(", ");
+    let quantity_sums: Vec<String> = quantity_names.iter().map(|name| format!("sum({name})")).collect();
+    let quantity_updates: Vec<String> =
+        quantity_names.iter().map(|name| format!("{name} = r.{name} + excluded.{name}")).collect();
+    let bucket_sums: Vec<String> =
+        (1..=LATENCY_BUCKETS).map(|i| format!("sum(latency_buckets[{i}])::bigint")).collect();
+    let bucket_adds: Vec<String> = (1..=LATENCY_BUCKETS)
+        .map(|i| format!("r.latency_buckets[{i}] + excluded.latency_buckets[{i}]"))
+        .collect();
+    let sums = format!(
+        "sum(event_count)::bigint, sum(error_count)::bigint, {quantity_sums}, \
+         coalesce(tally_sum_quantities(custom_quantities) FILTER (WHERE custom_quantities <> '{{}}'::jsonb), '{{}}'), \
+         sum(cost), sum(unpriced_count)::bigint, sum(latency_count)::bigint, sum(latency_sum_us)::bigint, \
+         max(latency_max_us), ARRAY[{bucket_sums}]",
+        quantity_sums = quantity_sums.join(", "),
         bucket_sums = bucket_sums.join(", "),
+    );
+    let updates = format!(
+        "event_count = r.event_count + excluded.event_count, \
+         error_count = r.error_count + excluded.error_count, \
+         {quantity_updates}, \
+         custom_quantities = CASE WHEN excluded.custom_quantities = '{{}}' THEN r.custom_quantities \
+           ELSE tally_add_quantities(r.custom_quantities, excluded.custom_quantities) END, \
+         cost = r.cost + excluded.cost, \
+         unpriced_count = r.unpriced_count + excluded.unpriced_count, \
+         latency_count = r.latency_count + excluded.latency_count, \
+         latency_sum_us = r.latency_sum_us + excluded.latency_sum_us, \
+         latency_max_us = greatest(r.latency_max_us, excluded.latency_max_us), \
+         latency_buckets = ARRAY[{bucket_adds}]",
+        quantity_updates = quantity_updates.join(", "),
+        bucket_adds = bucket_adds.join(", "),
+    );
+    let values = format!(
+        "event_count, error_count, {quantities}, custom_quantities, cost, unpriced_count, latency_count, \
+         latency_sum_us, latency_max_us, latency_buckets"
+    );
+    let user_key = "tenant_id, hour, service_type, service_provider, model, user_id, event_type";
+    let service_key = "tenant_id, hour, service_type, service_provider, model, event_type";
+    let tenant_filter = if per_tenant { "WHERE tenant_id = $2" } else { "WHERE $2::uuid IS NULL" };
+    format!(
+        "WITH moved AS ( \
+           DELETE FROM usage_rollup_pending WHERE ctid = ANY (ARRAY( \
+             SELECT ctid FROM usage_rollup_pending {tenant_filter} LIMIT $1)) \
+           RETURNING *), \
+         per_user AS ( \
+           INSERT INTO usage_rollup_hourly AS r ({user_key}, {values}) \
+           SELECT {user_key}, {sums} FROM moved GROUP BY {user_key} ORDER BY {user_key} \
+           ON CONFLICT ({user_key}) DO UPDATE SET {updates} RETURNING 1), \
+         per_service AS ( \
+           INSERT INTO usage_rollup_service_hourly AS r ({service_key}, {values}) \
+           SELECT {service_key}, {sums} FROM moved GROUP BY {service_key} ORDER BY {service_key} \
+           ON CONFLICT ({service_key}) DO UPDATE SET {updates} RETURNING 1) \
+         SELECT count(*) FROM moved"
     )
 }
 
@@ -340,7 +546,11 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 
 /// Whether a database error is worth retrying. Decided here for every PostgreSQL call.
 pub(crate) fn classify(error: sqlx::Error) -> StoreError {
-    match &error {
+    classify_ref(&error)
+}
+
+fn classify_ref(error: &sqlx::Error) -> StoreError {
+    match error {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|code| code.into_owned()).unwrap_or_default();
             match code.as_str() {
@@ -364,6 +574,10 @@ pub(crate) fn classify(error: sqlx::Error) -> StoreError {
 impl Store for PgStore {
     fn commit<'a>(&'a self, rows: &'a [EventRow]) -> BoxFuture<'a, Result<Vec<Outcome>, StoreError>> {
         Box::pin(self.commit_rows(rows))
+    }
+
+    fn fold_rollups(&self, max_entries: usize) -> BoxFuture<'_, Result<FoldReport, StoreError>> {
+        Box::pin(self.fold(max_entries))
     }
 
     fn find_api_key<'a>(
@@ -490,7 +704,7 @@ impl Store for PgStore {
             .await
             .map_err(classify)?;
             if let Some(days) = retention.aggregate_retention_days {
-                for table in ["usage_rollup_hourly", "usage_rollup_service_hourly"] {
+                for table in ["usage_rollup_hourly", "usage_rollup_service_hourly", "usage_rollup_pending"] {
                     let statement =
                         format!("DELETE FROM {table} WHERE hour < now() - make_interval(days => $1::int)");
                     sqlx::query(sqlx::AssertSqlSafe(statement))

@@ -209,15 +209,20 @@ const SQLITE_EVENTS: &str = "SELECT tenant_id, event_id, occurred_at, user_id, s
        price_rule_ids, flags
 FROM usage_events ORDER BY user_id, occurred_at, event_id";
 
+/// The rollups as readers see them: folded and pending rows summed per key.
 const POSTGRES_ROLLUPS: &str =
     "SELECT tenant_id, (EXTRACT(EPOCH FROM hour) * 1000000)::bigint AS hour, service_type,
-       service_provider, model, user_id, event_type, event_count, error_count,
-       input_tokens::text AS input_tokens, output_tokens::text AS output_tokens,
-       cached_input_tokens::text AS cached_input_tokens, reasoning_tokens::text AS reasoning_tokens,
-       pages::text AS pages, characters::text AS characters, requests::text AS requests, bytes::text AS bytes,
-       duration_ms::text AS duration_ms, custom_quantities::text AS custom_quantities, cost::text AS cost,
-       unpriced_count, latency_count, latency_sum_us, latency_max_us, latency_buckets
-FROM usage_rollup_hourly";
+       service_provider, model, user_id, event_type, sum(event_count)::bigint AS event_count,
+       sum(error_count)::bigint AS error_count,
+       sum(input_tokens)::text AS input_tokens, sum(output_tokens)::text AS output_tokens,
+       sum(cached_input_tokens)::text AS cached_input_tokens, sum(reasoning_tokens)::text AS reasoning_tokens,
+       sum(pages)::text AS pages, sum(characters)::text AS characters, sum(requests)::text AS requests,
+       sum(bytes)::text AS bytes, sum(duration_ms)::text AS duration_ms,
+       tally_sum_quantities(custom_quantities)::text AS custom_quantities, sum(cost)::text AS cost,
+       sum(unpriced_count)::bigint AS unpriced_count, sum(latency_count)::bigint AS latency_count,
+       sum(latency_sum_us)::bigint AS latency_sum_us, max(latency_max_us) AS latency_max_us,
+       tally_sum_buckets(latency_buckets) AS latency_buckets
+FROM usage_rollup_hourly_live GROUP BY tenant_id, hour, service_type, service_provider, model, user_id, event_type";
 
 const SQLITE_ROLLUPS: &str = "SELECT * FROM usage_rollup_hourly";
 

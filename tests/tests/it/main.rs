@@ -6,6 +6,7 @@ mod compat;
 mod control;
 mod deploy;
 mod faults;
+mod fold;
 mod harness_smoke;
 mod hostile;
 mod ingest;

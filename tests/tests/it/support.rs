@@ -285,11 +285,34 @@ pub async fn stored_count(conn: &mut PgConnection, tenant: uuid::Uuid) -> Result
         .await?)
 }
 
-/// Checks that for every rollup key, the rollup row equals sums computed from raw events, and
-/// that no raw event lacks its rollup, in PostgreSQL's own arithmetic. Returns the number of
-/// rollup rows compared. `TestEdge::assert_rollups_match_raw` does the same on both backends.
+/// The sums of a rollup view (folded rows plus pending ones) per key: what every reader sees.
+fn live_rollups(view: &str, key: &str) -> String {
+    format!(
+        "(SELECT {key}, sum(event_count) AS event_count, sum(error_count) AS error_count,
+                 sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+                 sum(cached_input_tokens) AS cached_input_tokens, sum(reasoning_tokens) AS reasoning_tokens,
+                 sum(pages) AS pages, sum(characters) AS characters, sum(requests) AS requests,
+                 sum(bytes) AS bytes, sum(duration_ms) AS duration_ms,
+                 tally_sum_quantities(custom_quantities) AS custom_quantities, sum(cost) AS cost,
+                 sum(unpriced_count) AS unpriced_count, sum(latency_count) AS latency_count,
+                 sum(latency_sum_us) AS latency_sum_us, max(latency_max_us) AS latency_max_us,
+                 tally_sum_buckets(latency_buckets) AS latency_buckets
+          FROM {view} GROUP BY {key})"
+    )
+}
+
+const USER_KEY: &str = "tenant_id, hour, service_type, service_provider, model, user_id, event_type";
+const SERVICE_KEY: &str = "tenant_id, hour, service_type, service_provider, model, event_type";
+
+/// Checks that for every rollup key, the rollups as readers see them (folded plus pending rows)
+/// equal sums computed from raw events, and that no raw event lacks its rollup, in
+/// PostgreSQL's own arithmetic; each comparison is one statement, so one snapshot. Returns the
+/// number of rollup keys compared. `TestEdge::assert_rollups_match_raw` does the same on both
+/// backends.
 pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
-    let mismatches: i64 = sqlx::query_scalar(
+    let per_user = live_rollups("usage_rollup_hourly_live", USER_KEY);
+    let per_service = live_rollups("usage_rollup_service_hourly_live", SERVICE_KEY);
+    let statement = format!(
         "WITH raw AS (
            SELECT tenant_id, date_trunc('hour', occurred_at, 'UTC') AS hour, service_type, service_provider,
                   coalesce(model, '') AS model, user_id, event_type,
@@ -300,7 +323,7 @@ pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
                   count(latency_us) AS latency_count, coalesce(sum(latency_us), 0) AS latency_sum_us,
                   coalesce(max(latency_us), 0) AS latency_max_us
            FROM usage_events GROUP BY 1, 2, 3, 4, 5, 6, 7)
-         SELECT count(*) FROM raw FULL JOIN usage_rollup_hourly r USING
+         SELECT count(*) FROM raw FULL JOIN {per_user} r USING
            (tenant_id, hour, service_type, service_provider, model, user_id, event_type)
          WHERE raw.event_count IS DISTINCT FROM r.event_count
             OR raw.error_count IS DISTINCT FROM r.error_count
@@ -312,25 +335,24 @@ pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
             OR raw.unpriced_count IS DISTINCT FROM r.unpriced_count
             OR raw.latency_count IS DISTINCT FROM r.latency_count
             OR raw.latency_sum_us IS DISTINCT FROM r.latency_sum_us
-            OR raw.latency_max_us IS DISTINCT FROM r.latency_max_us",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
+            OR raw.latency_max_us IS DISTINCT FROM r.latency_max_us"
+    );
+    let mismatches: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(statement)).fetch_one(&mut *conn).await?;
     if mismatches != 0 {
         bail!("{mismatches} rollup rows differ from the sums of raw events");
     }
-    let bucket_mismatch: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM usage_rollup_hourly
+    let statement = format!(
+        "SELECT count(*) FROM {per_user} u
          WHERE (SELECT sum(b) FROM unnest(latency_buckets) b) <> latency_count
-            OR cardinality(latency_buckets) <> 46",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
+            OR cardinality(latency_buckets) <> 46"
+    );
+    let bucket_mismatch: i64 =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(statement)).fetch_one(&mut *conn).await?;
     if bucket_mismatch != 0 {
         bail!("{bucket_mismatch} rollup rows have histograms that do not add up to their latency count");
     }
     // The user-less rollups equal the per-user rollups (just checked against raw) summed over users.
-    let service_mismatches: i64 = sqlx::query_scalar(
+    let statement = format!(
         "WITH s AS (
            SELECT tenant_id, hour, service_type, service_provider, model, event_type,
                   sum(event_count) AS event_count, sum(error_count) AS error_count,
@@ -342,8 +364,8 @@ pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
                   sum(unpriced_count) AS unpriced_count, sum(latency_count) AS latency_count,
                   sum(latency_sum_us) AS latency_sum_us, max(latency_max_us) AS latency_max_us,
                   tally_sum_buckets(latency_buckets) AS latency_buckets
-           FROM usage_rollup_hourly GROUP BY 1, 2, 3, 4, 5, 6)
-         SELECT count(*) FROM s FULL JOIN usage_rollup_service_hourly r USING
+           FROM {per_user} u GROUP BY 1, 2, 3, 4, 5, 6)
+         SELECT count(*) FROM s FULL JOIN {per_service} r USING
            (tenant_id, hour, service_type, service_provider, model, event_type)
          WHERE (s.event_count, s.error_count, s.input_tokens, s.output_tokens, s.cached_input_tokens,
                 s.reasoning_tokens, s.pages, s.characters, s.requests, s.bytes, s.duration_ms, s.cost,
@@ -353,16 +375,17 @@ pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
                 r.reasoning_tokens, r.pages, r.characters, r.requests, r.bytes, r.duration_ms, r.cost,
                 r.unpriced_count, r.latency_count, r.latency_sum_us, r.latency_max_us)
             OR s.custom_quantities IS DISTINCT FROM r.custom_quantities
-            OR s.latency_buckets IS DISTINCT FROM r.latency_buckets",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
+            OR s.latency_buckets IS DISTINCT FROM r.latency_buckets"
+    );
+    let service_mismatches: i64 =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(statement)).fetch_one(&mut *conn).await?;
     if service_mismatches != 0 {
         bail!(
             "{service_mismatches} user-less rollup rows differ from the per-user rollups summed over users"
         );
     }
-    Ok(sqlx::query_scalar("SELECT count(*) FROM usage_rollup_hourly").fetch_one(&mut *conn).await?)
+    let statement = format!("SELECT count(*) FROM {per_user} u");
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(statement)).fetch_one(&mut *conn).await?)
 }
 
 /// `tally_events_lost_total` as an edge's recorder renders it (0 when absent). The recorder is
