@@ -204,9 +204,14 @@ pub struct RatioArgs {
     /// An extra flag for the spawned `tally-edge` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     pub edge_arg: Vec<String>,
-    /// Turn fsync, synchronous_commit and full_page_writes on.
-    #[arg(long)]
+    /// Durable PostgreSQL: fsync, synchronous_commit and full_page_writes on. The default here,
+    /// since a published throughput is a durable one; the flag is kept for older command lines.
+    #[arg(long, conflicts_with = "pg_fast")]
     pub pg_durable: bool,
+    /// Turn fsync, synchronous_commit and full_page_writes off (as the test harness does), for a
+    /// quick comparison that is not a durable figure.
+    #[arg(long)]
+    pub pg_fast: bool,
     /// Connect the edge and the raw COPY writers over PostgreSQL's Unix socket instead of TCP.
     #[arg(long)]
     pub pg_socket: bool,

@@ -112,12 +112,27 @@ pub async fn run_and_report(plan: &RunPlan, progress: &Progress) -> Result<RunRe
         None => None,
     };
     let mark = plan.cpu.map(|probe| probe.mark());
+    // Halfway through a timed run, rollups are checked against raw events while events are
+    // still arriving and rows wait to be folded.
+    let midway = match (&plan.database, plan.load.duration, plan.verify) {
+        (Some(database), Some(duration), true) => {
+            let (database, keys) = (database.clone(), plan.target.api_keys.clone());
+            Some(tokio::spawn(async move {
+                tokio::time::sleep(duration / 2).await;
+                verify::check_rollups_now(&database, &keys, duration.as_secs_f64() / 2.0).await
+            }))
+        }
+        _ => None,
+    };
     let outcome = run_load(&plan.load, &plan.target, progress, None).await;
     progress.finish();
     let outcome = outcome?;
     let mut report = RunReport::new(&plan.load, plan.target.api_keys.len(), &outcome);
     report.cpu = plan.cpu.zip(mark).map(|(probe, mark)| probe.since(&mark));
     report.database = description;
+    if let Some(midway) = midway {
+        report.verification_midway = Some(midway.await.context("the midway check stopped")??);
+    }
     if plan.verify {
         let database = plan.database.as_ref().context("verification needs --database-url")?;
         report.verification =
@@ -233,7 +248,7 @@ async fn ratio_command(args: RatioArgs) -> Result<bool> {
             tenants: args.tenants.max(1),
             edge_bin: args.edge_bin.clone(),
             edge_args: args.edge_arg.clone(),
-            pg_durable: args.pg_durable,
+            pg_durable: !args.pg_fast,
             pg_socket: args.pg_socket,
             embedded: false,
         },

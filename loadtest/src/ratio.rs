@@ -206,8 +206,12 @@ async fn copy_phase(url: &str, buffers: Vec<Vec<u8>>, probe: &CpuProbe) -> Resul
     let buffers = Arc::new(buffers);
     let next = Arc::new(AtomicUsize::new(0));
     let mut connections = Vec::new();
+    let server_port = url.parse::<sqlx::postgres::PgConnectOptions>()?.get_port();
     for _ in 0..COPY_WRITERS {
-        connections.push(PgConnection::connect(url).await?);
+        let mut connection = PgConnection::connect(url).await?;
+        // As the sink's connections: without it, every COPY over TCP stalls at its end.
+        sink::pg::set_nodelay(&mut connection, server_port).await;
+        connections.push(connection);
     }
     let mark = probe.mark();
     let started = Instant::now();

@@ -46,6 +46,8 @@ pub struct RunReport {
     /// The database's version and settings (PostgreSQL, or the embedded SQLite file).
     pub database: Option<String>,
     pub verification: Option<Verification>,
+    /// Rollups against raw events at an instant in the middle of the run.
+    pub verification_midway: Option<crate::verify::InstantCheck>,
     /// Why the run fails; empty when it passes.
     pub failures: Vec<String>,
     pub passed: bool,
@@ -88,6 +90,7 @@ impl RunReport {
             cpu: None,
             database: None,
             verification: None,
+            verification_midway: None,
             failures: Vec::new(),
             passed: true,
         }
@@ -106,6 +109,15 @@ impl RunReport {
             && !verification.passed
         {
             self.failures.push(format!("verification found {} problems", verification.problems.len()));
+        }
+        if let Some(midway) = &self.verification_midway
+            && !midway.problems.is_empty()
+        {
+            self.failures.push(format!(
+                "rollups differed from raw events {:.1} s into the run: {}",
+                midway.at_s,
+                midway.problems.join("; ")
+            ));
         }
         if let Some(floor) = fail_under
             && self.achieved_events_per_s < floor
@@ -149,6 +161,13 @@ impl RunReport {
         out.push_str(&format!("service       {} (from the actual send time)\n", self.service_latency.line()));
         if let Some(cpu) = &self.cpu {
             out.push_str(&format!("cpu           {}\n", cpu.line()));
+        }
+        if let Some(midway) = &self.verification_midway {
+            let verdict = if midway.problems.is_empty() { "passed" } else { "FAILED" };
+            out.push_str(&format!(
+                "midway check  {verdict}: at {:.1} s, {} raw events against {} rollup keys (folded plus pending)\n",
+                midway.at_s, midway.raw_events, midway.rollup_rows_compared,
+            ));
         }
         if let Some(verification) = &self.verification {
             out.push_str(&verification_text(verification));

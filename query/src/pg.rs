@@ -516,6 +516,13 @@ fn groups_by_users(query: &AggregateQuery) -> bool {
         || matches!(query.top, Some((Metric::UniqueUsers, _)))
 }
 
+/// Whether the answer carries latency histograms (for percentiles). They are kept per service
+/// and hour, not per user: a query whose groups depend on users gets none (its percentiles are
+/// null; counts, sums, mean and maximum latency are there).
+fn reads_histogram(query: &AggregateQuery) -> bool {
+    query.measures.latency_histogram && !groups_by_users(query)
+}
+
 /// The dimension columns of a statement grouping `src` directly, with `period_end` when it
 /// groups by period.
 fn group_columns_sql(query: &AggregateQuery, plan: &GroupingPlan) -> String {
@@ -626,7 +633,8 @@ fn metric_column(metric: &Metric) -> String {
 fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
     let measures = &query.measures;
     let source = if groups_by_users(query) { Source::PerUser } else { Source::PerService };
-    let mut sql = source_sql(measures.latency_histogram, straddled, source);
+    let histogram = reads_histogram(query);
+    let mut sql = source_sql(histogram, straddled, source);
     sql.push_str("SELECT g.*");
     if let (Some(period), true) = (query.period, plan.dimensions.contains(&Dimension::Period)) {
         let _ = write!(sql, ", {} AS period_end", period_end_sql(period, "g.period_start"));
@@ -656,7 +664,7 @@ fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -
     if measures.unique_users && source == Source::PerUser {
         sql.push_str(", count(DISTINCT user_id) AS unique_users");
     }
-    if measures.latency_histogram {
+    if histogram {
         let sums: Vec<String> = (1..=LATENCY_BUCKETS)
             .map(|i| format!("coalesce(sum(latency_buckets[{i}]), 0)::bigint"))
             .collect();
@@ -737,11 +745,7 @@ fn aggregate_row(
         latency_count: row.try_get("latency_count")?,
         latency_sum_us: row.try_get("latency_sum_us")?,
         latency_max_us: row.try_get("latency_max_us")?,
-        latency_buckets: if query.measures.latency_histogram {
-            Some(row.try_get("latency_buckets")?)
-        } else {
-            None
-        },
+        latency_buckets: if reads_histogram(query) { Some(row.try_get("latency_buckets")?) } else { None },
         no_custom_quantities: row.try_get("no_custom_quantities")?,
     };
     Ok(AggregateRow {

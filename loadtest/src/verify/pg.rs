@@ -101,12 +101,13 @@ pub async fn rollups(
     };
     // The views hold folded rollup rows and pending ones: a key's sums are the sum over both.
     let quantity_sums: Vec<String> = quantity_columns().iter().map(|name| format!("sum({name})")).collect();
+    // Latency histograms are kept per service only.
+    let buckets = if per_user { "NULL::int8[]" } else { "tally_sum_buckets(latency_buckets)" };
     let sql = format!(
         "SELECT {hour}, service_type, service_provider, model, {user}, event_type,
                 sum(event_count)::int8, sum(error_count)::int8, {quantities},
                 tally_sum_quantities(custom_quantities)::text, sum(cost), sum(unpriced_count)::int8,
-                sum(latency_count)::int8, sum(latency_sum_us)::int8, max(latency_max_us),
-                tally_sum_buckets(latency_buckets)
+                sum(latency_count)::int8, sum(latency_sum_us)::int8, max(latency_max_us), {buckets}
          FROM {table} WHERE tenant_id = $1 AND {range} GROUP BY 1, 2, 3, 4, 5, 6",
         hour = micros("hour"),
         quantities = quantity_sums.join(", "),

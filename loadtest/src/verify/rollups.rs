@@ -56,7 +56,8 @@ pub struct StoredRollup {
     pub key: RollupKey,
     pub totals: Totals,
     pub custom_quantities: BTreeMap<String, Decimal>,
-    pub latency_buckets: Vec<i64>,
+    /// `None` where the table keeps no histogram (PostgreSQL's per-user rollups).
+    pub latency_buckets: Option<Vec<i64>>,
 }
 
 /// Sums over raw events per rollup key, grown one event at a time (rows are streamed).
@@ -146,9 +147,9 @@ pub fn compare(raw: RawSums, stored: Vec<StoredRollup>) -> RollupComparison {
     let no_custom = BTreeMap::new();
     for row in stored {
         comparison.compared += 1;
-        let buckets_total: i64 = row.latency_buckets.iter().sum();
-        if row.latency_buckets.len() != sink::rollup::LATENCY_BUCKETS
-            || buckets_total != row.totals.latency_count
+        if let Some(buckets) = &row.latency_buckets
+            && (buckets.len() != sink::rollup::LATENCY_BUCKETS
+                || buckets.iter().sum::<i64>() != row.totals.latency_count)
         {
             comparison.bad_buckets += 1;
         }
@@ -236,7 +237,12 @@ mod tests {
         let (totals, custom) = raw.sums[&key(user)].clone();
         let mut latency_buckets = vec![0; sink::rollup::LATENCY_BUCKETS];
         latency_buckets[0] = totals.latency_count;
-        StoredRollup { key: key(user), totals, custom_quantities: custom, latency_buckets }
+        StoredRollup {
+            key: key(user),
+            totals,
+            custom_quantities: custom,
+            latency_buckets: Some(latency_buckets),
+        }
     }
 
     #[test]
@@ -258,7 +264,9 @@ mod tests {
         let mut tampered = rollup_of(&raw, "a");
         tampered.totals.quantities[0] += Decimal::new(1, 6);
         tampered.custom_quantities.insert("extra".into(), Decimal::ONE);
-        tampered.latency_buckets[1] = 1;
+        if let Some(buckets) = tampered.latency_buckets.as_mut() {
+            buckets[1] = 1;
+        }
         let extra = StoredRollup { key: key("z"), ..rollup_of(&raw, "b") };
         let comparison = compare(raw, vec![tampered, extra]);
         assert_eq!(

@@ -139,8 +139,10 @@ pub async fn rollups(
                     latency_max_us: row.try_get(after + 5)?,
                 },
                 custom_quantities: parse_quantities(&custom)?,
-                latency_buckets: serde_json::from_str(&buckets)
-                    .with_context(|| format!("latency histogram {buckets:?} is not a JSON array"))?,
+                latency_buckets: Some(
+                    serde_json::from_str(&buckets)
+                        .with_context(|| format!("latency histogram {buckets:?} is not a JSON array"))?,
+                ),
             })
         })
         .collect()

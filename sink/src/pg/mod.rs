@@ -47,6 +47,7 @@ pub struct PgStore {
     copy_events: String,
     copy_staging: String,
     insert_pending: std::sync::Arc<str>,
+    insert_service_pending: std::sync::Arc<str>,
     fold_all: std::sync::Arc<str>,
     fold_tenant: std::sync::Arc<str>,
     dedup: std::sync::Arc<DedupHint>,
@@ -74,7 +75,8 @@ impl PgStore {
             pool,
             copy_events: format!("COPY usage_events ({columns}) FROM STDIN (FORMAT binary)"),
             copy_staging: format!("COPY events_staging ({columns}) FROM STDIN (FORMAT binary)"),
-            insert_pending: insert_pending_sql().into(),
+            insert_pending: insert_pending_sql(RollupTable::PerUser).into(),
+            insert_service_pending: insert_pending_sql(RollupTable::PerService).into(),
             fold_all: fold_sql(false).into(),
             fold_tenant: fold_sql(true).into(),
             dedup: Default::default(),
@@ -241,7 +243,9 @@ impl PgStore {
         Ok(new)
     }
 
-    /// Appends rollup deltas to `usage_rollup_pending` (no index, no conflict: an append).
+    /// Appends rollup deltas to the pending tables: per user to `usage_rollup_pending`, summed
+    /// over users (with the latency histograms) to `usage_rollup_service_pending`. No index, no
+    /// conflict: appends.
     async fn append_pending(
         &self,
         conn: &mut PgConnection,
@@ -250,8 +254,20 @@ impl PgStore {
         if deltas.is_empty() {
             return Ok(());
         }
-        let columns = RollupColumns::from_deltas(deltas);
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(self.insert_pending.clone()))
+        let services = rollup::without_users(deltas).map_err(overflow_error)?;
+        self.append_to(conn, &self.insert_pending, deltas, RollupTable::PerUser).await?;
+        self.append_to(conn, &self.insert_service_pending, &services, RollupTable::PerService).await
+    }
+
+    async fn append_to(
+        &self,
+        conn: &mut PgConnection,
+        statement: &std::sync::Arc<str>,
+        deltas: &std::collections::BTreeMap<RollupKey<'_>, RollupDelta>,
+        table: RollupTable,
+    ) -> Result<(), sqlx::Error> {
+        let columns = RollupColumns::from_deltas(deltas, table);
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
             .bind(columns.tenant_ids)
             .bind(columns.hours_us)
             .bind(columns.service_types)
@@ -289,11 +305,13 @@ impl PgStore {
             Err(error) if classify_ref(&error).is_retryable() => Err(classify(error)),
             Err(error) => {
                 tracing::warn!(%error, "rollup fold failed; folding tenant by tenant");
-                let tenants: Vec<Uuid> =
-                    sqlx::query_scalar("SELECT DISTINCT tenant_id FROM usage_rollup_pending")
-                        .fetch_all(&self.pool)
-                        .await
-                        .map_err(classify)?;
+                let tenants: Vec<Uuid> = sqlx::query_scalar(
+                    "SELECT tenant_id FROM usage_rollup_pending \
+                         UNION SELECT tenant_id FROM usage_rollup_service_pending",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
                 let mut total = FoldReport::default();
                 for tenant in tenants {
                     match self.fold_where(limit, Some(tenant)).await {
@@ -315,6 +333,8 @@ impl PgStore {
 
     async fn fold_where(&self, limit: i64, tenant: Option<Uuid>) -> Result<FoldReport, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
+        // Room to sort and group a whole window in memory.
+        sqlx::query("SET LOCAL work_mem = '64MB'").execute(&mut *tx).await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('tally_fold'))")
             .fetch_one(&mut *tx)
             .await?;
@@ -330,7 +350,9 @@ impl PgStore {
             0
         };
         let (pending, oldest_us): (i64, Option<i64>) = sqlx::query_as(
-            "SELECT count(*), (extract(epoch FROM min(committed_at)) * 1000000)::bigint FROM usage_rollup_pending",
+            "SELECT count(*), (extract(epoch FROM min(committed_at)) * 1000000)::bigint FROM \
+             (SELECT committed_at FROM usage_rollup_pending UNION ALL \
+              SELECT committed_at FROM usage_rollup_service_pending) p",
         )
         .fetch_one(&mut *tx)
         .await?;
@@ -407,7 +429,11 @@ struct RollupColumns<'a> {
 }
 
 impl<'a> RollupColumns<'a> {
-    fn from_deltas(deltas: &std::collections::BTreeMap<RollupKey<'a>, RollupDelta>) -> RollupColumns<'a> {
+    /// The per-user table keeps no latency histogram: `latency_buckets` stays empty for it.
+    fn from_deltas(
+        deltas: &std::collections::BTreeMap<RollupKey<'a>, RollupDelta>,
+        table: RollupTable,
+    ) -> RollupColumns<'a> {
         let mut columns = RollupColumns::default();
         for (key, delta) in deltas {
             columns.tenant_ids.push(key.tenant_id);
@@ -430,33 +456,55 @@ impl<'a> RollupColumns<'a> {
             columns.latency_counts.push(delta.latency_count);
             columns.latency_sums_us.push(delta.latency_sum_us);
             columns.latency_maxes_us.push(delta.latency_max_us);
-            columns.latency_buckets.extend_from_slice(&delta.latency_buckets);
+            if table == RollupTable::PerService {
+                columns.latency_buckets.extend_from_slice(&delta.latency_buckets);
+            }
         }
         columns
     }
 }
 
-/// Appends one pending row per rollup delta (`usage_rollup_pending`), from one array per column.
-fn insert_pending_sql() -> String {
+/// The two rollup tables: per user (without latency histograms), and without the user
+/// (`usage_rollup_service_hourly`, with them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RollupTable {
+    PerUser,
+    PerService,
+}
+
+/// Appends one pending row per rollup delta to the table's pending table, from one array per
+/// column. Both statements take the same parameters; the per-user one ignores the histograms,
+/// the per-service one the user ids.
+fn insert_pending_sql(table: RollupTable) -> String {
+    let (table_name, user, buckets) = match table {
+        RollupTable::PerUser => ("usage_rollup_pending", "user_id, ", ""),
+        RollupTable::PerService => ("usage_rollup_service_pending", "", ", latency_buckets"),
+    };
     let quantity_names = quantity_names();
     let quantities = quantity_names.join(", ");
     let quantity_params: Vec<String> =
         (0..quantity_names.len()).map(|index| format!("${}::numeric[]", 10 + index)).collect();
     let next = 10 + quantity_names.len();
+    let bucket_values = match table {
+        RollupTable::PerUser => String::new(),
+        RollupTable::PerService => {
+            format!(", (${}::bigint[])[(ord - 1) * {n} + 1 : ord * {n}]", next + 6, n = LATENCY_BUCKETS)
+        }
+    };
     format!(
-        "INSERT INTO usage_rollup_pending (tenant_id, hour, service_type, service_provider, model, user_id, \
+        "INSERT INTO {table_name} (tenant_id, hour, service_type, service_provider, model, {user}\
            event_type, event_count, error_count, {quantities}, custom_quantities, cost, unpriced_count, \
-           latency_count, latency_sum_us, latency_max_us, latency_buckets) \
-         SELECT tenant_id, to_timestamp(hour_us / 1000000), service_type, service_provider, model, user_id, \
+           latency_count, latency_sum_us, latency_max_us{buckets}) \
+         SELECT tenant_id, to_timestamp(hour_us / 1000000), service_type, service_provider, model, {user}\
            event_type, event_count, error_count, {quantities}, custom_quantities::jsonb, cost, unpriced_count, \
-           latency_count, latency_sum_us, latency_max_us, \
-           (${buckets}::bigint[])[(ord - 1) * {n} + 1 : ord * {n}] \
+           latency_count, latency_sum_us, latency_max_us{bucket_values} \
          FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
            $8::bigint[], $9::bigint[], {quantity_params}, ${custom}::text[], ${cost}::numeric[], \
            ${unpriced}::bigint[], ${lcount}::bigint[], ${lsum}::bigint[], ${lmax}::bigint[]) WITH ORDINALITY \
            AS d(tenant_id, hour_us, service_type, service_provider, model, user_id, event_type, event_count, \
            error_count, {quantities}, custom_quantities, cost, unpriced_count, latency_count, latency_sum_us, \
-           latency_max_us, ord)",
+           latency_max_us, ord) \
+         WHERE ${buckets_param}::bigint[] IS NOT NULL",
         quantity_params = quantity_params.join(", "),
         custom = next,
         cost = next + 1,
@@ -464,8 +512,7 @@ fn insert_pending_sql() -> String {
         lcount = next + 3,
         lsum = next + 4,
         lmax = next + 5,
-        buckets = next + 6,
-        n = LATENCY_BUCKETS,
+        buckets_param = next + 6,
     )
 }
 
@@ -474,8 +521,9 @@ fn quantity_names() -> Vec<&'static str> {
     wire::QuantityKind::ALL.iter().map(|kind| kind.as_str()).collect()
 }
 
-/// One fold: deletes up to `$1` pending rows (only tenant `$2`'s when `per_tenant`) and adds
-/// their sums, grouped by key, to both rollup tables in key order. Returns the rows folded.
+/// One fold: deletes up to `$1` rows of each pending table (only tenant `$2`'s when
+/// `per_tenant`) and adds their sums, grouped by key, to its rollup table in key order. Returns
+/// the rows folded.
 fn fold_sql(per_tenant: bool) -> String {
     let quantity_names = quantity_names();
     let quantities = quantity_names.join(", ");
@@ -491,9 +539,8 @@ fn fold_sql(per_tenant: bool) -> String {
         "sum(event_count)::bigint, sum(error_count)::bigint, {quantity_sums}, \
          coalesce(tally_sum_quantities(custom_quantities) FILTER (WHERE custom_quantities <> '{{}}'::jsonb), '{{}}'), \
          sum(cost), sum(unpriced_count)::bigint, sum(latency_count)::bigint, sum(latency_sum_us)::bigint, \
-         max(latency_max_us), ARRAY[{bucket_sums}]",
+         max(latency_max_us)",
         quantity_sums = quantity_sums.join(", "),
-        bucket_sums = bucket_sums.join(", "),
     );
     let updates = format!(
         "event_count = r.event_count + excluded.event_count, \
@@ -505,32 +552,40 @@ fn fold_sql(per_tenant: bool) -> String {
          unpriced_count = r.unpriced_count + excluded.unpriced_count, \
          latency_count = r.latency_count + excluded.latency_count, \
          latency_sum_us = r.latency_sum_us + excluded.latency_sum_us, \
-         latency_max_us = greatest(r.latency_max_us, excluded.latency_max_us), \
-         latency_buckets = ARRAY[{bucket_adds}]",
+         latency_max_us = greatest(r.latency_max_us, excluded.latency_max_us)",
         quantity_updates = quantity_updates.join(", "),
-        bucket_adds = bucket_adds.join(", "),
     );
     let values = format!(
         "event_count, error_count, {quantities}, custom_quantities, cost, unpriced_count, latency_count, \
-         latency_sum_us, latency_max_us, latency_buckets"
+         latency_sum_us, latency_max_us"
     );
     let user_key = "tenant_id, hour, service_type, service_provider, model, user_id, event_type";
     let service_key = "tenant_id, hour, service_type, service_provider, model, event_type";
     let tenant_filter = if per_tenant { "WHERE tenant_id = $2" } else { "WHERE $2::uuid IS NULL" };
+    let take = |table: &str| {
+        format!(
+            "DELETE FROM {table} WHERE ctid = ANY (ARRAY( \
+               SELECT ctid FROM {table} {tenant_filter} LIMIT $1)) RETURNING *"
+        )
+    };
     format!(
-        "WITH moved AS ( \
-           DELETE FROM usage_rollup_pending WHERE ctid = ANY (ARRAY( \
-             SELECT ctid FROM usage_rollup_pending {tenant_filter} LIMIT $1)) \
-           RETURNING *), \
+        "WITH moved AS ({take_users}), \
+         moved_services AS ({take_services}), \
          per_user AS ( \
            INSERT INTO usage_rollup_hourly AS r ({user_key}, {values}) \
            SELECT {user_key}, {sums} FROM moved GROUP BY {user_key} ORDER BY {user_key} \
            ON CONFLICT ({user_key}) DO UPDATE SET {updates} RETURNING 1), \
          per_service AS ( \
-           INSERT INTO usage_rollup_service_hourly AS r ({service_key}, {values}) \
-           SELECT {service_key}, {sums} FROM moved GROUP BY {service_key} ORDER BY {service_key} \
-           ON CONFLICT ({service_key}) DO UPDATE SET {updates} RETURNING 1) \
-         SELECT count(*) FROM moved"
+           INSERT INTO usage_rollup_service_hourly AS r ({service_key}, {values}, latency_buckets) \
+           SELECT {service_key}, {sums}, ARRAY[{bucket_sums}] FROM moved_services \
+           GROUP BY {service_key} ORDER BY {service_key} \
+           ON CONFLICT ({service_key}) DO UPDATE SET {updates}, latency_buckets = ARRAY[{bucket_adds}] \
+           RETURNING 1) \
+         SELECT (SELECT count(*) FROM moved) + (SELECT count(*) FROM moved_services)",
+        take_users = take("usage_rollup_pending"),
+        take_services = take("usage_rollup_service_pending"),
+        bucket_sums = bucket_sums.join(", "),
+        bucket_adds = bucket_adds.join(", "),
     )
 }
 
@@ -704,7 +759,12 @@ impl Store for PgStore {
             .await
             .map_err(classify)?;
             if let Some(days) = retention.aggregate_retention_days {
-                for table in ["usage_rollup_hourly", "usage_rollup_service_hourly", "usage_rollup_pending"] {
+                for table in [
+                    "usage_rollup_hourly",
+                    "usage_rollup_service_hourly",
+                    "usage_rollup_pending",
+                    "usage_rollup_service_pending",
+                ] {
                     let statement =
                         format!("DELETE FROM {table} WHERE hour < now() - make_interval(days => $1::int)");
                     sqlx::query(sqlx::AssertSqlSafe(statement))

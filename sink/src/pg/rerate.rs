@@ -98,17 +98,38 @@ impl Changes {
         .bind(&self.rule_ids)
         .execute(&mut *conn)
         .await?;
-        append_corrections(conn, tenant_id, self.rollups).await
+        // The same corrections without the user, for the user-less rollups.
+        let mut services: BTreeMap<RollupKey, (Decimal, i64)> = BTreeMap::new();
+        for ((tenant, hour_us, service_type, provider, model, _, event_type), (cost, unpriced)) in
+            &self.rollups
+        {
+            let key = (
+                *tenant,
+                *hour_us,
+                service_type.clone(),
+                provider.clone(),
+                model.clone(),
+                String::new(),
+                event_type.clone(),
+            );
+            let sum = services.entry(key).or_default();
+            sum.0 += cost;
+            sum.1 += unpriced;
+        }
+        append_corrections(conn, tenant_id, self.rollups, true).await?;
+        append_corrections(conn, tenant_id, services, false).await
     }
 }
 
-/// Appends the cost and unpriced-count corrections to `usage_rollup_pending`, one row per
-/// per-user rollup key with every other sum zero: the materializer folds them into both rollup
-/// tables like the rows of a commit, and readers see them at once.
+/// Appends cost and unpriced-count corrections to a pending table, one row per rollup key with
+/// every other sum zero: per user to `usage_rollup_pending`, or (`per_user` false, the user ids
+/// ignored) to `usage_rollup_service_pending`. The materializer folds them like the rows of a
+/// commit, and readers see them at once.
 async fn append_corrections(
     conn: &mut PgConnection,
     tenant_id: Uuid,
     deltas: BTreeMap<RollupKey, (Decimal, i64)>,
+    per_user: bool,
 ) -> Result<(), sqlx::Error> {
     let mut hours_us = Vec::new();
     let mut texts: [Vec<String>; 5] = Default::default();
@@ -123,18 +144,26 @@ async fn append_corrections(
     }
     let [service_types, providers, models, user_ids, event_types] = texts;
     let zero_quantities = vec!["0"; QuantityKind::ALL.len()].join(", ");
+    let (table, user, user_value, buckets, zero_buckets) = match per_user {
+        true => ("usage_rollup_pending", "user_id, ", "d.user_id, ", "", String::new()),
+        false => (
+            "usage_rollup_service_pending",
+            "",
+            "",
+            ", latency_buckets",
+            format!(", array_fill(0::bigint, ARRAY[{}])", crate::rollup::LATENCY_BUCKETS),
+        ),
+    };
     let statement = format!(
-        "INSERT INTO usage_rollup_pending (tenant_id, hour, service_type, service_provider, model, user_id, \
+        "INSERT INTO {table} (tenant_id, hour, service_type, service_provider, model, {user}\
            event_type, event_count, error_count, {quantities}, custom_quantities, cost, unpriced_count, \
-           latency_count, latency_sum_us, latency_max_us, latency_buckets) \
-         SELECT $1, tally_timestamptz(d.hour_us), d.service_type, d.service_provider, d.model, d.user_id, \
-           d.event_type, 0, 0, {zero_quantities}, '{{}}'::jsonb, d.cost, d.unpriced, 0, 0, 0, \
-           array_fill(0::bigint, ARRAY[{buckets}]) \
+           latency_count, latency_sum_us, latency_max_us{buckets}) \
+         SELECT $1, tally_timestamptz(d.hour_us), d.service_type, d.service_provider, d.model, {user_value}\
+           d.event_type, 0, 0, {zero_quantities}, '{{}}'::jsonb, d.cost, d.unpriced, 0, 0, 0{zero_buckets} \
          FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::numeric[], \
                      $9::bigint[]) AS d(hour_us, service_type, service_provider, model, user_id, event_type, \
                                         cost, unpriced)",
         quantities = QuantityKind::ALL.iter().map(|kind| kind.as_str()).collect::<Vec<_>>().join(", "),
-        buckets = crate::rollup::LATENCY_BUCKETS,
     );
     sqlx::query(sqlx::AssertSqlSafe(statement))
         .bind(tenant_id)

@@ -95,7 +95,8 @@ async fn readers_are_exact_while_rows_wait_and_partial_folds_take_each_row_once(
         if report.pending == 0 {
             break;
         }
-        ensure!(report.folded == 7 && folds < 1_000, "{report:?}");
+        // Up to 7 rows of each of the two pending tables.
+        ensure!((1..=14).contains(&report.folded) && folds < 1_000, "{report:?}");
     }
     ensure!(folds > 1, "folded in several steps");
     assert_folded_exactly_once(&mut conn).await?;

@@ -286,7 +286,8 @@ pub async fn stored_count(conn: &mut PgConnection, tenant: uuid::Uuid) -> Result
 }
 
 /// The sums of a rollup view (folded rows plus pending ones) per key: what every reader sees.
-fn live_rollups(view: &str, key: &str) -> String {
+fn live_rollups(view: &str, key: &str, buckets: bool) -> String {
+    let buckets = if buckets { ", tally_sum_buckets(latency_buckets) AS latency_buckets" } else { "" };
     format!(
         "(SELECT {key}, sum(event_count) AS event_count, sum(error_count) AS error_count,
                  sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
@@ -295,8 +296,7 @@ fn live_rollups(view: &str, key: &str) -> String {
                  sum(bytes) AS bytes, sum(duration_ms) AS duration_ms,
                  tally_sum_quantities(custom_quantities) AS custom_quantities, sum(cost) AS cost,
                  sum(unpriced_count) AS unpriced_count, sum(latency_count) AS latency_count,
-                 sum(latency_sum_us) AS latency_sum_us, max(latency_max_us) AS latency_max_us,
-                 tally_sum_buckets(latency_buckets) AS latency_buckets
+                 sum(latency_sum_us) AS latency_sum_us, max(latency_max_us) AS latency_max_us{buckets}
           FROM {view} GROUP BY {key})"
     )
 }
@@ -310,8 +310,8 @@ const SERVICE_KEY: &str = "tenant_id, hour, service_type, service_provider, mode
 /// number of rollup keys compared. `TestEdge::assert_rollups_match_raw` does the same on both
 /// backends.
 pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
-    let per_user = live_rollups("usage_rollup_hourly_live", USER_KEY);
-    let per_service = live_rollups("usage_rollup_service_hourly_live", SERVICE_KEY);
+    let per_user = live_rollups("usage_rollup_hourly_live", USER_KEY, false);
+    let per_service = live_rollups("usage_rollup_service_hourly_live", SERVICE_KEY, true);
     let statement = format!(
         "WITH raw AS (
            SELECT tenant_id, date_trunc('hour', occurred_at, 'UTC') AS hour, service_type, service_provider,
@@ -342,7 +342,7 @@ pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
         bail!("{mismatches} rollup rows differ from the sums of raw events");
     }
     let statement = format!(
-        "SELECT count(*) FROM {per_user} u
+        "SELECT count(*) FROM {per_service} u
          WHERE (SELECT sum(b) FROM unnest(latency_buckets) b) <> latency_count
             OR cardinality(latency_buckets) <> 46"
     );
@@ -362,8 +362,7 @@ pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
                   sum(bytes) AS bytes, sum(duration_ms) AS duration_ms,
                   tally_sum_quantities(custom_quantities) AS custom_quantities, sum(cost) AS cost,
                   sum(unpriced_count) AS unpriced_count, sum(latency_count) AS latency_count,
-                  sum(latency_sum_us) AS latency_sum_us, max(latency_max_us) AS latency_max_us,
-                  tally_sum_buckets(latency_buckets) AS latency_buckets
+                  sum(latency_sum_us) AS latency_sum_us, max(latency_max_us) AS latency_max_us
            FROM {per_user} u GROUP BY 1, 2, 3, 4, 5, 6)
          SELECT count(*) FROM s FULL JOIN {per_service} r USING
            (tenant_id, hour, service_type, service_provider, model, event_type)
@@ -374,14 +373,38 @@ pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
                (r.event_count, r.error_count, r.input_tokens, r.output_tokens, r.cached_input_tokens,
                 r.reasoning_tokens, r.pages, r.characters, r.requests, r.bytes, r.duration_ms, r.cost,
                 r.unpriced_count, r.latency_count, r.latency_sum_us, r.latency_max_us)
-            OR s.custom_quantities IS DISTINCT FROM r.custom_quantities
-            OR s.latency_buckets IS DISTINCT FROM r.latency_buckets"
+            OR s.custom_quantities IS DISTINCT FROM r.custom_quantities"
     );
     let service_mismatches: i64 =
         sqlx::query_scalar(sqlx::AssertSqlSafe(statement)).fetch_one(&mut *conn).await?;
     if service_mismatches != 0 {
         bail!(
             "{service_mismatches} user-less rollup rows differ from the per-user rollups summed over users"
+        );
+    }
+    // The user-less histograms (the only ones) against the raw latencies, bucket by bucket, with
+    // the sink's bucket rule.
+    let statement = format!(
+        "WITH raw AS (
+           SELECT tenant_id, date_trunc('hour', occurred_at, 'UTC') AS hour, service_type, service_provider,
+                  coalesce(model, '') AS model, event_type,
+                  CASE WHEN latency_us < 1000 THEN 1
+                       ELSE least(floor(2 * log(2.0, latency_us / 1000.0))::int + 1, 45) + 1 END AS bucket,
+                  count(*) AS n
+           FROM usage_events WHERE latency_us IS NOT NULL GROUP BY 1, 2, 3, 4, 5, 6, 7),
+         stored AS (
+           SELECT tenant_id, hour, service_type, service_provider, model, event_type, b.bucket, b.n
+           FROM {per_service} r CROSS JOIN LATERAL unnest(r.latency_buckets) WITH ORDINALITY AS b(n, bucket)
+           WHERE b.n <> 0)
+         SELECT count(*) FROM raw FULL JOIN stored
+           USING (tenant_id, hour, service_type, service_provider, model, event_type, bucket)
+         WHERE raw.n IS DISTINCT FROM stored.n"
+    );
+    let histogram_mismatches: i64 =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(statement)).fetch_one(&mut *conn).await?;
+    if histogram_mismatches != 0 {
+        bail!(
+            "{histogram_mismatches} latency buckets of the user-less rollups differ from the raw latencies"
         );
     }
     let statement = format!("SELECT count(*) FROM {per_user} u");
