@@ -4,6 +4,7 @@
 mod control;
 mod copy;
 mod nodelay;
+mod recent;
 mod rerate;
 mod rerate_jobs;
 
@@ -50,7 +51,7 @@ pub struct PgStore {
     insert_service_pending: std::sync::Arc<str>,
     fold_all: std::sync::Arc<str>,
     fold_tenant: std::sync::Arc<str>,
-    dedup: std::sync::Arc<DedupHint>,
+    recent: std::sync::Arc<recent::RecentKeys>,
 }
 
 impl PgStore {
@@ -79,7 +80,7 @@ impl PgStore {
             insert_service_pending: insert_pending_sql(RollupTable::PerService).into(),
             fold_all: fold_sql(false).into(),
             fold_tenant: fold_sql(true).into(),
-            dedup: Default::default(),
+            recent: Default::default(),
         })
     }
 
@@ -116,23 +117,36 @@ impl PgStore {
             }
             repeated
         });
-        // After a batch met stored rows, the next ones look for them first rather than fail a
-        // whole COPY: resends come in runs (a client reconnecting, a drained overflow).
-        if self.dedup.probe_first() {
-            self.drop_stored(rows, &mut order, &mut outcomes).await.map_err(classify)?;
+        // Rows whose keys this process committed lately are likely resends: look them up
+        // first (one probe each), so the rest is copied on the fast path.
+        let hashes: Vec<u64> =
+            order.iter().map(|&index| self.recent.hash(&rows[index].dedup_key())).collect();
+        let suspects = self.recent.seen(&hashes);
+        if !suspects.is_empty() {
+            let mut suspect_rows: Vec<usize> = suspects.iter().map(|&position| order[position]).collect();
+            self.drop_stored(rows, &mut suspect_rows, &mut outcomes).await.map_err(classify)?;
+            order.retain(|&index| outcomes[index] != Outcome::Duplicate);
         }
         match self.insert_rows(rows, &order).await {
             Err(error) if is_unique_violation(&error) => {}
-            other => return other.map(|()| outcomes).map_err(classify),
+            other => {
+                other.map_err(classify)?;
+                self.remember(rows, &order);
+                return Ok(outcomes);
+            }
         }
-        // Some rows are stored already: find them by their keys and insert the rest. Only a
-        // row committed by another transaction in between sends the batch through staging.
+        // Rows stored before that the hint did not know: find them all by their keys and insert
+        // the rest. Only a row committed by another transaction in between sends the batch
+        // through staging.
         metrics::counter!("tally_dedup_path_total").increment(1);
-        self.dedup.met_stored_rows();
         self.drop_stored(rows, &mut order, &mut outcomes).await.map_err(classify)?;
         match self.insert_rows(rows, &order).await {
             Err(error) if is_unique_violation(&error) => {}
-            other => return other.map(|()| outcomes).map_err(classify),
+            other => {
+                other.map_err(classify)?;
+                self.remember(rows, &order);
+                return Ok(outcomes);
+            }
         }
         let inserted = self.insert_new(rows, &order).await.map_err(classify)?;
         for (index, stored) in order.iter().zip(inserted) {
@@ -140,7 +154,14 @@ impl PgStore {
                 outcomes[*index] = Outcome::Duplicate;
             }
         }
+        order.retain(|&index| outcomes[index] == Outcome::Stored);
+        self.remember(rows, &order);
         Ok(outcomes)
+    }
+
+    /// Remembers the keys of committed rows, for the next commits' resend hint.
+    fn remember(&self, rows: &[EventRow], committed: &[usize]) {
+        self.recent.remember(committed.iter().map(|&index| self.recent.hash(&rows[index].dedup_key())));
     }
 
     /// Removes from `order` (and marks duplicate) the rows whose keys are stored already: one
@@ -171,7 +192,6 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await?;
         if stored.is_empty() {
-            self.dedup.found_none();
             return Ok(());
         }
         let mut stored_positions: Vec<usize> =
@@ -362,33 +382,6 @@ impl PgStore {
             pending: u64::try_from(pending).unwrap_or(0),
             oldest_pending_us: oldest_us,
         })
-    }
-}
-
-/// When a commit looks for stored rows before its `COPY`: for a while after a batch met some.
-#[derive(Debug, Default)]
-struct DedupHint {
-    /// Batches left that probe first; each probe that finds nothing uses one up.
-    probe_batches: std::sync::atomic::AtomicU32,
-}
-
-impl DedupHint {
-    const PROBE_BATCHES: u32 = 16;
-
-    fn probe_first(&self) -> bool {
-        self.probe_batches.load(std::sync::atomic::Ordering::Relaxed) > 0
-    }
-
-    fn met_stored_rows(&self) {
-        self.probe_batches.store(Self::PROBE_BATCHES, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn found_none(&self) {
-        let _ = self.probe_batches.fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |left| left.checked_sub(1),
-        );
     }
 }
 
