@@ -17,7 +17,7 @@ pub struct FoldLimits {
 
 impl Default for FoldLimits {
     fn default() -> Self {
-        FoldLimits { interval: Duration::from_millis(500), entries_max: 50_000 }
+        FoldLimits { interval: Duration::from_secs(2), entries_max: 300_000 }
     }
 }
 

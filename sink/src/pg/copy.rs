@@ -1,6 +1,7 @@
 //! PostgreSQL's binary `COPY` format, written straight from in-memory rows: no text formatting of
 //! values, one reused buffer per batch.
 
+use crate::rollup::{RollupDelta, RollupKey};
 use crate::row::EventRow;
 use rust_decimal::Decimal;
 
@@ -8,6 +9,7 @@ use rust_decimal::Decimal;
 const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
 /// OID of `text`, the element type of `tags`.
 const TEXT_OID: i32 = 25;
+const INT8_OID: i32 = 20;
 /// OID of `uuid`, the element type of `price_rule_ids`.
 const UUID_OID: i32 = 2950;
 
@@ -122,6 +124,18 @@ impl CopyBuffer {
         }
     }
 
+    fn int8_array(&mut self, items: &[i64]) {
+        self.len_prefix(20 + items.len() * 12);
+        self.bytes.extend_from_slice(&1i32.to_be_bytes()); // dimensions
+        self.bytes.extend_from_slice(&0i32.to_be_bytes()); // no NULL elements
+        self.bytes.extend_from_slice(&INT8_OID.to_be_bytes());
+        self.bytes.extend_from_slice(&(items.len() as i32).to_be_bytes());
+        self.bytes.extend_from_slice(&1i32.to_be_bytes()); // lower bound
+        for item in items {
+            self.optional_int8(Some(*item));
+        }
+    }
+
     fn text_array(&mut self, items: &[String]) {
         let start = self.bytes.len();
         self.len_prefix(0);
@@ -138,6 +152,48 @@ impl CopyBuffer {
         }
         let len = (self.bytes.len() - start - 4) as i32;
         self.bytes[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+}
+
+/// The columns of a pending rollup row, in the order [`encode_pending`] writes them; with the
+/// latency histogram for `usage_rollup_service_pending`, with the user for
+/// `usage_rollup_pending`.
+pub fn pending_columns(per_user: bool) -> String {
+    let quantities: Vec<&str> = wire::QuantityKind::ALL.iter().map(|kind| kind.as_str()).collect();
+    let (user, buckets) = if per_user { ("user_id, ", "") } else { ("", ", latency_buckets") };
+    format!(
+        "tenant_id, hour, service_type, service_provider, model, {user}event_type, event_count, error_count, \
+         {quantities}, custom_quantities, cost, unpriced_count, latency_count, latency_sum_us, latency_max_us{buckets}",
+        quantities = quantities.join(", "),
+    )
+}
+
+/// Appends one pending rollup row in the order of [`pending_columns`].
+pub fn encode_pending(buffer: &mut CopyBuffer, key: &RollupKey<'_>, delta: &RollupDelta, per_user: bool) {
+    let fields = 14 + crate::row::QUANTITY_KINDS + usize::from(per_user) + usize::from(!per_user);
+    buffer.row(fields as i16);
+    buffer.uuid(key.tenant_id.as_bytes());
+    buffer.timestamp(key.hour_us);
+    buffer.text(key.service_type);
+    buffer.text(key.service_provider);
+    buffer.text(key.model);
+    if per_user {
+        buffer.text(key.user_id);
+    }
+    buffer.text(key.event_type);
+    buffer.optional_int8(Some(delta.event_count));
+    buffer.optional_int8(Some(delta.error_count));
+    for quantity in &delta.quantities {
+        buffer.optional_numeric(Some(quantity));
+    }
+    buffer.jsonb(|out| write_quantities_json(&delta.custom_quantities, out));
+    buffer.optional_numeric(Some(&delta.cost));
+    buffer.optional_int8(Some(delta.unpriced_count));
+    buffer.optional_int8(Some(delta.latency_count));
+    buffer.optional_int8(Some(delta.latency_sum_us));
+    buffer.optional_int8(Some(delta.latency_max_us));
+    if !per_user {
+        buffer.int8_array(&delta.latency_buckets);
     }
 }
 

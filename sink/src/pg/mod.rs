@@ -47,8 +47,8 @@ pub struct PgStore {
     pool: PgPool,
     copy_events: String,
     copy_staging: String,
-    insert_pending: std::sync::Arc<str>,
-    insert_service_pending: std::sync::Arc<str>,
+    copy_pending: String,
+    copy_service_pending: String,
     fold_all: std::sync::Arc<str>,
     fold_tenant: std::sync::Arc<str>,
     recent: std::sync::Arc<recent::RecentKeys>,
@@ -76,8 +76,14 @@ impl PgStore {
             pool,
             copy_events: format!("COPY usage_events ({columns}) FROM STDIN (FORMAT binary)"),
             copy_staging: format!("COPY events_staging ({columns}) FROM STDIN (FORMAT binary)"),
-            insert_pending: insert_pending_sql(RollupTable::PerUser).into(),
-            insert_service_pending: insert_pending_sql(RollupTable::PerService).into(),
+            copy_pending: format!(
+                "COPY usage_rollup_pending ({}) FROM STDIN (FORMAT binary)",
+                copy::pending_columns(true)
+            ),
+            copy_service_pending: format!(
+                "COPY usage_rollup_service_pending ({}) FROM STDIN (FORMAT binary)",
+                copy::pending_columns(false)
+            ),
             fold_all: fold_sql(false).into(),
             fold_tenant: fold_sql(true).into(),
             recent: Default::default(),
@@ -275,41 +281,23 @@ impl PgStore {
             return Ok(());
         }
         let services = rollup::without_users(deltas).map_err(overflow_error)?;
-        self.append_to(conn, &self.insert_pending, deltas, RollupTable::PerUser).await?;
-        self.append_to(conn, &self.insert_service_pending, &services, RollupTable::PerService).await
+        self.append_to(conn, &self.copy_pending, deltas, RollupTable::PerUser).await?;
+        self.append_to(conn, &self.copy_service_pending, &services, RollupTable::PerService).await
     }
 
     async fn append_to(
         &self,
         conn: &mut PgConnection,
-        statement: &std::sync::Arc<str>,
+        statement: &str,
         deltas: &std::collections::BTreeMap<RollupKey<'_>, RollupDelta>,
         table: RollupTable,
     ) -> Result<(), sqlx::Error> {
-        let columns = RollupColumns::from_deltas(deltas, table);
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
-            .bind(columns.tenant_ids)
-            .bind(columns.hours_us)
-            .bind(columns.service_types)
-            .bind(columns.service_providers)
-            .bind(columns.models)
-            .bind(columns.user_ids)
-            .bind(columns.event_types)
-            .bind(columns.event_counts)
-            .bind(columns.error_counts);
-        for quantity in columns.quantities {
-            query = query.bind(quantity);
+        let mut buffer = CopyBuffer::default();
+        buffer.start();
+        for (key, delta) in deltas {
+            copy::encode_pending(&mut buffer, key, delta, table == RollupTable::PerUser);
         }
-        query
-            .bind(columns.custom_quantities)
-            .bind(columns.costs)
-            .bind(columns.unpriced_counts)
-            .bind(columns.latency_counts)
-            .bind(columns.latency_sums_us)
-            .bind(columns.latency_maxes_us)
-            .bind(columns.latency_buckets)
-            .execute(conn)
-            .await?;
+        copy_in(conn, statement, buffer.finish()).await?;
         Ok(())
     }
 
@@ -398,115 +386,12 @@ async fn copy_in(conn: &mut PgConnection, statement: &str, stream: &[u8]) -> Res
     }
 }
 
-/// Rollup deltas as one array per column, for a single `unnest` upsert.
-#[derive(Default)]
-struct RollupColumns<'a> {
-    tenant_ids: Vec<Uuid>,
-    hours_us: Vec<i64>,
-    service_types: Vec<&'a str>,
-    service_providers: Vec<&'a str>,
-    models: Vec<&'a str>,
-    user_ids: Vec<&'a str>,
-    event_types: Vec<&'a str>,
-    event_counts: Vec<i64>,
-    error_counts: Vec<i64>,
-    quantities: [Vec<Decimal>; crate::row::QUANTITY_KINDS],
-    custom_quantities: Vec<String>,
-    costs: Vec<Decimal>,
-    unpriced_counts: Vec<i64>,
-    latency_counts: Vec<i64>,
-    latency_sums_us: Vec<i64>,
-    latency_maxes_us: Vec<i64>,
-    /// All histograms back to back, `LATENCY_BUCKETS` per row.
-    latency_buckets: Vec<i64>,
-}
-
-impl<'a> RollupColumns<'a> {
-    /// The per-user table keeps no latency histogram: `latency_buckets` stays empty for it.
-    fn from_deltas(
-        deltas: &std::collections::BTreeMap<RollupKey<'a>, RollupDelta>,
-        table: RollupTable,
-    ) -> RollupColumns<'a> {
-        let mut columns = RollupColumns::default();
-        for (key, delta) in deltas {
-            columns.tenant_ids.push(key.tenant_id);
-            columns.hours_us.push(key.hour_us);
-            columns.service_types.push(key.service_type);
-            columns.service_providers.push(key.service_provider);
-            columns.models.push(key.model);
-            columns.user_ids.push(key.user_id);
-            columns.event_types.push(key.event_type);
-            columns.event_counts.push(delta.event_count);
-            columns.error_counts.push(delta.error_count);
-            for (column, sum) in columns.quantities.iter_mut().zip(delta.quantities) {
-                column.push(sum);
-            }
-            let mut json = Vec::new();
-            write_quantities_json(&delta.custom_quantities, &mut json);
-            columns.custom_quantities.push(String::from_utf8(json).unwrap_or_default());
-            columns.costs.push(delta.cost);
-            columns.unpriced_counts.push(delta.unpriced_count);
-            columns.latency_counts.push(delta.latency_count);
-            columns.latency_sums_us.push(delta.latency_sum_us);
-            columns.latency_maxes_us.push(delta.latency_max_us);
-            if table == RollupTable::PerService {
-                columns.latency_buckets.extend_from_slice(&delta.latency_buckets);
-            }
-        }
-        columns
-    }
-}
-
 /// The two rollup tables: per user (without latency histograms), and without the user
 /// (`usage_rollup_service_hourly`, with them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RollupTable {
     PerUser,
     PerService,
-}
-
-/// Appends one pending row per rollup delta to the table's pending table, from one array per
-/// column. Both statements take the same parameters; the per-user one ignores the histograms,
-/// the per-service one the user ids.
-fn insert_pending_sql(table: RollupTable) -> String {
-    let (table_name, user, buckets) = match table {
-        RollupTable::PerUser => ("usage_rollup_pending", "user_id, ", ""),
-        RollupTable::PerService => ("usage_rollup_service_pending", "", ", latency_buckets"),
-    };
-    let quantity_names = quantity_names();
-    let quantities = quantity_names.join(", ");
-    let quantity_params: Vec<String> =
-        (0..quantity_names.len()).map(|index| format!("${}::numeric[]", 10 + index)).collect();
-    let next = 10 + quantity_names.len();
-    let bucket_values = match table {
-        RollupTable::PerUser => String::new(),
-        RollupTable::PerService => {
-            format!(", (${}::bigint[])[(ord - 1) * {n} + 1 : ord * {n}]", next + 6, n = LATENCY_BUCKETS)
-        }
-    };
-    format!(
-        "INSERT INTO {table_name} (tenant_id, hour, service_type, service_provider, model, {user}\
-           event_type, event_count, error_count, {quantities}, custom_quantities, cost, unpriced_count, \
-           latency_count, latency_sum_us, latency_max_us{buckets}) \
-         SELECT tenant_id, to_timestamp(hour_us / 1000000), service_type, service_provider, model, {user}\
-           event_type, event_count, error_count, {quantities}, custom_quantities::jsonb, cost, unpriced_count, \
-           latency_count, latency_sum_us, latency_max_us{bucket_values} \
-         FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
-           $8::bigint[], $9::bigint[], {quantity_params}, ${custom}::text[], ${cost}::numeric[], \
-           ${unpriced}::bigint[], ${lcount}::bigint[], ${lsum}::bigint[], ${lmax}::bigint[]) WITH ORDINALITY \
-           AS d(tenant_id, hour_us, service_type, service_provider, model, user_id, event_type, event_count, \
-           error_count, {quantities}, custom_quantities, cost, unpriced_count, latency_count, latency_sum_us, \
-           latency_max_us, ord) \
-         WHERE ${buckets_param}::bigint[] IS NOT NULL",
-        quantity_params = quantity_params.join(", "),
-        custom = next,
-        cost = next + 1,
-        unpriced = next + 2,
-        lcount = next + 3,
-        lsum = next + 4,
-        lmax = next + 5,
-        buckets_param = next + 6,
-    )
 }
 
 /// The well-known quantity columns, in `QuantityKind` order.

@@ -97,9 +97,10 @@ struct ServeArgs {
     /// Events per HTTP batch request (at most 10,000).
     #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 1000)]
     http_batch_events_max: usize,
-    /// Sink workers (and queue shards); each commits its own transactions.
-    #[arg(long, env = "TALLY_SINK_WORKERS", default_value_t = 2)]
-    sink_workers: usize,
+    /// Sink workers (and queue shards); each commits its own transactions. Default: 4 on
+    /// PostgreSQL (commits overlap their fsyncs), 2 on the embedded SQLite (one writer).
+    #[arg(long, env = "TALLY_SINK_WORKERS")]
+    sink_workers: Option<usize>,
     /// Events all queues together may hold before producers wait or are refused.
     #[arg(long, env = "TALLY_QUEUE_EVENTS_MAX", default_value_t = 200_000)]
     queue_events_max: usize,
@@ -172,7 +173,7 @@ impl ServeArgs {
             wire_connections_max: self.wire_connections_max,
             wire_credits: self.wire_credits,
             queue: sink::QueueLimits {
-                shards: self.sink_workers,
+                shards: self.sink_workers.unwrap_or(2),
                 events_max: self.queue_events_max,
                 ..defaults.queue
             },
@@ -211,7 +212,10 @@ async fn run(cli: &Cli, storage: &Storage) -> anyhow::Result<()> {
                 );
                 edge::ingest::bench_skip_pricing_and_validation();
             }
-            let config = EdgeConfig { tls: cli.serve.tls.load()?, ..cli.serve.config() };
+            let mut config = EdgeConfig { tls: cli.serve.tls.load()?, ..cli.serve.config() };
+            if cli.serve.sink_workers.is_none() && storage.database_url.is_some() {
+                config.queue.shards = 4;
+            }
             serve(storage, config).await
         }
         Some(Command::Migrate) => {
