@@ -123,10 +123,16 @@ impl PgStore {
             }
             repeated
         });
-        // Rows whose keys this process committed lately are likely resends: look them up
-        // first (one probe each), so the rest is copied on the fast path.
+        // Rows whose keys this process committed lately (or is committing in an earlier
+        // transaction, which is awaited) are likely resends: look them up first (one probe
+        // each), so the rest is copied on the fast path.
         let hashes: Vec<u64> =
             order.iter().map(|&index| self.recent.hash(&rows[index].dedup_key())).collect();
+        let flight = self.recent.begin(hashes.clone());
+        for mut earlier in flight.earlier.clone() {
+            // Ends with that commit, stored or not; a dropped sender ends it too.
+            let _ = earlier.wait_for(|done| *done).await;
+        }
         let suspects = self.recent.seen(&hashes);
         if !suspects.is_empty() {
             let mut suspect_rows: Vec<usize> = suspects.iter().map(|&position| order[position]).collect();

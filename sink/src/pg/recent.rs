@@ -7,11 +7,20 @@
 //! (older, or committed by another edge) makes the `COPY` fail on the unique index, and the
 //! commit then probes every row; a key it remembers wrongly (a hash collision) only costs a
 //! probe that finds nothing.
+//!
+//! A resend can also arrive while its original is still being committed by another worker of
+//! this process (a client resending at once). Its `COPY` would wait for that transaction and
+//! then fail. So commits register their keys while in flight, and a commit holding a key that an
+//! earlier commit in flight holds waits for that commit to end first (only for earlier ones, so
+//! two commits never wait for each other), after which the key is in the hint if it was stored.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 use uuid::Uuid;
 
@@ -25,6 +34,7 @@ const GENERATION_AGE_MAX: Duration = Duration::from_secs(120);
 pub(crate) struct RecentKeys {
     hasher: RandomState,
     generations: Mutex<Generations>,
+    tickets: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -32,6 +42,32 @@ struct Generations {
     current: HashSet<u64>,
     previous: HashSet<u64>,
     started: Instant,
+    /// Keys of commits in flight: the earliest commit holding each, and its end signal.
+    in_flight: HashMap<u64, (u64, watch::Receiver<bool>)>,
+}
+
+/// A commit in flight: its keys stay registered until it is dropped.
+#[derive(Debug)]
+pub(crate) struct Flight<'a> {
+    recent: &'a RecentKeys,
+    ticket: u64,
+    hashes: Vec<u64>,
+    done: watch::Sender<bool>,
+    /// Earlier commits in flight that hold some of this one's keys.
+    pub(crate) earlier: Vec<watch::Receiver<bool>>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut generations = self.recent.lock();
+        for hash in &self.hashes {
+            if generations.in_flight.get(hash).is_some_and(|(ticket, _)| *ticket == self.ticket) {
+                generations.in_flight.remove(hash);
+            }
+        }
+        drop(generations);
+        let _ = self.done.send(true);
+    }
 }
 
 impl Default for RecentKeys {
@@ -42,7 +78,9 @@ impl Default for RecentKeys {
                 current: HashSet::new(),
                 previous: HashSet::new(),
                 started: Instant::now(),
+                in_flight: HashMap::new(),
             }),
+            tickets: AtomicU64::new(0),
         }
     }
 }
@@ -52,9 +90,34 @@ impl RecentKeys {
         self.hasher.hash_one(key)
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Generations> {
+        self.generations.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a commit's keys as in flight until the returned value is dropped, and names the
+    /// earlier commits in flight that hold some of them (wait for those before looking keys up).
+    pub(crate) fn begin(&self, hashes: Vec<u64>) -> Flight<'_> {
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        let (done, receiver) = watch::channel(false);
+        let mut earlier: HashMap<u64, watch::Receiver<bool>> = HashMap::new();
+        let mut generations = self.lock();
+        for hash in &hashes {
+            match generations.in_flight.get(hash) {
+                Some((other, signal)) => {
+                    earlier.entry(*other).or_insert_with(|| signal.clone());
+                }
+                None => {
+                    generations.in_flight.insert(*hash, (ticket, receiver.clone()));
+                }
+            }
+        }
+        drop(generations);
+        Flight { recent: self, ticket, hashes, done, earlier: earlier.into_values().collect() }
+    }
+
     /// Which of `hashes` were committed lately (by position).
     pub(crate) fn seen(&self, hashes: &[u64]) -> Vec<usize> {
-        let generations = self.generations.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let generations = self.lock();
         hashes
             .iter()
             .enumerate()
@@ -65,7 +128,7 @@ impl RecentKeys {
 
     /// Remembers committed keys.
     pub(crate) fn remember(&self, hashes: impl IntoIterator<Item = u64>) {
-        let mut generations = self.generations.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut generations = self.lock();
         for hash in hashes {
             if generations.current.len() >= GENERATION_KEYS_MAX
                 || generations.started.elapsed() >= GENERATION_AGE_MAX
@@ -82,6 +145,24 @@ impl RecentKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_commit_waits_only_for_earlier_commits_holding_its_keys() {
+        let recent = RecentKeys::default();
+        let first = recent.begin(vec![1, 2, 3]);
+        assert!(first.earlier.is_empty());
+        let second = recent.begin(vec![3, 4]);
+        assert_eq!(second.earlier.len(), 1, "key 3 is in flight in the first");
+        let third = recent.begin(vec![4, 5]);
+        assert!(third.earlier.len() == 1, "key 4 is held by the second");
+        let mut waiting = second.earlier[0].clone();
+        recent.remember([1, 2, 3]);
+        drop(first);
+        waiting.wait_for(|done| *done).await.expect("the first signals its end");
+        assert_eq!(recent.seen(&[3, 4]), [0], "the first's keys are in the hint");
+        drop((second, third));
+        assert!(recent.begin(vec![3, 4, 5]).earlier.is_empty(), "nothing in flight any more");
+    }
 
     #[test]
     fn remembers_keys_across_one_rotation() {
