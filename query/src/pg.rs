@@ -745,7 +745,12 @@ fn aggregate_row(
         latency_count: row.try_get("latency_count")?,
         latency_sum_us: row.try_get("latency_sum_us")?,
         latency_max_us: row.try_get("latency_max_us")?,
-        latency_buckets: if reads_histogram(query) { Some(row.try_get("latency_buckets")?) } else { None },
+        // Asked for but not kept (groups by user): no percentiles, the other latency figures stay.
+        latency_buckets: match (query.measures.latency_histogram, reads_histogram(query)) {
+            (_, true) => Some(row.try_get("latency_buckets")?),
+            (true, false) => Some(Vec::new()),
+            (false, false) => None,
+        },
         no_custom_quantities: row.try_get("no_custom_quantities")?,
     };
     Ok(AggregateRow {

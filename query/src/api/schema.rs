@@ -42,7 +42,10 @@ pub struct Totals {
     pub latency: Option<Latency>,
 }
 
-/// Latency of the events that reported one, in milliseconds; percentiles within 19%.
+/// Latency of the events that reported one, in milliseconds; percentiles within 19%. Latency
+/// histograms are kept per service and hour, not per user: where an answer is grouped or
+/// filtered by user, the percentiles are null (count, mean and maximum are exact).
+/// The embedded backend keeps them per user too.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Latency {
     pub latency_count: i64,
