@@ -98,6 +98,8 @@ pub(super) struct RollupCache {
 struct CacheState {
     /// The writer connection's `data_version` when the cache was last right.
     data_version: Option<i64>,
+    /// A transaction looked rows up and has not yet remembered its totals or cleared the cache.
+    writing: bool,
     rows: HashMap<OwnedKey, RollupDelta>,
 }
 
@@ -115,13 +117,17 @@ impl RollupCache {
         let mut state = self.state();
         state.rows.clear();
         state.data_version = None;
+        state.writing = false;
     }
 
     /// Keeps a committed batch's totals. Over the bound, rows of hours before the previous one
     /// go first, then everything.
+    /// A batch that looked nothing up (`None`) leaves the cache as it is, also when an earlier
+    /// one still counts as writing.
     pub(super) fn remember(&self, grown: Option<Grown>) {
         let Some(grown) = grown else { return };
         let mut state = self.state();
+        state.writing = false;
         if state.data_version != Some(grown.data_version) {
             state.rows.clear();
             state.data_version = Some(grown.data_version);
@@ -138,9 +144,15 @@ impl RollupCache {
 
     /// The cached totals of `keys` (cloned), or `None` for a key not cached. The cache is
     /// dropped first if another connection has committed since it was filled.
+    ///
+    /// From then until [`RollupCache::remember`] or [`RollupCache::clear`] the cache counts as
+    /// being written: if neither comes (the batch's future was dropped, perhaps right after its
+    /// transaction committed, as `commit_timeout` can), the cached totals may be older than the
+    /// stored ones, and the next look-up drops the cache rather than trust it.
     fn lookup(&self, data_version: i64, keys: &[OwnedKey]) -> Vec<Option<RollupDelta>> {
         let mut state = self.state();
-        if state.data_version != Some(data_version) {
+        let was_writing = std::mem::replace(&mut state.writing, true);
+        if state.data_version != Some(data_version) || was_writing {
             state.rows.clear();
             state.data_version = None;
             return vec![None; keys.len()];
@@ -286,6 +298,18 @@ mod tests {
         let totals =
             keys.iter().map(|key| (key.clone(), RollupDelta { event_count: 1, ..Default::default() }));
         Some(Grown { data_version, totals: totals.collect() })
+    }
+
+    #[test]
+    fn a_batch_that_never_remembered_drops_the_cache() {
+        let cache = RollupCache::new(10);
+        cache.remember(grown(3, &[key(1, "a")]));
+        assert!(cache.lookup(3, &[key(1, "a")])[0].is_some());
+        // No remember and no clear: the batch's future was dropped, perhaps after its commit,
+        // so the cached total may be older than the stored one. A later batch that looked
+        // nothing up does not make it right again.
+        cache.remember(None);
+        assert!(cache.lookup(3, &[key(1, "a")])[0].is_none());
     }
 
     #[test]
