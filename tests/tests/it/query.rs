@@ -482,6 +482,32 @@ async fn aggregates_match_sums_of_the_events_sent() -> Result<()> {
         check_totals(row, &sums(expected), true, "hour")?;
     }
 
+    // Filtered by user: latency count and mean stay exact, and there are no percentiles (latency
+    // histograms are kept per service and hour, not per user).
+    let user =
+        in_range.iter().find(|s| s.latency_ms.is_some()).context("an event with a latency")?.user.clone();
+    let body = fixture
+        .ok(&format!("/api/v1/usage/aggregate?period=month&group_by=none&user_id={user}&{range}"))
+        .await?;
+    let rows = body["aggregations"].as_array().context("rows")?;
+    ensure!(!rows.is_empty(), "{body}");
+    for row in rows {
+        let month_start = parse_time(&row["period_start"])?.date();
+        let of_user: Vec<&Sent> =
+            in_range.iter().filter(|s| s.user == user && month(s) == month_start).collect();
+        let expected = sums(of_user.iter().copied());
+        ensure!(row["event_count"] == expected.events, "{user}: {row}");
+        ensure!(row["latency_count"] == expected.latencies_ms.len(), "{user}: {row}");
+        for field in ["latency_p50_ms", "latency_p95_ms", "latency_p99_ms"] {
+            ensure!(row[field].is_null(), "{user}: {field} is not kept per user: {row}");
+        }
+        if !expected.latencies_ms.is_empty() {
+            let mean = expected.latencies_ms.iter().sum::<f64>() / expected.latencies_ms.len() as f64;
+            let avg = row["latency_avg_ms"].as_f64().context("latency_avg_ms")?;
+            ensure!((avg - mean).abs() < 0.001, "{user}: mean {avg} != {mean}");
+        }
+    }
+
     let all = sums(&in_range);
     let body = fixture.ok(&format!("/api/v1/usage/by-service?top_users=2&{range}")).await?;
     check_totals(&body["totals"], &all, true, "by-service totals")?;
