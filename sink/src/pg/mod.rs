@@ -139,26 +139,16 @@ impl PgStore {
             self.drop_stored(rows, &mut suspect_rows, &mut outcomes).await.map_err(classify)?;
             order.retain(|&index| outcomes[index] != Outcome::Duplicate);
         }
-        match self.insert_rows(rows, &order).await {
-            Err(error) if is_unique_violation(&error) => {}
-            other => {
-                other.map_err(classify)?;
-                self.remember(rows, &order);
-                return Ok(outcomes);
-            }
+        if self.try_insert(rows, &order).await? {
+            return Ok(outcomes);
         }
         // Rows stored before that the hint did not know: find them all by their keys and insert
         // the rest. Only a row committed by another transaction in between sends the batch
         // through staging.
         metrics::counter!("tally_dedup_path_total").increment(1);
         self.drop_stored(rows, &mut order, &mut outcomes).await.map_err(classify)?;
-        match self.insert_rows(rows, &order).await {
-            Err(error) if is_unique_violation(&error) => {}
-            other => {
-                other.map_err(classify)?;
-                self.remember(rows, &order);
-                return Ok(outcomes);
-            }
+        if self.try_insert(rows, &order).await? {
+            return Ok(outcomes);
         }
         let inserted = self.insert_new(rows, &order).await.map_err(classify)?;
         for (index, stored) in order.iter().zip(inserted) {
@@ -169,6 +159,19 @@ impl PgStore {
         order.retain(|&index| outcomes[index] == Outcome::Stored);
         self.remember(rows, &order);
         Ok(outcomes)
+    }
+
+    /// Copies the rows (`insert_rows`) and remembers their keys; `Ok(false)` when some row was
+    /// stored already, and then nothing of the batch stays.
+    async fn try_insert(&self, rows: &[EventRow], order: &[usize]) -> Result<bool, StoreError> {
+        match self.insert_rows(rows, order).await {
+            Ok(()) => {
+                self.remember(rows, order);
+                Ok(true)
+            }
+            Err(error) if is_unique_violation(&error) => Ok(false),
+            Err(error) => Err(classify(error)),
+        }
     }
 
     /// Remembers the keys of committed rows, for the next commits' resend hint.
