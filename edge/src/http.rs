@@ -32,38 +32,12 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .layer(axum::middleware::from_fn(crate::series::record_request))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
-        .layer(axum::middleware::from_fn(json_errors))
+        .layer(axum::middleware::from_fn(|request, next| serve::json_errors(request, next, plain_error)))
         .with_state(state)
 }
 
-/// Error answers that axum and tower-http make themselves (a rejected query string or body, the
-/// body limit's 413, an unknown path or method, a caught panic) carry plain text or nothing;
-/// this turns them into the `{"error", "detail"}` body of every other error. Answers that are
-/// JSON already pass unchanged.
-pub async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let response = next.run(request).await;
-    let status = response.status();
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return response;
-    }
-    let (mut parts, body) = response.into_parts();
-    let text = match axum::body::to_bytes(body, 64 * 1024).await {
-        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
-        Err(_) => String::new(),
-    };
-    let (error, detail) = plain_error(status, text);
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    let body = json!({"error": error, "detail": detail}).to_string();
-    Response::from_parts(parts, axum::body::Body::from(body))
-}
-
-/// The error code and detail of a plain answer; server errors never show their text.
+/// The error code and detail of a plain answer (see `serve::json_errors`); server errors never
+/// show their text.
 fn plain_error(status: StatusCode, text: String) -> (&'static str, String) {
     let error = match status.as_u16() {
         400 | 422 => "invalid_request",

@@ -109,26 +109,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Error answers that axum and tower-http make themselves (an unknown path or method, a caught
-/// panic) carry plain text or nothing; this turns them into the `{"error", "detail"}` body of
-/// every other error. JSON answers pass unchanged; server errors never show their text.
-pub async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    use axum::http::{HeaderValue, header};
-    let response = next.run(request).await;
-    let status = response.status();
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return response;
-    }
-    let (mut parts, body) = response.into_parts();
-    let text = match axum::body::to_bytes(body, 64 * 1024).await {
-        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
-        Err(_) => String::new(),
-    };
+/// The error code and detail of a plain answer (see `serve::json_errors`); server errors never
+/// show their text.
+pub fn plain_error(status: axum::http::StatusCode, text: String) -> (&'static str, String) {
     let error = match status.as_u16() {
         401 => "authentication_required",
         403 => "forbidden",
@@ -142,8 +125,5 @@ pub async fn json_errors(request: axum::extract::Request, next: axum::middleware
     };
     let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
     let detail = if status.is_server_error() || text.is_empty() { reason } else { text };
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    let body = json!({"error": error, "detail": detail}).to_string();
-    Response::from_parts(parts, axum::body::Body::from(body))
+    (error, detail)
 }

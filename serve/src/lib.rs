@@ -113,3 +113,37 @@ pub async fn serve(
     drop(listener);
     graceful.shutdown().await;
 }
+
+/// Error answers that axum and tower-http make themselves (a rejected query string or body, the
+/// body limit's 413, an unknown path or method, a caught panic) carry plain text or nothing;
+/// this turns them into the `{"error", "detail"}` body of every other error, with the code and
+/// detail that `plain_error` gives for the status and text (each service names its own). JSON
+/// answers and successes pass unchanged. Use with
+/// `axum::middleware::from_fn(|request, next| serve::json_errors(request, next, plain_error))`.
+pub async fn json_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+    plain_error: fn(axum::http::StatusCode, String) -> (&'static str, String),
+) -> axum::response::Response {
+    use axum::http::{HeaderValue, header};
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let (error, detail) = plain_error(status, text);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let body = serde_json::json!({"error": error, "detail": detail}).to_string();
+    axum::response::Response::from_parts(parts, axum::body::Body::from(body))
+}

@@ -58,7 +58,9 @@ pub fn router(state: Arc<QueryState>) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .with_state(state)
         .merge(docs)
-        .layer(axum::middleware::from_fn(crate::error::json_errors))
+        .layer(axum::middleware::from_fn(|request, next| {
+            serve::json_errors(request, next, crate::error::plain_error)
+        }))
 }
 
 /// What the older gateway served on the ingest port besides ingest, for the edge to mount there:
@@ -73,7 +75,9 @@ pub fn usage_routes(state: Arc<QueryState>) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .with_state(state)
         .merge(docs)
-        .layer(axum::middleware::from_fn(crate::error::json_errors))
+        .layer(axum::middleware::from_fn(|request, next| {
+            serve::json_errors(request, next, crate::error::plain_error)
+        }))
 }
 
 /// The OpenAPI 3 document, generated from the handlers and types.
