@@ -50,7 +50,11 @@ const COUNTERS: &[Counter] = &[
         &[],
     ),
     ("tally_commit_failures_total", "Sink transactions that failed.", &[]),
-    ("tally_dedup_path_total", "Batches that took the dedup path (some rows existed).", &[]),
+    (
+        "tally_dedup_path_total",
+        "Batches whose COPY met stored rows the resend hint did not know (then probed row by row).",
+        &[],
+    ),
     (
         "tally_queue_full_total",
         "Submissions that found the queue full, by policy (block, reject, overflow).",

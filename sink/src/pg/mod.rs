@@ -109,7 +109,8 @@ impl PgStore {
         }
         // Checked before any transaction: sums that cannot be stored fail this batch alone, and
         // the worker then isolates the row responsible.
-        rollup::aggregate(rows).map_err(|error| StoreError::Invalid(error.to_string()))?;
+        // They are also the rollups of the batch when every row of it is new, the common case.
+        let all = rollup::aggregate(rows).map_err(|error| StoreError::Invalid(error.to_string()))?;
         let mut outcomes = vec![Outcome::Stored; rows.len()];
         // Rows in dedup-key order: every transaction inserts its keys into the unique index in
         // the one order, so a resend racing its original makes one wait for the other, never a
@@ -128,18 +129,18 @@ impl PgStore {
         // each), so the rest is copied on the fast path.
         let hashes: Vec<u64> =
             order.iter().map(|&index| self.recent.hash(&rows[index].dedup_key())).collect();
-        let flight = self.recent.begin(hashes.clone());
-        for mut earlier in flight.earlier.clone() {
+        let mut flight = self.recent.begin(hashes);
+        for mut earlier in std::mem::take(&mut flight.earlier) {
             // Ends with that commit, stored or not; a dropped sender ends it too.
             let _ = earlier.wait_for(|done| *done).await;
         }
-        let suspects = self.recent.seen(&hashes);
+        let suspects = self.recent.seen(flight.hashes());
         if !suspects.is_empty() {
             let mut suspect_rows: Vec<usize> = suspects.iter().map(|&position| order[position]).collect();
             self.drop_stored(rows, &mut suspect_rows, &mut outcomes).await.map_err(classify)?;
             order.retain(|&index| outcomes[index] != Outcome::Duplicate);
         }
-        if self.try_insert(rows, &order).await? {
+        if self.try_insert(rows, &order, (order.len() == rows.len()).then_some(&all)).await? {
             return Ok(outcomes);
         }
         // Rows stored before that the hint did not know: find them all by their keys and insert
@@ -147,7 +148,7 @@ impl PgStore {
         // through staging.
         metrics::counter!("tally_dedup_path_total").increment(1);
         self.drop_stored(rows, &mut order, &mut outcomes).await.map_err(classify)?;
-        if self.try_insert(rows, &order).await? {
+        if self.try_insert(rows, &order, (order.len() == rows.len()).then_some(&all)).await? {
             return Ok(outcomes);
         }
         let inserted = self.insert_new(rows, &order).await.map_err(classify)?;
@@ -163,8 +164,13 @@ impl PgStore {
 
     /// Copies the rows (`insert_rows`) and remembers their keys; `Ok(false)` when some row was
     /// stored already, and then nothing of the batch stays.
-    async fn try_insert(&self, rows: &[EventRow], order: &[usize]) -> Result<bool, StoreError> {
-        match self.insert_rows(rows, order).await {
+    async fn try_insert(
+        &self,
+        rows: &[EventRow],
+        order: &[usize],
+        deltas: Option<&Deltas<'_>>,
+    ) -> Result<bool, StoreError> {
+        match self.insert_rows(rows, order, deltas).await {
             Ok(()) => {
                 self.remember(rows, order);
                 Ok(true)
@@ -226,9 +232,14 @@ impl PgStore {
     }
 
     /// One transaction: `COPY` the rows (in `order`) into `usage_events` and append what they
-    /// add to the rollups to `usage_rollup_pending`. Fails with a unique violation if any row is
-    /// stored already, and then nothing of it stays.
-    async fn insert_rows(&self, rows: &[EventRow], order: &[usize]) -> Result<(), sqlx::Error> {
+    /// add to the rollups (`deltas` when the caller has them already) to the pending tables.
+    /// Fails with a unique violation if any row is stored already, and then nothing of it stays.
+    async fn insert_rows(
+        &self,
+        rows: &[EventRow],
+        order: &[usize],
+        deltas: Option<&Deltas<'_>>,
+    ) -> Result<(), sqlx::Error> {
         if order.is_empty() {
             return Ok(());
         }
@@ -238,10 +249,18 @@ impl PgStore {
             encode_event(&mut buffer, &rows[index]);
         }
         let stream = buffer.finish();
-        let deltas = rollup::aggregate(order.iter().map(|&index| &rows[index])).map_err(overflow_error)?;
+        let computed;
+        let deltas = match deltas {
+            Some(deltas) => deltas,
+            None => {
+                computed =
+                    rollup::aggregate(order.iter().map(|&index| &rows[index])).map_err(overflow_error)?;
+                &computed
+            }
+        };
         let mut tx = self.pool.begin().await?;
         copy_in(&mut tx, &self.copy_events, stream).await?;
-        self.append_pending(&mut tx, &deltas).await?;
+        self.append_pending(&mut tx, deltas).await?;
         tx.commit().await
     }
 
@@ -394,6 +413,9 @@ async fn copy_in(conn: &mut PgConnection, statement: &str, stream: &[u8]) -> Res
         }
     }
 }
+
+/// Rollup deltas of a set of rows, by key.
+type Deltas<'a> = std::collections::BTreeMap<RollupKey<'a>, RollupDelta>;
 
 /// The two rollup tables: per user (without latency histograms), and without the user
 /// (`usage_rollup_service_hourly`, with them).

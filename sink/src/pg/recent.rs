@@ -57,6 +57,13 @@ pub(crate) struct Flight<'a> {
     pub(crate) earlier: Vec<watch::Receiver<bool>>,
 }
 
+impl Flight<'_> {
+    /// The commit's key hashes, in its rows' order.
+    pub(crate) fn hashes(&self) -> &[u64] {
+        &self.hashes
+    }
+}
+
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
         let mut generations = self.recent.lock();
