@@ -142,12 +142,76 @@ pub struct KeyRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct Scope {
     pub tenant_id: Uuid,
-    /// Inclusive.
+    /// Inclusive. Under [`Edges::Hour`], a whole UTC hour.
     pub start: OffsetDateTime,
-    /// Exclusive.
+    /// Exclusive. Under [`Edges::Hour`], a whole UTC hour.
     pub end: OffsetDateTime,
     /// IANA name from `tenants.time_zone`; days, weeks and months are bounded in it.
     pub time_zone: String,
+    /// How instants inside a UTC hour (the range's ends, period boundaries) are answered.
+    pub edges: Edges,
+    /// The range as asked, before [`Edges::Hour`] widened it to whole hours; equal to
+    /// `start..end` under [`Edges::Exact`].
+    pub requested: (OffsetDateTime, OffsetDateTime),
+}
+
+impl Scope {
+    /// A scope answered exactly at its ends and period boundaries.
+    pub fn exact(tenant_id: Uuid, start: OffsetDateTime, end: OffsetDateTime, time_zone: &str) -> Scope {
+        Scope {
+            tenant_id,
+            start,
+            end,
+            time_zone: time_zone.to_owned(),
+            edges: Edges::Exact,
+            requested: (start, end),
+        }
+    }
+}
+
+impl Scope {
+    /// The scope whose periods are the buckets of an aggregate of this one: under
+    /// [`Edges::Hour`] an hour counts in the period holding its middle, so the periods are those
+    /// holding the middle of one of the scope's hours.
+    pub fn bucketed(&self) -> Scope {
+        match self.edges {
+            Edges::Exact => self.clone(),
+            Edges::Hour => {
+                let half = time::Duration::minutes(30);
+                let mut scope = self.clone();
+                scope.start = self.start + half;
+                scope.end = self.end - half + time::Duration::microseconds(1);
+                scope
+            }
+        }
+    }
+}
+
+/// How an aggregate answers for instants inside a UTC hour. Rollups are kept per UTC hour, so
+/// only whole hours can be read from them; anything finer must be read from raw events, whose
+/// number grows with the ingest rate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Edges {
+    /// The default: the range is widened to the whole UTC hours it touches (`effective_start`,
+    /// `effective_end` in the answer), and an hour that a period boundary cuts (time zones such
+    /// as Asia/Kolkata, +05:30) is counted in the period holding the hour's middle, that is in
+    /// the period holding most of it (the later one on a tie). Answers read rollups only: no
+    /// raw event is read, at any ingest rate.
+    #[default]
+    Hour,
+    /// Exact to the microsecond: the partial hours at the range's ends and the hours a period
+    /// boundary cuts are read from raw events (at most two hours plus one per boundary).
+    Exact,
+}
+
+impl Edges {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Edges::Hour => "hour",
+            Edges::Exact => "exact",
+        }
+    }
 }
 
 /// Equality filters; `None` matches everything.

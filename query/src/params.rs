@@ -8,7 +8,7 @@ use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime};
 use utoipa::IntoParams;
 
-use crate::backend::{EventStatus, Filter, QUANTITY_NAMES};
+use crate::backend::{Edges, EventStatus, Filter, QUANTITY_NAMES};
 use crate::error::ApiError;
 
 /// A time bucket. Days, weeks (from Monday) and months follow the tenant's time zone.
@@ -276,6 +276,15 @@ pub fn parse_offset(text: Option<&str>) -> Result<u64, ApiError> {
     Ok(value)
 }
 
+/// `edges`: `hour` (the default) or `exact`; see [`Edges`].
+pub fn parse_edges(text: Option<&str>) -> Result<Edges, ApiError> {
+    match text.map(str::trim) {
+        None | Some("hour") => Ok(Edges::Hour),
+        Some("exact") => Ok(Edges::Exact),
+        Some(other) => Err(ApiError::parameter("edges", format!("{other:?} is not hour or exact"))),
+    }
+}
+
 pub fn parse_bool(field: &str, text: Option<&str>) -> Result<bool, ApiError> {
     match text.map(str::trim) {
         None | Some("false" | "0" | "no") => Ok(false),
@@ -378,6 +387,10 @@ pub struct AggregateParams {
     /// Up to 3 of service_type, service_provider, model, user_id, event_type. Default
     /// `service_type,service_provider`; `none` for one row per period.
     pub group_by: Option<String>,
+    /// `hour` (default): the range is widened to whole UTC hours and answered from rollups
+    /// alone (see `effective_start`, `effective_end`); `exact`: partial hours are read from raw
+    /// events.
+    pub edges: Option<String>,
 }
 
 /// `GET /api/v1/usage/by-service`.
@@ -394,6 +407,10 @@ pub struct ByServiceParams {
     /// Top users per service, by cost, 1 to 50. Default 5.
     #[param(value_type = Option<u32>, minimum = 1, maximum = 50)]
     pub top_users: Option<String>,
+    /// `hour` (default): the range is widened to whole UTC hours and answered from rollups
+    /// alone (see `effective_start`, `effective_end`); `exact`: partial hours are read from raw
+    /// events.
+    pub edges: Option<String>,
 }
 
 /// `GET /api/v1/usage/costs`.
@@ -410,6 +427,10 @@ pub struct CostsParams {
     pub service_provider: Option<String>,
     pub user_id: Option<String>,
     pub model: Option<String>,
+    /// `hour` (default): the range is widened to whole UTC hours and answered from rollups
+    /// alone (see `effective_start`, `effective_end`); `exact`: partial hours are read from raw
+    /// events.
+    pub edges: Option<String>,
 }
 
 /// `GET /api/v1/billing/summary`.
@@ -439,6 +460,10 @@ pub struct TrendsParams {
     pub service_provider: Option<String>,
     pub model: Option<String>,
     pub user_id: Option<String>,
+    /// `hour` (default): the range is widened to whole UTC hours and answered from rollups
+    /// alone (see `effective_start`, `effective_end`); `exact`: partial hours are read from raw
+    /// events.
+    pub edges: Option<String>,
 }
 
 /// `GET /api/v1/analytics/top-users`.
@@ -458,6 +483,10 @@ pub struct TopUsersParams {
     pub service_provider: Option<String>,
     pub model: Option<String>,
     pub event_type: Option<String>,
+    /// `hour` (default): the range is widened to whole UTC hours and answered from rollups
+    /// alone (see `effective_start`, `effective_end`); `exact`: partial hours are read from raw
+    /// events.
+    pub edges: Option<String>,
 }
 
 /// `GET /api/v1/analytics/breakdown`.
@@ -478,6 +507,10 @@ pub struct BreakdownParams {
     pub user_id: Option<String>,
     pub model: Option<String>,
     pub event_type: Option<String>,
+    /// `hour` (default): the range is widened to whole UTC hours and answered from rollups
+    /// alone (see `effective_start`, `effective_end`); `exact`: partial hours are read from raw
+    /// events.
+    pub edges: Option<String>,
 }
 
 /// `GET /api/v1/analytics/compare`.
@@ -497,6 +530,10 @@ pub struct CompareParams {
     pub service_type: Option<String>,
     pub service_provider: Option<String>,
     pub model: Option<String>,
+    /// `hour` (default): the range is widened to whole UTC hours and answered from rollups
+    /// alone (see `effective_start`, `effective_end`); `exact`: partial hours are read from raw
+    /// events.
+    pub edges: Option<String>,
 }
 
 /// `GET /api/v1/analytics/errors`.
@@ -512,6 +549,10 @@ pub struct ErrorsParams {
     pub service_type: Option<String>,
     pub service_provider: Option<String>,
     pub model: Option<String>,
+    /// `hour` (default): the range is widened to whole UTC hours and answered from rollups
+    /// alone (see `effective_start`, `effective_end`); `exact`: partial hours are read from raw
+    /// events.
+    pub edges: Option<String>,
 }
 
 #[cfg(test)]

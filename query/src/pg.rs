@@ -2,10 +2,12 @@
 //!
 //! Aggregates read the hourly rollups, which are keyed by UTC hour. A range edge inside an hour,
 //! or a period boundary inside an hour (a time zone such as Asia/Kolkata, +05:30, puts day
-//! boundaries at :30), would make a rollup row straddle two buckets. Those hours are read from
-//! raw events instead, so every sum is exact: rows come from the rollups for whole hours that
-//! fall inside one bucket, and from `usage_events` for the rest (at most two partial hours at
-//! the range's ends plus one hour per straddled boundary). SQL text is assembled only from
+//! boundaries at :30), would make a rollup row straddle two buckets. Under [`Edges::Hour`] (the
+//! default) the scope is whole hours and a straddled hour counts in the bucket holding its
+//! middle, so only rollups are read. Under [`Edges::Exact`] those hours are read from raw events
+//! instead, so every sum is exact to the microsecond: rows come from the rollups for whole hours
+//! that fall inside one bucket, and from `usage_events` for the rest (at most two partial hours
+//! at the range's ends plus one hour per straddled boundary). SQL text is assembled only from
 //! fixed fragments chosen by allow-listed enums; every user value is a bound parameter.
 
 use std::collections::HashMap;
@@ -22,7 +24,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::backend::{
-    AggregateQuery, AggregateRow, Backend, BackendError, BoxFuture, CustomQuantityRow, EventRecord,
+    AggregateQuery, AggregateRow, Backend, BackendError, BoxFuture, CustomQuantityRow, Edges, EventRecord,
     EventStatus, GroupKey, KeyRecord, LATENCY_BUCKETS, ListQuery, PriceRuleRecord, QUANTITY_NAMES, Scope,
     Stats,
 };
@@ -89,6 +91,9 @@ impl PgBackend {
     /// statement free of that branch in the common case.
     async fn straddled_hours(&self, query: &AggregateQuery) -> Result<Vec<OffsetDateTime>, BackendError> {
         let Some(period) = query.period else { return Ok(Vec::new()) };
+        if query.scope.edges == Edges::Hour {
+            return Ok(Vec::new());
+        }
         let (whole_start, whole_end) = whole_hours(query.scope.start, query.scope.end);
         if whole_start >= whole_end {
             return Ok(Vec::new());
@@ -419,7 +424,7 @@ const RAW_BUCKET_SQL: &str = "CASE WHEN e.latency_us IS NULL THEN NULL WHEN e.la
 /// `$4`/`$5` whole hours, `$6` time zone, `$7`..`$11` filters, `$12` custom metric name,
 /// `$13` limit, `$14` straddled hours. [`Source::UserKeys`] selects only the key columns, so
 /// the per-user rollups are read by an index-only scan of their primary key.
-fn source_sql(histogram: bool, straddled: bool, source: Source) -> String {
+fn source_sql(histogram: bool, straddled: bool, source: Source, edges: Edges) -> String {
     let users = source != Source::PerService;
     let quantities = QUANTITY_NAMES.join(", ");
     let raw_quantities: Vec<String> =
@@ -461,22 +466,31 @@ fn source_sql(histogram: bool, straddled: bool, source: Source) -> String {
         raw_bucket = String::new();
         rollup_values = String::new();
     }
-    // Each raw part is its own range scan of the (tenant_id, occurred_at) index, so only the
-    // partitions of those hours are read.
+    // Under `Edges::Hour` the scope is whole hours and no raw event is read; a rollup hour is
+    // bucketed by its middle. Each raw part is its own range scan of the (tenant_id,
+    // occurred_at) index, so only the partitions of those hours are read.
+    let (rollup_at, raw_parts) = match edges {
+        Edges::Hour => ("r.hour + interval '30 minutes'", String::new()),
+        Edges::Exact => (
+            "r.hour",
+            format!(
+                " UNION ALL {raw_select} FROM usage_events e {raw_bucket} \
+                 WHERE e.tenant_id = $1 AND e.occurred_at >= $2::timestamptz AND e.occurred_at < $4::timestamptz AND {raw_filter} \
+                 UNION ALL {raw_select} FROM usage_events e {raw_bucket} \
+                 WHERE e.tenant_id = $1 AND e.occurred_at >= $5::timestamptz AND e.occurred_at < $3::timestamptz AND {raw_filter}"
+            ),
+        ),
+    };
     let _ = write!(
         sql,
         "src AS ( \
-           SELECT r.hour AS at, service_type, service_provider, model, {rollup_user} AS user_id, event_type{rollup_values} \
+           SELECT {rollup_at} AS at, service_type, service_provider, model, {rollup_user} AS user_id, event_type{rollup_values} \
            FROM {rollup_table} r \
            WHERE r.tenant_id = $1 AND r.hour >= $4::timestamptz AND r.hour < $5::timestamptz{straddle_filter} \
              AND ($7::text IS NULL OR r.service_type = $7::text) AND ($8::text IS NULL OR r.service_provider = $8::text) \
              AND ($9::text IS NULL OR {rollup_user} = $9::text) AND ($10::text IS NULL OR r.model = $10::text) \
-             AND ($11::text IS NULL OR r.event_type = $11::text) \
-           UNION ALL {raw_select} FROM usage_events e {raw_bucket} \
-           WHERE e.tenant_id = $1 AND e.occurred_at >= $2::timestamptz AND e.occurred_at < $4::timestamptz AND {raw_filter} \
-           UNION ALL {raw_select} FROM usage_events e {raw_bucket} \
-           WHERE e.tenant_id = $1 AND e.occurred_at >= $5::timestamptz AND e.occurred_at < $3::timestamptz AND {raw_filter}\
-           {straddle_part}) ",
+             AND ($11::text IS NULL OR r.event_type = $11::text)\
+           {raw_parts}{straddle_part}) ",
         // LATERAL makes each straddled hour drive its own index range scan.
         straddle_part = if straddled {
             format!(
@@ -536,7 +550,7 @@ fn group_columns_sql(query: &AggregateQuery, plan: &GroupingPlan) -> String {
 
 /// `count(DISTINCT user_id)` per group, over the per-user rollups' keys and raw events.
 fn unique_users_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
-    let mut sql = source_sql(false, straddled, Source::UserKeys);
+    let mut sql = source_sql(false, straddled, Source::UserKeys, query.scope.edges);
     sql.push_str("SELECT ");
     sql.push_str(&group_columns_sql(query, plan));
     sql.push_str("count(DISTINCT user_id) AS unique_users FROM src");
@@ -634,7 +648,7 @@ fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -
     let measures = &query.measures;
     let source = if groups_by_users(query) { Source::PerUser } else { Source::PerService };
     let histogram = reads_histogram(query);
-    let mut sql = source_sql(histogram, straddled, source);
+    let mut sql = source_sql(histogram, straddled, source, query.scope.edges);
     sql.push_str("SELECT g.*");
     if let (Some(period), true) = (query.period, plan.dimensions.contains(&Dimension::Period)) {
         let _ = write!(sql, ", {} AS period_end", period_end_sql(period, "g.period_start"));
@@ -688,7 +702,7 @@ fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -
 
 fn custom_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
     let source = if groups_by_users(query) { Source::PerUser } else { Source::PerService };
-    let mut sql = source_sql(false, straddled, source);
+    let mut sql = source_sql(false, straddled, source, query.scope.edges);
     sql.push_str("SELECT ");
     sql.push_str(&group_columns_sql(query, plan));
     sql.push_str("kv.key AS name, sum(kv.value::numeric) AS value ");
@@ -857,12 +871,7 @@ mod tests {
 
     #[test]
     fn grouping_masks_follow_postgres() {
-        let scope = Scope {
-            tenant_id: Uuid::nil(),
-            start: OffsetDateTime::UNIX_EPOCH,
-            end: OffsetDateTime::UNIX_EPOCH,
-            time_zone: "UTC".into(),
-        };
+        let scope = Scope::exact(Uuid::nil(), OffsetDateTime::UNIX_EPOCH, OffsetDateTime::UNIX_EPOCH, "UTC");
         let query = AggregateQuery {
             scope,
             filter: Default::default(),

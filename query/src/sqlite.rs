@@ -942,12 +942,7 @@ mod tests {
 
     fn scope(tenant: Uuid) -> Scope {
         // Both edges cut an hour, so partial hours come from raw events.
-        Scope {
-            tenant_id: tenant,
-            start: datetime!(2024-03-10 22:17:30 UTC),
-            end: datetime!(2024-03-12 04:05 UTC),
-            time_zone: "UTC".into(),
-        }
+        Scope::exact(tenant, datetime!(2024-03-10 22:17:30 UTC), datetime!(2024-03-12 04:05 UTC), "UTC")
     }
 
     /// Expected sums of a group of sent events, made without the backend's code.
@@ -1189,12 +1184,8 @@ mod tests {
         backend.ping().await.expect("ping");
 
         // Weeks start on Monday; months are calendar months; the range's end is exclusive.
-        let scope = Scope {
-            tenant_id: tenant,
-            start: datetime!(2024-02-28 13:30 UTC),
-            end: datetime!(2024-03-11 0:00 UTC),
-            time_zone: "UTC".into(),
-        };
+        let scope =
+            Scope::exact(tenant, datetime!(2024-02-28 13:30 UTC), datetime!(2024-03-11 0:00 UTC), "UTC");
         let weeks = backend.periods(&scope, Period::Week).await.expect("weeks");
         assert_eq!(
             weeks,

@@ -91,7 +91,9 @@ pub async fn trends(
         &params.model,
         &None,
     )?;
-    let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
+    let edges = params::parse_edges(params.edges.as_deref())?;
+    let scope =
+        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
     // One series, one dimension: every period sums over all services (or the one filtered).
     let query = AggregateQuery {
         scope,
@@ -102,8 +104,9 @@ pub async fn trends(
         top: None,
     };
     cached(&state, &caller, "trends", &(&query, &metric), || async {
+        let buckets = query.scope.bucketed();
         let (rows, periods) =
-            tokio::try_join!(state.backend.aggregate(&query), state.backend.periods(&query.scope, period))?;
+            tokio::try_join!(state.backend.aggregate(&query), state.backend.periods(&buckets, period))?;
         let data_points: Vec<DataPoint> = periods
             .iter()
             .map(|(start, end)| {
@@ -167,7 +170,9 @@ pub async fn top_users(
         &params.model,
         &params.event_type,
     )?;
-    let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
+    let edges = params::parse_edges(params.edges.as_deref())?;
+    let scope =
+        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
     let query = AggregateQuery {
         scope,
         filter,
@@ -233,7 +238,9 @@ pub async fn breakdown(
         &params.model,
         &params.event_type,
     )?;
-    let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
+    let edges = params::parse_edges(params.edges.as_deref())?;
+    let scope =
+        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
     let measures = Measures { unique_users: true, latency_histogram: false, custom_metric: None };
     let groups = AggregateQuery {
         scope,
@@ -300,7 +307,9 @@ pub async fn compare(
     };
     let limit = parse_u32("limit", params.limit.as_deref(), 100, 1, 1000)? as usize;
     let filter = params::filter(&params.service_type, &params.service_provider, &None, &params.model, &None)?;
-    let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
+    let edges = params::parse_edges(params.edges.as_deref())?;
+    let scope =
+        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
     let length = scope.end - scope.start;
     let mut sets = vec![vec![]];
     sets.extend(dimension.map(|dimension| vec![dimension]));
@@ -315,6 +324,7 @@ pub async fn compare(
     let mut previous = current.clone();
     previous.scope.end = current.scope.start;
     previous.scope.start = current.scope.start - length;
+    previous.scope.requested = (previous.scope.start, previous.scope.end);
     cached(&state, &caller, "compare", &current, || async {
         let (now_rows, before_rows) =
             tokio::try_join!(state.backend.aggregate(&current), state.backend.aggregate(&previous))?;
@@ -389,7 +399,9 @@ pub async fn errors(
         None => vec![Dimension::ServiceType, Dimension::ServiceProvider, Dimension::Model],
     };
     let filter = params::filter(&params.service_type, &params.service_provider, &None, &params.model, &None)?;
-    let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
+    let edges = params::parse_edges(params.edges.as_deref())?;
+    let scope =
+        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
     let query = AggregateQuery {
         scope,
         filter,

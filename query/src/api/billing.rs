@@ -77,7 +77,8 @@ pub async fn summary(
         return Err(ApiError::parameter("month", format!("{label} has not started yet")));
     }
     // Hours are UTC hours whatever the tenant's zone: rule bounds are on UTC hours.
-    let scope = Scope { tenant_id: caller.tenant_id, start, end, time_zone: "UTC".to_owned() };
+    // Money is exact: partial hours of a month in a non-whole-hour zone are read from raw events.
+    let scope = Scope::exact(caller.tenant_id, start, end, "UTC");
     let query = AggregateQuery {
         scope,
         filter: Filter::default(),
@@ -120,12 +121,8 @@ async fn month_bounds(
     let (year, month) = match month {
         Some(text) => parse_month(text)?,
         None => {
-            let scope = Scope {
-                tenant_id: caller.tenant_id,
-                start: now,
-                end: now + time::Duration::microseconds(1),
-                time_zone: caller.time_zone.clone(),
-            };
+            let scope =
+                Scope::exact(caller.tenant_id, now, now + time::Duration::microseconds(1), &caller.time_zone);
             let periods = state.backend.periods(&scope, Period::Month).await?;
             let (start, _) = periods.first().ok_or_else(|| ApiError::Internal("no current month".into()))?;
             // The month's first midnight, seen from any zone, is within a day of the 1st.

@@ -19,7 +19,7 @@ use super::{Params, caller, scope};
 use crate::QueryState;
 use crate::auth::Caller;
 use crate::backend::{
-    AggregateQuery, BackendError, EventRecord, EventStatus, ListQuery, Measures, QUANTITY_NAMES, Scope,
+    AggregateQuery, BackendError, Edges, EventRecord, EventStatus, ListQuery, Measures, QUANTITY_NAMES, Scope,
 };
 use crate::cache::ResponseCache;
 use crate::error::ApiError;
@@ -67,7 +67,9 @@ pub async fn list_usage(
         &params.model,
         &params.event_type,
     )?;
-    let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
+    let scope =
+        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), Edges::Exact)
+            .await?;
     let later_page = cursor.is_some();
     let query = ListQuery {
         scope: scope.clone(),

@@ -32,7 +32,7 @@ use utoipa::OpenApi;
 
 use crate::QueryState;
 use crate::auth::Caller;
-use crate::backend::Scope;
+use crate::backend::{Edges, Scope};
 use crate::cache::{CacheLevel, ResponseCache};
 use crate::error::ApiError;
 use crate::params::{TimeInput, parse_time};
@@ -159,6 +159,7 @@ pub async fn scope(
     caller: &Caller,
     start_date: Option<&str>,
     end_date: Option<&str>,
+    edges: Edges,
 ) -> Result<Scope, ApiError> {
     let start = start_date.map(|text| parse_time("start_date", text)).transpose()?;
     let end = end_date.map(|text| parse_time("end_date", text)).transpose()?;
@@ -194,7 +195,29 @@ pub async fn scope(
             format!("the range exceeds the maximum of {max_days} days; narrow start_date..end_date"),
         ));
     }
-    Ok(Scope { tenant_id: caller.tenant_id, start, end, time_zone: caller.time_zone.clone() })
+    let mut scope = Scope::exact(caller.tenant_id, start, end, &caller.time_zone);
+    if edges == Edges::Hour {
+        scope.edges = Edges::Hour;
+        scope.start = hour_floor(start);
+        scope.end = hour_ceil(end).ok_or_else(|| {
+            ApiError::parameter("end_date", "is too late to round up to a whole hour; pass edges=exact")
+        })?;
+    }
+    Ok(scope)
+}
+
+/// The start of the UTC hour holding `at`.
+pub fn hour_floor(at: OffsetDateTime) -> OffsetDateTime {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    at - time::Duration::minutes(i64::from(at.minute()))
+        - time::Duration::seconds(i64::from(at.second()))
+        - time::Duration::nanoseconds(i64::from(at.nanosecond()))
+}
+
+/// The first whole UTC hour at or after `at`; `None` past the last representable instant.
+pub fn hour_ceil(at: OffsetDateTime) -> Option<OffsetDateTime> {
+    let floor = hour_floor(at);
+    if floor == at { Some(at) } else { floor.checked_add(time::Duration::HOUR) }
 }
 
 /// Now, rounded up to the next whole minute.

@@ -186,12 +186,25 @@ pub struct UsageList {
 /// The time range an answer covers.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Range {
+    /// The range as asked.
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub start_date: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub end_date: OffsetDateTime,
+    /// The range the answer counts: with `edges` `hour`, the whole UTC hours that the asked
+    /// range touches; with `exact`, the range as asked.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub effective_start: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub effective_end: OffsetDateTime,
+    /// `hour`: counted at the rollups' grain (an hour that a period boundary cuts counts in the
+    /// period holding most of it); `exact`: to the microsecond.
+    #[schema(value_type = String)]
+    pub edges: &'static str,
     pub time_zone: String,
 }
 

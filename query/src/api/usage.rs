@@ -18,7 +18,14 @@ use crate::params::{self, AggregateParams, ByServiceParams, CostsParams, Dimensi
 use crate::stats;
 
 pub(crate) fn range(scope: &Scope) -> Range {
-    Range { start_date: scope.start, end_date: scope.end, time_zone: scope.time_zone.clone() }
+    Range {
+        start_date: scope.requested.0,
+        end_date: scope.requested.1,
+        effective_start: scope.start,
+        effective_end: scope.end,
+        edges: scope.edges.as_str(),
+        time_zone: scope.time_zone.clone(),
+    }
 }
 
 /// The row of the grouping set `set`, if any (for the total set, a zero row when empty).
@@ -65,7 +72,9 @@ pub async fn aggregate(
         &params.model,
         &params.event_type,
     )?;
-    let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
+    let edges = params::parse_edges(params.edges.as_deref())?;
+    let scope =
+        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
     let mut set = vec![Dimension::Period];
     set.extend(&dimensions);
     let query = AggregateQuery {
@@ -152,7 +161,9 @@ pub async fn by_service(
     let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
     let limit = parse_u32("limit", params.limit.as_deref(), 50, 1, 50)? as usize;
     let top_users = parse_u32("top_users", params.top_users.as_deref(), 5, 1, 50)? as usize;
-    let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
+    let edges = params::parse_edges(params.edges.as_deref())?;
+    let scope =
+        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
     let service = vec![Dimension::ServiceType, Dimension::ServiceProvider];
     // Two questions, asked at once: totals and services (with distinct users), and sums per
     // user of each service for the top users (per-user rows, so kept as lean as possible).
@@ -251,7 +262,9 @@ pub async fn costs(
         &params.model,
         &None,
     )?;
-    let scope = scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref()).await?;
+    let edges = params::parse_edges(params.edges.as_deref())?;
+    let scope =
+        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
     let query = AggregateQuery {
         scope,
         filter,
@@ -266,8 +279,9 @@ pub async fn costs(
         top: None,
     };
     cached(&state, &caller, "costs", &query, || async {
+        let buckets = query.scope.bucketed();
         let (rows, periods) =
-            tokio::try_join!(state.backend.aggregate(&query), state.backend.periods(&query.scope, period))?;
+            tokio::try_join!(state.backend.aggregate(&query), state.backend.periods(&buckets, period))?;
         let totals = total_of(&rows, 0);
         let slice = |key: String, stats: &Stats| CostSlice {
             key,

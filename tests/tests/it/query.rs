@@ -404,6 +404,48 @@ async fn listing_filters_pages_and_streams_csv() -> Result<()> {
     Ok(())
 }
 
+/// By default (`edges=hour`) a range is widened to the whole UTC hours it touches, answered
+/// from rollups alone and says so; `edges=exact` counts to the microsecond.
+#[tokio::test(flavor = "multi_thread")]
+async fn range_edges_widen_to_whole_hours_unless_exact() -> Result<()> {
+    let fixture = Fixture::start(Duration::ZERO).await?;
+    let hour =
+        OffsetDateTime::now_utc().replace_minute(0)?.replace_second(0)?.replace_nanosecond(0)? - hours(30);
+    let sent: Vec<Sent> = [5, 20, 50, 65, 130, 175, 190]
+        .iter()
+        .enumerate()
+        .map(|(index, minutes)| Sent::new(index, hour + time::Duration::minutes(*minutes)))
+        .collect();
+    fixture.commit(fixture.edge.tenant.id, &sent).await?;
+    let (start, end) = (hour + time::Duration::minutes(15), hour + time::Duration::minutes(170));
+    let (whole_start, whole_end) = (hour, hour + hours(3));
+    for (edges, from, to) in [("hour", whole_start, whole_end), ("exact", start, end)] {
+        let path = format!(
+            "/api/v1/usage/aggregate?group_by=none&start_date={}&end_date={}&edges={edges}",
+            rfc3339(start),
+            rfc3339(end)
+        );
+        let body = fixture.ok(&path).await?;
+        ensure!(parse_time(&body["start_date"])? == start && parse_time(&body["end_date"])? == end, "{body}");
+        ensure!(
+            parse_time(&body["effective_start"])? == from && parse_time(&body["effective_end"])? == to,
+            "{edges}: {body}"
+        );
+        ensure!(body["edges"] == edges, "{body}");
+        let expected = sums(sent.iter().filter(|s| s.at >= from && s.at < to));
+        check_totals(&body["total_aggregates"], &expected, true, &path)?;
+    }
+    // Every endpoint of the family says which range it counted.
+    for path in ["/api/v1/usage/costs", "/api/v1/analytics/top-users", "/api/v1/analytics/errors"] {
+        let body =
+            fixture.ok(&format!("{path}?start_date={}&end_date={}", rfc3339(start), rfc3339(end))).await?;
+        ensure!(parse_time(&body["effective_start"])? == whole_start, "{path}: {body}");
+    }
+    let (status, body, _) = fixture.get(Some(&fixture.edge.key), "/api/v1/usage/costs?edges=minute").await?;
+    ensure!(status == StatusCode::BAD_REQUEST && body["detail"].to_string().contains("edges"), "{body}");
+    Ok(())
+}
+
 /// Events every 7 hours at :10 and :50 from 9 days before a month's start to 3 days after it,
 /// so the range crosses a month, a week and many days.
 fn month_boundary_events(now: OffsetDateTime) -> (OffsetDateTime, Vec<Sent>) {
@@ -437,7 +479,7 @@ async fn aggregates_match_sums_of_the_events_sent() -> Result<()> {
     );
     let in_range: Vec<Sent> = sent.iter().filter(|s| s.at >= start && s.at < end).cloned().collect();
     ensure!(in_range.len() + 2 <= sent.len(), "the range cuts events at both ends");
-    let range = format!("start_date={}&end_date={}", rfc3339(start), rfc3339(end));
+    let range = format!("start_date={}&end_date={}&edges=exact", rfc3339(start), rfc3339(end));
 
     let day = |s: &Sent| s.at.date();
     let week =
@@ -686,20 +728,31 @@ async fn days_and_weeks_follow_the_tenant_time_zone() -> Result<()> {
     fixture.ingest(&sent, &fixture.edge.key).await?;
     let kolkata = UtcOffset::from_hms(5, 30, 0)?;
     let local_day = |s: &Sent| s.at.to_offset(kolkata).date();
-    let local_week = |s: &Sent| {
-        let date = s.at.to_offset(kolkata).date();
-        date - time::Duration::days(i64::from(date.weekday().number_days_from_monday()))
-    };
-    for (period, bucket) in [("day", &local_day as &dyn Fn(&Sent) -> Date), ("week", &local_week)] {
-        let body = fixture.ok(&format!("/api/v1/usage/aggregate?period={period}&group_by=none")).await?;
-        ensure!(body["time_zone"] == "Asia/Kolkata", "{body}");
+    // With `edges=hour` (the default) an hour that local midnight cuts counts in the day
+    // holding its middle, here the later one: 18:10 UTC is 23:40 local but counts next day.
+    let middle = |s: &Sent| s.at.replace_minute(0).expect("hour") + time::Duration::minutes(30);
+    let hour_day = |s: &Sent| middle(s).to_offset(kolkata).date();
+    let monday =
+        |date: Date| date - time::Duration::days(i64::from(date.weekday().number_days_from_monday()));
+    let local_week = |s: &Sent| monday(s.at.to_offset(kolkata).date());
+    let hour_week = |s: &Sent| monday(middle(s).to_offset(kolkata).date());
+    ensure!(sent.iter().any(|s| local_day(s) != hour_day(s)), "some events are counted differently");
+    for (edges, period, bucket) in [
+        ("exact", "day", &local_day as &dyn Fn(&Sent) -> Date),
+        ("exact", "week", &local_week),
+        ("hour", "day", &hour_day),
+        ("hour", "week", &hour_week),
+    ] {
+        let path = format!("/api/v1/usage/aggregate?period={period}&group_by=none&edges={edges}");
+        let body = fixture.ok(&path).await?;
+        ensure!(body["time_zone"] == "Asia/Kolkata" && body["edges"] == edges, "{body}");
         let rows = body["aggregations"].as_array().context("rows")?;
         let buckets: BTreeSet<Date> = sent.iter().map(bucket).collect();
-        ensure!(rows.len() == buckets.len(), "{period}: {} rows, {} buckets", rows.len(), buckets.len());
+        ensure!(rows.len() == buckets.len(), "{path}: {} rows, {} buckets", rows.len(), buckets.len());
         for (row, local_start) in rows.iter().zip(&buckets) {
             let utc_start = local_start.with_time(Time::MIDNIGHT).assume_offset(kolkata);
-            ensure!(parse_time(&row["period_start"])? == utc_start, "{period}: {row}");
-            check_totals(row, &sums(sent.iter().filter(|s| bucket(s) == *local_start)), false, period)?;
+            ensure!(parse_time(&row["period_start"])? == utc_start, "{path}: {row}");
+            check_totals(row, &sums(sent.iter().filter(|s| bucket(s) == *local_start)), false, &path)?;
         }
     }
     // Dates without an offset are the tenant's local time.
@@ -707,14 +760,19 @@ async fn days_and_weeks_follow_the_tenant_time_zone() -> Result<()> {
     let next = day + time::Duration::days(1);
     let body = fixture.ok(&format!("/api/v1/usage?start_date={day}&end_date={next}")).await?;
     ensure!(body["total_count"] == sent.iter().filter(|s| local_day(s) == day).count(), "{body}");
-    let trends = fixture.ok("/api/v1/analytics/trends?metric=event_count&period=day").await?;
-    for point in trends["data_points"].as_array().context("points")? {
-        let start = parse_time(&point["period"])?;
-        ensure!(start.to_offset(kolkata).time() == Time::MIDNIGHT, "local midnight: {point}");
-        ensure!(
-            point["value"] == sent.iter().filter(|s| local_day(s) == start.to_offset(kolkata).date()).count(),
-            "{point}"
-        );
+    for (edges, bucket) in [("exact", &local_day as &dyn Fn(&Sent) -> Date), ("hour", &hour_day)] {
+        let path = format!("/api/v1/analytics/trends?metric=event_count&period=day&edges={edges}");
+        let trends = fixture.ok(&path).await?;
+        let points = trends["data_points"].as_array().context("points")?;
+        let mut counted = 0;
+        for point in points {
+            let start = parse_time(&point["period"])?;
+            ensure!(start.to_offset(kolkata).time() == Time::MIDNIGHT, "local midnight: {point}");
+            let expected = sent.iter().filter(|s| bucket(s) == start.to_offset(kolkata).date()).count();
+            ensure!(point["value"] == expected, "{path}: {point}");
+            counted += expected;
+        }
+        ensure!(counted == sent.len(), "{path}: {counted} of {} events in the points", sent.len());
     }
     Ok(())
 }
