@@ -1,12 +1,14 @@
 //! The response cache: finished JSON bodies, in process (moka) and, when configured, in Redis
 //! shared by every query server.
 //!
-//! A key is `tally:query:v1:<tenant id>:<endpoint>:<sha256 of the normalised question>`, where the
+//! A key is `tally:query:v2:<tenant id>:<endpoint>:<sha256 of the normalised question>`, where the
 //! question holds the resolved time range (defaults rounded to the minute, so repeated default
 //! requests hit), the tenant's time zone and every parameter. The tenant id comes from the API
 //! key, never from the request, so an entry cannot be served to another tenant. Entries live
 //! `ttl` in both levels and are never refreshed in place: an answer is at most `ttl` older than
-//! the data it was computed from (plus the time the computation took).
+//! the data it was computed from (plus the time the computation took). Each entry keeps the
+//! instant its computation started (8 bytes before the body), so every answer can say how old
+//! its data is ([`Cached::computed_at_us`]).
 
 use std::time::Duration;
 
@@ -31,6 +33,30 @@ impl CacheLevel {
             CacheLevel::Redis => "redis",
         }
     }
+}
+
+/// An answer found in the cache.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    pub body: Bytes,
+    pub level: CacheLevel,
+    /// When its computation started (microseconds since the Unix epoch): it counts everything
+    /// acknowledged before then.
+    pub computed_at_us: i64,
+}
+
+/// The stored form of an entry: its computation's start, then the body.
+fn entry(computed_at_us: i64, body: &[u8]) -> Bytes {
+    let mut stored = Vec::with_capacity(8 + body.len());
+    stored.extend_from_slice(&computed_at_us.to_be_bytes());
+    stored.extend_from_slice(body);
+    Bytes::from(stored)
+}
+
+/// Splits a stored entry; `None` for anything too short to be one.
+fn split_entry(stored: Bytes) -> Option<(i64, Bytes)> {
+    let stamp: [u8; 8] = stored.get(..8)?.try_into().ok()?;
+    Some((i64::from_be_bytes(stamp), stored.slice(8..)))
 }
 
 /// Longest wait for Redis before the cache level is skipped for that request.
@@ -98,7 +124,7 @@ impl ResponseCache {
     pub fn key(tenant_id: Uuid, endpoint: &str, question: &impl Serialize) -> String {
         let canonical = serde_json::to_vec(question).unwrap_or_default();
         let digest = sha2::Sha256::digest(&canonical);
-        let mut key = format!("tally:query:v1:{tenant_id}:{endpoint}:");
+        let mut key = format!("tally:query:v2:{tenant_id}:{endpoint}:");
         for byte in digest {
             use std::fmt::Write as _;
             let _ = write!(key, "{byte:02x}");
@@ -106,9 +132,10 @@ impl ResponseCache {
         key
     }
 
-    pub async fn get(&self, key: &str) -> Option<(Bytes, CacheLevel)> {
-        if let Some(body) = self.memory.as_ref().and_then(|memory| memory.get(key)) {
-            return Some((body, CacheLevel::Memory));
+    pub async fn get(&self, key: &str) -> Option<Cached> {
+        if let Some(stored) = self.memory.as_ref().and_then(|memory| memory.get(key)) {
+            let (computed_at_us, body) = split_entry(stored)?;
+            return Some(Cached { body, level: CacheLevel::Memory, computed_at_us });
         }
         let mut redis = self.redis.clone()?;
         let found = tokio::time::timeout(
@@ -117,12 +144,13 @@ impl ResponseCache {
         )
         .await;
         match found {
-            Ok(Ok(Some(body))) => {
-                let body = Bytes::from(body);
+            Ok(Ok(Some(stored))) => {
+                let stored = Bytes::from(stored);
                 if let Some(memory) = &self.memory {
-                    memory.insert(key.to_owned(), body.clone());
+                    memory.insert(key.to_owned(), stored.clone());
                 }
-                Some((body, CacheLevel::Redis))
+                let (computed_at_us, body) = split_entry(stored)?;
+                Some(Cached { body, level: CacheLevel::Redis, computed_at_us })
             }
             Ok(Ok(None)) => None,
             Ok(Err(error)) => {
@@ -137,7 +165,9 @@ impl ResponseCache {
         }
     }
 
-    pub async fn put(&self, key: &str, body: Bytes) {
+    /// Stores `body`, computed from data read at `computed_at_us` or later.
+    pub async fn put(&self, key: &str, computed_at_us: i64, body: &[u8]) {
+        let body = entry(computed_at_us, body);
         if let Some(memory) = &self.memory {
             memory.insert(key.to_owned(), body.clone());
         }
@@ -163,9 +193,21 @@ mod tests {
     fn keys_hold_the_tenant_and_differ_by_question() {
         let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
         let key_a = ResponseCache::key(a, "aggregate", &("day", 1));
-        assert!(key_a.starts_with(&format!("tally:query:v1:{a}:aggregate:")));
+        assert!(key_a.starts_with(&format!("tally:query:v2:{a}:aggregate:")));
         assert_ne!(key_a, ResponseCache::key(b, "aggregate", &("day", 1)));
         assert_ne!(key_a, ResponseCache::key(a, "aggregate", &("day", 2)));
         assert_eq!(key_a, ResponseCache::key(a, "aggregate", &("day", 1)));
+    }
+
+    #[tokio::test]
+    async fn entries_keep_when_they_were_computed() {
+        let cache = ResponseCache::new(Duration::from_secs(60), 1 << 20, None);
+        cache.put("k", 1_234_567, b"{}").await;
+        let found = cache.get("k").await.expect("cached");
+        assert_eq!(
+            (&found.body[..], found.computed_at_us, found.level),
+            (&b"{}"[..], 1_234_567, CacheLevel::Memory)
+        );
+        assert!(split_entry(Bytes::from_static(b"short")).is_none());
     }
 }

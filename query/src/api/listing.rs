@@ -178,11 +178,12 @@ async fn count(
     };
     let key = ResponseCache::key(caller.tenant_id, "usage_count", &(&caller.time_zone, &query, status));
     if reuse
-        && let Some((bytes, _)) = state.cache.get(&key).await
-        && let Ok(count) = serde_json::from_slice::<i64>(&bytes)
+        && let Some(cached) = state.cache.get(&key).await
+        && let Ok(count) = serde_json::from_slice::<i64>(&cached.body)
     {
         return Ok(count);
     }
+    let computed_at_us = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
     let rows = state.backend.aggregate(&query).await?;
     let stats = rows.first().map(|row| row.stats.clone()).unwrap_or_default();
     let count = match status {
@@ -190,7 +191,7 @@ async fn count(
         Some(EventStatus::Error) => stats.error_count,
         Some(EventStatus::Success) => stats.event_count.saturating_sub(stats.error_count),
     };
-    state.cache.put(&key, Bytes::from(count.to_string())).await;
+    state.cache.put(&key, computed_at_us, count.to_string().as_bytes()).await;
     Ok(count)
 }
 

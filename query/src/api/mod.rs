@@ -243,23 +243,39 @@ where
     Fut: Future<Output = Result<T, ApiError>>,
 {
     let key = ResponseCache::key(caller.tenant_id, endpoint, &(&caller.time_zone, question));
-    if let Some((body, level)) = state.cache.get(&key).await {
-        metrics::counter!("tally_query_cache_total", "result" => level.as_str()).increment(1);
-        return Ok(json_response(body, level));
+    if let Some(cached) = state.cache.get(&key).await {
+        metrics::counter!("tally_query_cache_total", "result" => cached.level.as_str()).increment(1);
+        return Ok(json_response(cached.body, cached.level, cached.computed_at_us));
     }
     metrics::counter!("tally_query_cache_total", "result" => "miss").increment(1);
+    let computed_at_us = now_us();
     let answer = compute().await?;
     let body =
         Bytes::from(serde_json::to_vec(&answer).map_err(|error| ApiError::Internal(error.to_string()))?);
-    state.cache.put(&key, body.clone()).await;
-    Ok(json_response(body, CacheLevel::Miss))
+    state.cache.put(&key, computed_at_us, &body).await;
+    Ok(json_response(body, CacheLevel::Miss, computed_at_us))
 }
 
-fn json_response(body: Bytes, level: CacheLevel) -> Response {
+fn now_us() -> i64 {
+    (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
+}
+
+/// A JSON answer with its freshness: `X-Cache` (where it came from), `X-Data-As-Of` (when its
+/// computation started: everything acknowledged before then is counted) and `Age` (seconds since
+/// then, as HTTP caches report it).
+fn json_response(body: Bytes, level: CacheLevel, computed_at_us: i64) -> Response {
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert("x-cache", HeaderValue::from_static(level.as_str()));
+    let age_s = (now_us() - computed_at_us).max(0) / 1_000_000;
+    headers.insert(header::AGE, HeaderValue::from(age_s));
+    let as_of = OffsetDateTime::from_unix_timestamp_nanos(i128::from(computed_at_us) * 1000)
+        .ok()
+        .and_then(|at| at.format(&time::format_description::well_known::Rfc3339).ok());
+    if let Some(value) = as_of.and_then(|text| HeaderValue::from_str(&text).ok()) {
+        headers.insert("x-data-as-of", value);
+    }
     response
 }
 

@@ -861,8 +861,15 @@ async fn cached_answers_are_stale_for_at_most_the_ttl() -> Result<()> {
 
     let (_, first, headers) = fixture.get(Some(&fixture.edge.key), path).await?;
     ensure!(events(&first) == Some(1) && headers["x-cache"] == "miss", "{first}");
+    let as_of = |headers: &HeaderMap| -> Result<OffsetDateTime> {
+        let text = headers.get("x-data-as-of").context("x-data-as-of")?.to_str()?;
+        Ok(OffsetDateTime::parse(text, &Rfc3339)?)
+    };
+    let first_as_of = as_of(&headers)?;
+    ensure!(first_as_of >= now && headers["age"] == "0", "{headers:?}");
     let (_, again, headers) = fixture.get(Some(&fixture.edge.key), path).await?;
     ensure!(again == first && headers["x-cache"] == "memory");
+    ensure!(as_of(&headers)? == first_as_of, "a cached answer keeps the time its data was read");
 
     fixture.ingest(&[Sent::new(1, now - hours(2))], &fixture.edge.key).await?;
     let arrived = Instant::now();
