@@ -9,8 +9,10 @@
 //! Without `--database-url` it starts a private PostgreSQL through the `tests` harness (removed
 //! at exit). Events are spread over `--days` days for `--tenants` tenants whose volumes follow
 //! a Zipf law (the busiest has ~19% of all events with 100 tenants); users within a tenant are
-//! Zipf-distributed too. Rows go through `PgStore::commit` (COPY, dedup, rollup upsert), two
-//! committers at a time, 10,000 events per transaction. Requests are sent to the router in
+//! Zipf-distributed too. Rows go through `PgStore::commit` (COPY, dedup, pending rollup rows), two
+//! committers at a time, 10,000 events per transaction; then the pending rows are folded, as the
+//! edges' materializers do. `--current-hour-events` adds events to the busiest tenant's current
+//! hour (as a high ingest rate leaves it); `--no-vacuum` measures without `VACUUM ANALYZE`. Requests are sent to the router in
 //! process (`oneshot`, no socket), one at a time, with the response cache off (every request
 //! reaches PostgreSQL) and then on.
 
@@ -51,6 +53,13 @@ struct Args {
     /// Measure only (the database holds a previous load).
     #[arg(long)]
     skip_load: bool,
+    /// Events loaded into the busiest tenant's current hour after the spread-out ones, as a
+    /// high ingest rate leaves it.
+    #[arg(long, default_value_t = 0)]
+    current_hour_events: u64,
+    /// Measure right after loading, without `VACUUM ANALYZE` (as a live system sees new data).
+    #[arg(long)]
+    no_vacuum: bool,
 }
 
 /// A small deterministic generator (SplitMix64): no dependency, same data every run.
@@ -128,10 +137,19 @@ fn event(
     (event, cost)
 }
 
-async fn load(store: Arc<PgStore>, tenants: &[sink::Tenant], args: &Args) -> Result<()> {
-    let now_us = time::OffsetDateTime::now_utc().unix_timestamp() * 1_000_000 - 60_000_000;
-    let span_us = i64::from(args.days) * 86_400_000_000;
-    let tenant_weights = zipf_cumulative(tenants.len(), 1.0);
+/// Which events [`load`] generates: `events` over the `span_us` before `end_us`, for all
+/// tenants (Zipf) or for the busiest one only.
+struct Spread {
+    events: u64,
+    end_us: i64,
+    span_us: i64,
+    busiest_only: bool,
+    seed: u64,
+}
+
+async fn load(store: Arc<PgStore>, tenants: &[sink::Tenant], args: &Args, spread: Spread) -> Result<()> {
+    let Spread { events, end_us: now_us, span_us, busiest_only, seed } = spread;
+    let tenant_weights = if busiest_only { vec![1.0] } else { zipf_cumulative(tenants.len(), 1.0) };
     let service_weights: Vec<f64> = SERVICES
         .iter()
         .scan(0.0, |total, service| {
@@ -142,7 +160,7 @@ async fn load(store: Arc<PgStore>, tenants: &[sink::Tenant], args: &Args) -> Res
     let user_weights: Vec<Vec<f64>> =
         (0..tenants.len()).map(|rank| zipf_cumulative((args.users_max / (rank + 1)).max(20), 1.1)).collect();
     const BATCH: usize = 10_000;
-    let batches = args.events.div_ceil(BATCH as u64);
+    let batches = events.div_ceil(BATCH as u64);
     let started = Instant::now();
     let (sender, receiver) = tokio::sync::mpsc::channel::<Vec<EventRow>>(4);
     let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
@@ -159,10 +177,10 @@ async fn load(store: Arc<PgStore>, tenants: &[sink::Tenant], args: &Args) -> Res
             })
         })
         .collect();
-    let mut rng = Rng(42);
+    let mut rng = Rng(seed);
     for batch in 0..batches {
         let mut rows = Vec::with_capacity(BATCH);
-        for _ in 0..BATCH.min((args.events - batch * BATCH as u64) as usize) {
+        for _ in 0..BATCH.min((events - batch * BATCH as u64) as usize) {
             let tenant = rng.pick(&tenant_weights);
             let user = rng.pick(&user_weights[tenant]);
             let timestamp_us = now_us - (rng.unit() * span_us as f64) as i64;
@@ -181,7 +199,22 @@ async fn load(store: Arc<PgStore>, tenants: &[sink::Tenant], args: &Args) -> Res
         committer.await??;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    eprintln!("loaded {} events in {elapsed:.0} s ({:.0}/s)", args.events, args.events as f64 / elapsed);
+    eprintln!("loaded {events} events in {elapsed:.0} s ({:.0}/s)", events as f64 / elapsed);
+    Ok(())
+}
+
+/// Folds every pending rollup entry, as the edges' materializers would.
+async fn fold_all(store: &PgStore) -> Result<()> {
+    let started = Instant::now();
+    let mut folded = 0;
+    loop {
+        let report = store.fold_rollups(300_000).await?;
+        folded += report.folded;
+        if report.pending == 0 {
+            break;
+        }
+    }
+    eprintln!("folded {folded} pending rollup entries in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -241,9 +274,35 @@ async fn main() -> Result<()> {
                 tenants.push(store.create_tenant(&format!("tenant-{index:03}")).await?);
             }
         }
-        load(store.clone(), &tenants, &args).await?;
-        sqlx::query("VACUUM ANALYZE usage_rollup_hourly").execute(store.pool()).await?;
-        sqlx::query("ANALYZE usage_events").execute(store.pool()).await?;
+        let now = time::OffsetDateTime::now_utc();
+        let now_us = now.unix_timestamp() * 1_000_000 - 60_000_000;
+        let spread = Spread {
+            events: args.events,
+            end_us: now_us,
+            span_us: i64::from(args.days) * 86_400_000_000,
+            busiest_only: false,
+            seed: 42,
+        };
+        load(store.clone(), &tenants, &args, spread).await?;
+        if args.current_hour_events > 0 {
+            let into_hour_us = i64::from(now.minute()) * 60_000_000 + i64::from(now.second()) * 1_000_000;
+            let spread = Spread {
+                events: args.current_hour_events,
+                end_us: now.unix_timestamp() * 1_000_000,
+                span_us: into_hour_us.max(1),
+                busiest_only: true,
+                seed: 7,
+            };
+            load(store.clone(), &tenants, &args, spread).await?;
+        }
+        fold_all(&store).await?;
+        if !args.no_vacuum {
+            for table in ["usage_rollup_hourly", "usage_rollup_service_hourly", "usage_events"] {
+                sqlx::query(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
+                    .execute(store.pool())
+                    .await?;
+            }
+        }
     }
     let busiest = tenants.first().context("no tenants: run without --skip-load first")?;
     let key = format!("bench-{}", uuid::Uuid::new_v4());
@@ -276,6 +335,7 @@ async fn main() -> Result<()> {
         format!("/api/v1/usage?limit=100&cursor={cursor}"),
         format!("/api/v1/usage?limit=1000&cursor={cursor}"),
         "/api/v1/usage/aggregate?period=day".to_owned(),
+        "/api/v1/usage/aggregate?period=day&edges=exact".to_owned(),
         "/api/v1/usage/by-service".to_owned(),
         "/api/v1/usage/costs".to_owned(),
         "/api/v1/analytics/trends?metric=event_count".to_owned(),
@@ -294,9 +354,11 @@ async fn main() -> Result<()> {
             "endpoint (busiest tenant, last 30 days)", "p50 ms", "p99 ms", "bytes"
         );
         for path in &paths {
-            let (p50, p99, bytes) = time_endpoint(&router, &key, path, args.samples).await?;
             let shown = if path.len() > 62 { format!("{}...", &path[..59]) } else { path.clone() };
-            println!("{shown:<62} {p50:>9.1} {p99:>9.1} {bytes:>9}");
+            match time_endpoint(&router, &key, path, args.samples).await {
+                Ok((p50, p99, bytes)) => println!("{shown:<62} {p50:>9.1} {p99:>9.1} {bytes:>9}"),
+                Err(error) => println!("{shown:<62} failed: {error:#}"),
+            }
         }
     }
     Ok(())
