@@ -40,6 +40,7 @@ use crate::backend::{
 };
 use crate::calendar::{self, Calendar, MICROS_PER_HOUR};
 use crate::params::{Dimension, Metric, Period};
+use crate::pg::groups_by_users;
 
 /// Rows buffered between a listing's database task and the HTTP body.
 const LISTING_CHANNEL_ROWS: usize = 256;
@@ -572,8 +573,10 @@ impl<'q> Groups<'q> {
         self.want == Want::Custom || self.query.measures.custom_metric.is_some()
     }
 
+    /// As [`crate::pg`]: histograms are kept per service and hour, not per user, so a query
+    /// whose groups depend on users gets none (null percentiles; the other latency figures stay).
     fn needs_histogram(&self) -> bool {
-        self.want == Want::Stats && self.query.measures.latency_histogram
+        self.want == Want::Stats && self.query.measures.latency_histogram && !groups_by_users(self.query)
     }
 
     /// `period` is the period holding the source row, when a set groups by period.
@@ -653,15 +656,18 @@ impl<'q> Groups<'q> {
 
     fn aggregate_rows(self) -> Result<Vec<AggregateRow>, BackendError> {
         let measures = &self.query.measures;
+        let histogram = self.needs_histogram();
         let mut rows = Vec::new();
         for (set, groups) in self.stats.into_iter().enumerate() {
             for (key, group) in groups {
                 let mut stats = group.stats;
                 stats.no_custom_quantities = !group.has_custom;
                 stats.unique_users = measures.unique_users.then_some(group.users.len() as i64);
-                stats.latency_buckets = measures
-                    .latency_histogram
-                    .then(|| group.buckets.unwrap_or([0; LATENCY_BUCKETS]).to_vec());
+                stats.latency_buckets = match (measures.latency_histogram, histogram) {
+                    (_, true) => Some(group.buckets.unwrap_or([0; LATENCY_BUCKETS]).to_vec()),
+                    (true, false) => Some(Vec::new()),
+                    (false, false) => None,
+                };
                 rows.push(AggregateRow {
                     set,
                     key,
