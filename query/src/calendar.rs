@@ -14,7 +14,9 @@
 //!   period holding the start, one local step at a time while the local time is not after the
 //!   end's, keeping those that begin before the end.
 //!
-//! Times are microseconds since the Unix epoch, as the embedded schema stores them.
+//! Times are microseconds since the Unix epoch, as the embedded schema stores them. PostgreSQL
+//! reads its own copy of the database (usually the system's): a zone whose rules changed
+//! recently may differ between the two until both copies carry the change.
 
 use std::collections::HashMap;
 
