@@ -119,7 +119,8 @@ pub enum BackendError {
     /// `Decimal::MAX`); names the column or measure.
     #[error("{0} overflows")]
     Overflow(String),
-    /// The backend cannot answer this question (the embedded one and time zones other than UTC).
+    /// The backend cannot answer this question (the embedded one and a time zone its compiled-in
+    /// database does not know).
     #[error("{0}")]
     Unsupported(String),
 }

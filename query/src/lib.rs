@@ -16,7 +16,8 @@
 //!   Hours that a range edge or a period boundary cuts are read from raw events, so every sum
 //!   is exact, also for time zones with non-whole-hour offsets (see [`pg`]).
 //! - Days, weeks (Monday to Sunday) and months are bounded in the tenant's `tenants.time_zone`,
-//!   by PostgreSQL's `date_trunc(unit, t, zone)`; DST days last 23 or 25 hours.
+//!   by PostgreSQL's `date_trunc(unit, t, zone)` (on SQLite by [`calendar`], with the same rules
+//!   and the IANA database compiled in); DST days last 23 or 25 hours.
 //! - `unique_users` is exact: `count(DISTINCT user_id)` over the rollup rows (keyed by user).
 //! - Latency percentiles come from the summed 46-bucket histograms: the bucket holding the
 //!   nearest rank, reported as its geometric midpoint. A bucket spans a factor of sqrt(2), so a
@@ -37,6 +38,7 @@ pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod cache;
+pub mod calendar;
 pub mod config;
 pub mod error;
 pub mod params;

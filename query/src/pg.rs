@@ -524,7 +524,7 @@ enum Source {
 /// `usage_rollup_service_hourly` (one row per hour and service instead of one per user too) and,
 /// if it counts distinct users, counts them in a second statement over the per-user rollups'
 /// keys only ([`Source::UserKeys`]).
-fn groups_by_users(query: &AggregateQuery) -> bool {
+pub(crate) fn groups_by_users(query: &AggregateQuery) -> bool {
     query.filter.user_id.is_some()
         || query.grouping_sets.iter().flatten().any(|dimension| *dimension == Dimension::UserId)
         || matches!(query.top, Some((Metric::UniqueUsers, _)))

@@ -5,14 +5,16 @@
 //! statements here only select and filter rows; every sum is made in Rust with `rust_decimal`
 //! (never with SQLite's floating point). Like [`crate::pg`], an aggregate reads the hourly
 //! rollups for the whole UTC hours of the range and raw events for the partial hours at its
-//! ends, in one statement (one snapshot). What differs:
+//! ends and for the hours that a period boundary cuts, in one statement (one snapshot). What
+//! differs:
 //!
-//! - **UTC only.** There is no time zone database in the process. [`Backend::resolve_local_times`],
-//!   [`Backend::periods`] and aggregates grouped by period answer for the time zone `UTC` only
-//!   (days from midnight UTC, weeks from Monday, calendar months); any other zone is refused
-//!   with an error whose text starts with [`UTC_ONLY`]. With UTC every period boundary is a whole
-//!   hour, so no rollup hour straddles two periods. Aggregates not grouped by period answer for
-//!   any zone (instants do not depend on it).
+//! - **Time zones in Rust.** Days, weeks and months in the tenant's time zone are bounded by
+//!   [`crate::calendar`] (the IANA database compiled in) with PostgreSQL's rules, not in SQL, so
+//!   both backends put every boundary at the same instant, DST changes and zones such as
+//!   Asia/Kolkata (+05:30) included. A boundary inside a UTC hour makes that hour's rollup rows
+//!   straddle two periods: as on PostgreSQL, such hours are read from raw events under
+//!   [`crate::backend::Edges::Exact`], and counted in the period holding their middle under
+//!   `Edges::Hour` (the default), which reads rollups only.
 //! - **Grouping in Rust.** Source rows are folded into groups in memory: ranges are bounded by
 //!   the service's `max_range_days`, and an embedded deployment is small.
 //! - **Ordering of text.** Groups ranked by `top` break ties by byte order of their dimension
@@ -29,29 +31,21 @@ use futures_util::StreamExt;
 use rust_decimal::Decimal;
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
-use time::{Date, OffsetDateTime, PrimitiveDateTime};
+use time::{OffsetDateTime, PrimitiveDateTime};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::backend::{
-    AggregateQuery, AggregateRow, Backend, BackendError, BoxFuture, CustomQuantityRow, EventRecord,
+    AggregateQuery, AggregateRow, Backend, BackendError, BoxFuture, CustomQuantityRow, Edges, EventRecord,
     EventStatus, GroupKey, KeyRecord, LATENCY_BUCKETS, ListQuery, PriceRuleRecord, QUANTITY_NAMES, Scope,
     Stats,
 };
+use crate::calendar::{self, Calendar, MICROS_PER_HOUR};
 use crate::params::{Dimension, Metric, Period};
-
-/// The start of the error text for a time zone other than UTC. Every such error is a
-/// [`BackendError::Internal`] today; see the module documentation.
-pub const UTC_ONLY: &str = "the embedded SQLite backend supports the time zone UTC only";
-
-/// The only time zone this backend can bound days, weeks and months in.
-const UTC: &str = "UTC";
+use crate::pg::groups_by_users;
 
 /// Rows buffered between a listing's database task and the HTTP body.
 const LISTING_CHANNEL_ROWS: usize = 256;
-
-const MICROS_PER_HOUR: i64 = 3_600_000_000;
-const MICROS_PER_DAY: i64 = 24 * MICROS_PER_HOUR;
 
 /// Settings of the read pool.
 #[derive(Debug, Clone)]
@@ -154,14 +148,6 @@ fn corrupt(what: &str, text: &str) -> BackendError {
     BackendError::Internal(format!("stored {what} {text:?} is invalid"))
 }
 
-fn require_utc(time_zone: &str) -> Result<(), BackendError> {
-    if time_zone == UTC {
-        Ok(())
-    } else {
-        Err(BackendError::Unsupported(format!("{UTC_ONLY}, not {time_zone:?}")))
-    }
-}
-
 fn to_us(at: OffsetDateTime) -> i64 {
     i64::try_from(at.unix_timestamp_nanos().div_euclid(1000)).unwrap_or(i64::MAX)
 }
@@ -177,39 +163,6 @@ fn whole_hours_us(start: i64, end: i64) -> (i64, i64) {
     let ceil = (start + MICROS_PER_HOUR - 1).div_euclid(MICROS_PER_HOUR) * MICROS_PER_HOUR;
     let floor = end.div_euclid(MICROS_PER_HOUR) * MICROS_PER_HOUR;
     if floor <= ceil { (end, end) } else { (ceil, floor) }
-}
-
-/// The UTC period holding `at_us`, as `[start, end)` in microseconds: `date_trunc(unit, t, 'UTC')`
-/// and one step on. Weeks start on Monday.
-fn utc_period_us(period: Period, at_us: i64) -> Result<(i64, i64), BackendError> {
-    let day = at_us.div_euclid(MICROS_PER_DAY);
-    Ok(match period {
-        Period::Hour => {
-            let start = at_us.div_euclid(MICROS_PER_HOUR) * MICROS_PER_HOUR;
-            (start, start + MICROS_PER_HOUR)
-        }
-        Period::Day => (day * MICROS_PER_DAY, (day + 1) * MICROS_PER_DAY),
-        Period::Week => {
-            // 1970-01-01 was a Thursday, three days after a Monday.
-            let monday = day - (day + 3).rem_euclid(7);
-            (monday * MICROS_PER_DAY, (monday + 7) * MICROS_PER_DAY)
-        }
-        Period::Month => {
-            let date = from_us(at_us)?.date();
-            let out_of_range = || BackendError::Internal(format!("time {at_us} is out of range"));
-            let first = Date::from_calendar_date(date.year(), date.month(), 1).map_err(|_| out_of_range())?;
-            let (year, month) = match date.month() {
-                time::Month::December => (date.year() + 1, time::Month::January),
-                month => (date.year(), month.next()),
-            };
-            let next = Date::from_calendar_date(year, month, 1).map_err(|_| out_of_range())?;
-            (date_us(first), date_us(next))
-        }
-    })
-}
-
-fn date_us(date: Date) -> i64 {
-    to_us(date.midnight().assume_utc())
 }
 
 /// The bucket of a latency, as `sink::rollup::latency_bucket` (and [`crate::pg`]'s raw-event
@@ -312,10 +265,7 @@ impl Backend for SqliteBackend {
         time_zone: &'a str,
         times: &'a [PrimitiveDateTime],
     ) -> BoxFuture<'a, Result<Vec<OffsetDateTime>, BackendError>> {
-        Box::pin(async move {
-            require_utc(time_zone)?;
-            Ok(times.iter().map(|time| time.assume_utc()).collect())
-        })
+        Box::pin(async move { calendar::resolve_local_times(time_zone, times) })
     }
 
     fn periods<'a>(
@@ -324,18 +274,12 @@ impl Backend for SqliteBackend {
         period: Period,
     ) -> BoxFuture<'a, Result<Vec<(OffsetDateTime, OffsetDateTime)>, BackendError>> {
         Box::pin(async move {
-            require_utc(&scope.time_zone)?;
-            // As PostgreSQL's series: from the period holding the start while it begins before
-            // the end.
-            let end = to_us(scope.end);
-            let mut periods = Vec::new();
-            let mut start = utc_period_us(period, to_us(scope.start))?.0;
-            while start < end {
-                let (from, to) = utc_period_us(period, start)?;
-                periods.push((from_us(from)?, from_us(to)?));
-                start = to;
-            }
-            Ok(periods)
+            let calendar = Calendar::new(&scope.time_zone, period)?;
+            calendar
+                .periods(to_us(scope.start), to_us(scope.end))?
+                .into_iter()
+                .map(|(start, end)| Ok((from_us(start)?, from_us(end)?)))
+                .collect()
         })
     }
 
@@ -398,7 +342,8 @@ impl Backend for SqliteBackend {
 
 impl SqliteBackend {
     /// Streams the rows of the range (rollups for whole hours, raw events for the partial hours
-    /// at the ends) into `groups`, in one statement so that they come from one snapshot.
+    /// at the ends and for hours that a period boundary cuts) into `groups`, in one statement so
+    /// that they come from one snapshot.
     async fn fold_sources(
         &self,
         query: &AggregateQuery,
@@ -407,6 +352,17 @@ impl SqliteBackend {
         let start = to_us(query.scope.start);
         let end = to_us(query.scope.end);
         let (whole_start, whole_end) = whole_hours_us(start, end);
+        // Under `Edges::Hour` the scope is whole hours, so no raw event is read, and a rollup
+        // hour counts in the period holding its middle (as in `crate::pg`).
+        let hour_edges = query.scope.edges == Edges::Hour;
+        let straddled = match &groups.calendar {
+            Some(calendar) if !hour_edges => {
+                calendar.straddled_hours((start, end), (whole_start, whole_end))?
+            }
+            _ => Vec::new(),
+        };
+        let straddled = serde_json::to_string(&straddled)
+            .map_err(|error| BackendError::Internal(format!("failed to encode hours: {error}")))?;
         let filter = &query.filter;
         let sql = source_sql();
         let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
@@ -420,17 +376,23 @@ impl SqliteBackend {
             .bind(&filter.user_id)
             .bind(&filter.model)
             .bind(&filter.event_type)
+            .bind(straddled)
             .fetch(&self.pool);
         while let Some(row) = rows.next().await {
             let row = row.map_err(classify)?;
-            groups.add(&Source::read(&row, groups)?)?;
+            let mut source = Source::read(&row, groups)?;
+            if hour_edges {
+                source.at_us += MICROS_PER_HOUR / 2;
+            }
+            groups.add(&source)?;
         }
         Ok(())
     }
 }
 
 /// The rows to aggregate, in one shape: `?1` tenant, `?2`/`?3` range, `?4`/`?5` whole hours,
-/// `?6`..`?10` filters. Quantities, cost and histograms are TEXT, summed by the caller.
+/// `?6`..`?10` filters, `?11` the straddled hours (a JSON array of hour starts, read from raw
+/// events instead of rollups). Quantities, cost and histograms are TEXT, summed by the caller.
 fn source_sql() -> String {
     let quantities = QUANTITY_NAMES.join(", ");
     let raw_quantities: Vec<String> =
@@ -441,21 +403,25 @@ fn source_sql() -> String {
              AND (?8 IS NULL OR user_id = ?8) AND (?9 IS NULL OR {model} = ?9) AND (?10 IS NULL OR event_type = ?10)"
         )
     };
-    let raw_select = format!(
+    let raw_columns = format!(
         "SELECT occurred_at, service_type, service_provider, coalesce(model, ''), user_id, event_type, 1, \
            status = 1, {raw_quantities}, custom_quantities, coalesce(cost, '0'), cost IS NULL, \
-           latency_us IS NOT NULL, coalesce(latency_us, 0), coalesce(latency_us, 0), NULL, latency_us \
-         FROM usage_events WHERE tenant_id = ?1",
+           latency_us IS NOT NULL, coalesce(latency_us, 0), coalesce(latency_us, 0), NULL, latency_us",
         raw_quantities = raw_quantities.join(", "),
     );
+    let raw_select = format!("{raw_columns} FROM usage_events WHERE tenant_id = ?1");
     let raw_filter = filter("coalesce(model, '')");
     format!(
         "SELECT hour, service_type, service_provider, model, user_id, event_type, event_count, error_count, \
            {quantities}, custom_quantities, cost, unpriced_count, latency_count, latency_sum_us, latency_max_us, \
            latency_buckets, NULL \
          FROM usage_rollup_hourly WHERE tenant_id = ?1 AND hour >= ?4 AND hour < ?5 AND {rollup_filter} \
+           AND hour NOT IN (SELECT value FROM json_each(?11)) \
          UNION ALL {raw_select} AND occurred_at >= ?2 AND occurred_at < ?4 AND {raw_filter} \
-         UNION ALL {raw_select} AND occurred_at >= ?5 AND occurred_at < ?3 AND {raw_filter}",
+         UNION ALL {raw_select} AND occurred_at >= ?5 AND occurred_at < ?3 AND {raw_filter} \
+         UNION ALL {raw_columns} FROM json_each(?11) AS h CROSS JOIN usage_events \
+           WHERE tenant_id = ?1 AND occurred_at >= h.value AND occurred_at < h.value + {MICROS_PER_HOUR} \
+             AND {raw_filter}",
         rollup_filter = filter("model"),
     )
 }
@@ -550,6 +516,13 @@ impl Source {
     }
 }
 
+/// The period a query's groups are bounded by, if a grouping set holds [`Dimension::Period`]
+/// (a day when the query names none, as in [`crate::pg`]).
+fn by_period(query: &AggregateQuery) -> Option<Period> {
+    let grouped = query.grouping_sets.iter().flatten().any(|dimension| *dimension == Dimension::Period);
+    grouped.then(|| query.period.unwrap_or(Period::Day))
+}
+
 /// What a fold computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Want {
@@ -573,7 +546,8 @@ struct Groups<'q> {
     want: Want,
     /// The grouping sets; a query with none has one empty set (a single total row).
     sets: Vec<Vec<Dimension>>,
-    period: Period,
+    /// The periods of the scope's time zone, when a set groups by period.
+    calendar: Option<Calendar>,
     stats: Vec<HashMap<GroupKey, Group>>,
     custom: Vec<HashMap<(GroupKey, String), Decimal>>,
 }
@@ -582,10 +556,11 @@ impl<'q> Groups<'q> {
     fn new(query: &'q AggregateQuery, want: Want) -> Result<Groups<'q>, BackendError> {
         let sets =
             if query.grouping_sets.is_empty() { vec![Vec::new()] } else { query.grouping_sets.clone() };
-        let by_period = sets.iter().flatten().any(|dimension| *dimension == Dimension::Period);
-        if by_period {
-            require_utc(&query.scope.time_zone)?;
-        }
+        let calendar = match by_period(query) {
+            // As `crate::pg`: a period dimension without a period is a day.
+            Some(period) => Some(Calendar::new(&query.scope.time_zone, period)?),
+            None => None,
+        };
         let mut stats: Vec<HashMap<GroupKey, Group>> = sets.iter().map(|_| HashMap::new()).collect();
         if want == Want::Stats {
             // An empty grouping set has its total row even without any input, as in SQL.
@@ -598,8 +573,7 @@ impl<'q> Groups<'q> {
         Ok(Groups {
             query,
             want,
-            // As `crate::pg`: a period dimension without a period is a day.
-            period: query.period.unwrap_or(Period::Day),
+            calendar,
             custom: sets.iter().map(|_| HashMap::new()).collect(),
             stats,
             sets,
@@ -610,11 +584,14 @@ impl<'q> Groups<'q> {
         self.want == Want::Custom || self.query.measures.custom_metric.is_some()
     }
 
+    /// As [`crate::pg`]: histograms are kept per service and hour, not per user, so a query
+    /// whose groups depend on users gets none (null percentiles; the other latency figures stay).
     fn needs_histogram(&self) -> bool {
-        self.want == Want::Stats && self.query.measures.latency_histogram
+        self.want == Want::Stats && self.query.measures.latency_histogram && !groups_by_users(self.query)
     }
 
-    fn key(&self, set: &[Dimension], source: &Source) -> Result<GroupKey, BackendError> {
+    /// `period` is the period holding the source row, when a set groups by period.
+    fn key(set: &[Dimension], source: &Source, period: Option<(i64, i64)>) -> Result<GroupKey, BackendError> {
         let mut key = GroupKey::default();
         for dimension in set {
             let value = |d: Dimension| {
@@ -622,9 +599,10 @@ impl<'q> Groups<'q> {
             };
             match dimension {
                 Dimension::Period => {
-                    let (start, end) = utc_period_us(self.period, source.at_us)?;
-                    key.period_start = Some(from_us(start)?);
-                    key.period_end = Some(from_us(end)?);
+                    if let Some((start, end)) = period {
+                        key.period_start = Some(from_us(start)?);
+                        key.period_end = Some(from_us(end)?);
+                    }
                 }
                 Dimension::ServiceType => key.service_type = value(*dimension),
                 Dimension::ServiceProvider => key.service_provider = value(*dimension),
@@ -637,8 +615,12 @@ impl<'q> Groups<'q> {
     }
 
     fn add(&mut self, source: &Source) -> Result<(), BackendError> {
+        let period = match &mut self.calendar {
+            Some(calendar) => Some(calendar.period_of(source.at_us)?),
+            None => None,
+        };
         for set in 0..self.sets.len() {
-            let key = self.key(&self.sets[set], source)?;
+            let key = Self::key(&self.sets[set], source, period)?;
             match self.want {
                 Want::Custom => {
                     for (name, value) in &source.custom {
@@ -685,15 +667,18 @@ impl<'q> Groups<'q> {
 
     fn aggregate_rows(self) -> Result<Vec<AggregateRow>, BackendError> {
         let measures = &self.query.measures;
+        let histogram = self.needs_histogram();
         let mut rows = Vec::new();
         for (set, groups) in self.stats.into_iter().enumerate() {
             for (key, group) in groups {
                 let mut stats = group.stats;
                 stats.no_custom_quantities = !group.has_custom;
                 stats.unique_users = measures.unique_users.then_some(group.users.len() as i64);
-                stats.latency_buckets = measures
-                    .latency_histogram
-                    .then(|| group.buckets.unwrap_or([0; LATENCY_BUCKETS]).to_vec());
+                stats.latency_buckets = match (measures.latency_histogram, histogram) {
+                    (_, true) => Some(group.buckets.unwrap_or([0; LATENCY_BUCKETS]).to_vec()),
+                    (true, false) => Some(Vec::new()),
+                    (false, false) => None,
+                };
                 rows.push(AggregateRow {
                     set,
                     key,
@@ -1079,6 +1064,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn local_days_and_hours_in_non_whole_hour_zones_match_sums_of_the_events() {
+        let events = sent(80);
+        let (_db, _store, backend, tenant) = setup(&events).await;
+        // Zones without DST, so fixed offsets give the expected buckets. Local midnights fall at
+        // 18:30, 18:15 and 14:30 UTC: those hours' rollup rows straddle two days.
+        for (zone, hours, minutes) in
+            [("Asia/Kolkata", 5, 30), ("Asia/Kathmandu", 5, 45), ("Australia/Darwin", 9, 30)]
+        {
+            let offset = time::UtcOffset::from_hms(hours, minutes, 0).expect("offset");
+            let scope = Scope { time_zone: zone.into(), ..scope(tenant) };
+            let in_range: Vec<&Sent> =
+                events.iter().filter(|sent| sent.at >= scope.start && sent.at < scope.end).collect();
+            for (period, length) in [(Period::Day, time::Duration::DAY), (Period::Hour, time::Duration::HOUR)]
+            {
+                let bucket = |at: OffsetDateTime| {
+                    let local = at.to_offset(offset);
+                    let start = match period {
+                        Period::Day => local.replace_time(time::Time::MIDNIGHT),
+                        _ => local.replace_time(time::Time::from_hms(local.hour(), 0, 0).expect("hour")),
+                    };
+                    start.to_offset(time::UtcOffset::UTC)
+                };
+                let mut groups: BTreeMap<(OffsetDateTime, &str), Vec<&Sent>> = BTreeMap::new();
+                for sent in &in_range {
+                    groups.entry((bucket(sent.at), sent.service_type)).or_default().push(sent);
+                }
+                let query = AggregateQuery {
+                    scope: scope.clone(),
+                    filter: Filter::default(),
+                    period: Some(period),
+                    grouping_sets: vec![vec![Dimension::Period, Dimension::ServiceType]],
+                    measures: Measures { unique_users: true, latency_histogram: true, custom_metric: None },
+                    top: None,
+                };
+                let rows = backend.aggregate(&query).await.expect("aggregate");
+                assert_eq!(rows.len(), groups.len(), "{zone} {period:?}");
+                for row in &rows {
+                    let start = row.key.period_start.expect("period");
+                    assert_eq!(row.key.period_end, Some(start + length), "{zone} {period:?}");
+                    let service = row.key.service_type.as_deref().expect("service");
+                    let group = groups.get(&(start, service)).expect("a group of events");
+                    assert_eq!(row.stats, expected(group), "{zone} {period:?} {start} {service}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn listing_pages_newest_first_with_a_keyset_cursor() {
         let mut events = sent(50);
         // Two events at the same instant: the id breaks the tie.
@@ -1222,30 +1255,34 @@ mod tests {
             backend.resolve_local_times("UTC", &local).await.expect("utc"),
             vec![datetime!(2024-03-10 12:00 UTC)]
         );
+        // Any IANA zone: days from local midnight (Berlin is UTC+01:00 in winter).
+        assert_eq!(
+            backend.resolve_local_times("Europe/Berlin", &local).await.expect("berlin"),
+            vec![datetime!(2024-03-10 11:00 UTC)]
+        );
         let berlin = Scope { time_zone: "Europe/Berlin".into(), ..scope };
-        for error in [
-            backend.resolve_local_times("Europe/Berlin", &local).await.err(),
-            backend.periods(&berlin, Period::Day).await.err(),
-        ] {
-            assert!(error.expect("refused").to_string().contains(UTC_ONLY));
-        }
-        // Without a period the zone does not matter.
+        let days = backend.periods(&berlin, Period::Day).await.expect("days");
+        assert_eq!(days.len(), 13);
+        assert_eq!(days[0], (datetime!(2024-02-27 23:00 UTC), datetime!(2024-02-28 23:00 UTC)));
+        assert_eq!(days[12], (datetime!(2024-03-10 23:00 UTC), datetime!(2024-03-11 23:00 UTC)));
+        let unknown = Scope { time_zone: "Mars/Olympus_Mons".into(), ..berlin.clone() };
+        assert!(matches!(backend.periods(&unknown, Period::Day).await, Err(BackendError::Unsupported(_))));
+        // The three events (22:00, 22:37 and 23:14 UTC on 03-10) fall on two Berlin days.
         let query = AggregateQuery {
             scope: berlin,
             filter: Filter::default(),
-            period: None,
-            grouping_sets: vec![],
+            period: Some(Period::Day),
+            grouping_sets: vec![vec![Dimension::Period]],
             measures: Measures::default(),
             top: None,
         };
         let rows = backend.aggregate(&query).await.expect("aggregate");
-        assert_eq!(rows.len(), 1);
-        let with_period = AggregateQuery {
-            period: Some(Period::Day),
-            grouping_sets: vec![vec![Dimension::Period]],
-            ..query
-        };
-        assert!(backend.aggregate(&with_period).await.is_err());
+        let counts: Vec<(Option<OffsetDateTime>, i64)> =
+            rows.iter().map(|row| (row.key.period_start, row.stats.event_count)).collect();
+        assert_eq!(
+            counts,
+            vec![(Some(datetime!(2024-03-09 23:00 UTC)), 2), (Some(datetime!(2024-03-10 23:00 UTC)), 1)]
+        );
     }
 
     impl SqliteBackend {

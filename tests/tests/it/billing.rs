@@ -18,7 +18,10 @@ use uuid::Uuid;
 
 use crate::support::{Backend, Location, TestEdge, both_backends};
 
-both_backends!(a_month_is_billed_with_tiers_minimums_and_unpriced_events);
+both_backends!(
+    a_month_is_billed_with_tiers_minimums_and_unpriced_events,
+    months_are_bounded_in_the_tenant_time_zone,
+);
 
 fn decimal(text: &str) -> Decimal {
     text.parse().expect("a decimal")
@@ -202,14 +205,9 @@ async fn a_month_is_billed_with_tiers_minimums_and_unpriced_events(backend: Back
 
 /// A month starts at local midnight: in Kolkata (UTC+05:30) that is 18:30 UTC the day before,
 /// inside a rollup hour.
-#[tokio::test(flavor = "multi_thread")]
-async fn months_are_bounded_in_the_tenant_time_zone() -> Result<()> {
-    let edge = TestEdge::start().await?;
-    let mut db = edge.connect_db().await?;
-    sqlx::query("UPDATE tenants SET time_zone = 'Asia/Kolkata' WHERE id = $1")
-        .bind(edge.tenant.id)
-        .execute(&mut db)
-        .await?;
+async fn months_are_bounded_in_the_tenant_time_zone(backend: Backend) -> Result<()> {
+    let edge = TestEdge::on(backend).await?;
+    crate::support::set_time_zone(&edge, "Asia/Kolkata").await?;
     let kolkata = UtcOffset::from_hms(5, 30, 0)?;
     // The start of the previous month, local time.
     let today = OffsetDateTime::now_utc().to_offset(kolkata).date();

@@ -15,6 +15,7 @@ mod prometheus;
 mod query;
 mod query_hardening;
 mod query_properties;
+mod query_time_zones;
 mod rerate;
 mod store;
 mod support;

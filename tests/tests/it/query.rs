@@ -1,7 +1,7 @@
-//! The query service end to end: events go in through the edge (or, for old timestamps and
-//! prices, straight through the sink's `PgStore::commit`), and every endpoint's numbers are
-//! checked against sums computed here from the events sent. The router is driven with
-//! `oneshot`, no socket.
+//! The query service end to end, on both backends: events go in through the edge (or, for old
+//! timestamps and prices, straight through the sink's `Store::commit`), and every endpoint's
+//! numbers are checked against sums computed here from the events sent. The router is driven
+//! with `oneshot`, no socket. Time zones, DST changes included, are in `query_time_zones.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
@@ -20,26 +20,37 @@ use time::{Date, OffsetDateTime, Time, UtcOffset};
 use tower::ServiceExt;
 use uuid::Uuid;
 
-use crate::support::{TestEdge, create_key};
+use crate::support::{Backend, Location, TestEdge, both_backends, create_key};
+
+both_backends!(
+    listing_filters_pages_and_streams_csv,
+    aggregates_match_sums_of_the_events_sent,
+    days_and_weeks_follow_the_tenant_time_zone,
+    every_endpoint_answers_for_its_own_tenant_only,
+    cached_answers_are_stale_for_at_most_the_ttl,
+    bad_parameters_are_refused_by_name,
+    docs_health_and_metrics_are_served,
+    range_edges_widen_to_whole_hours_unless_exact,
+);
 
 /// One event as sent, and what the query service must make of it.
 #[derive(Debug, Clone)]
-struct Sent {
-    id: Uuid,
-    at: OffsetDateTime,
-    user: String,
-    service_type: &'static str,
-    provider: &'static str,
-    model: Option<&'static str>,
-    error: bool,
-    input_tokens: i64,
-    latency_ms: Option<f64>,
-    cost: Option<Decimal>,
-    images: Option<i64>,
+pub(crate) struct Sent {
+    pub(crate) id: Uuid,
+    pub(crate) at: OffsetDateTime,
+    pub(crate) user: String,
+    pub(crate) service_type: &'static str,
+    pub(crate) provider: &'static str,
+    pub(crate) model: Option<&'static str>,
+    pub(crate) error: bool,
+    pub(crate) input_tokens: i64,
+    pub(crate) latency_ms: Option<f64>,
+    pub(crate) cost: Option<Decimal>,
+    pub(crate) images: Option<i64>,
 }
 
 impl Sent {
-    fn new(index: usize, at: OffsetDateTime) -> Sent {
+    pub(crate) fn new(index: usize, at: OffsetDateTime) -> Sent {
         let services = [
             // Names no price catalog knows: events through the edge stay unpriced.
             ("llm_service", "prov-a", Some("model-a")),
@@ -62,7 +73,7 @@ impl Sent {
         }
     }
 
-    fn event(&self) -> wire::Event {
+    pub(crate) fn event(&self) -> wire::Event {
         let mut event = wire::Event::new(&self.user, self.service_type, self.provider, "completion")
             .with_id(self.id)
             .at((self.at.unix_timestamp_nanos() / 1000) as i64)
@@ -111,18 +122,18 @@ impl Sent {
 
 /// Sums over sent events, computed here.
 #[derive(Debug, Default)]
-struct Sums {
-    events: i64,
-    errors: i64,
-    users: BTreeSet<String>,
-    input_tokens: i64,
-    cost: Decimal,
-    unpriced: i64,
-    images: i64,
-    latencies_ms: Vec<f64>,
+pub(crate) struct Sums {
+    pub(crate) events: i64,
+    pub(crate) errors: i64,
+    pub(crate) users: BTreeSet<String>,
+    pub(crate) input_tokens: i64,
+    pub(crate) cost: Decimal,
+    pub(crate) unpriced: i64,
+    pub(crate) images: i64,
+    pub(crate) latencies_ms: Vec<f64>,
 }
 
-fn sums<'a>(events: impl IntoIterator<Item = &'a Sent>) -> Sums {
+pub(crate) fn sums<'a>(events: impl IntoIterator<Item = &'a Sent>) -> Sums {
     let mut sums = Sums::default();
     for event in events {
         sums.events += 1;
@@ -142,7 +153,7 @@ fn sums<'a>(events: impl IntoIterator<Item = &'a Sent>) -> Sums {
 
 /// Checks a row of totals (`Totals` in the API) against sums; `priced` says whether costs
 /// were sent (the edge prices nothing, so its events are all unpriced).
-fn check_totals(row: &Value, expected: &Sums, priced: bool, what: &str) -> Result<()> {
+pub(crate) fn check_totals(row: &Value, expected: &Sums, priced: bool, what: &str) -> Result<()> {
     ensure!(
         row["event_count"] == expected.events,
         "{what}: event_count {} != {}",
@@ -201,30 +212,30 @@ fn check_percentiles(row: &Value, latencies_ms: &[f64], what: &str) -> Result<()
 
 /// Money is a JSON number with the exact digits; the digits of a parsed number (short ones here)
 /// are read back exactly.
-fn money(value: &Value) -> Result<Decimal> {
+pub(crate) fn money(value: &Value) -> Result<Decimal> {
     ensure!(value.is_number(), "money is a number: {value}");
     Decimal::from_str(&value.to_string())
         .or_else(|_| Decimal::from_scientific(&value.to_string()))
         .context("money is a decimal")
 }
 
-fn rfc3339(time: OffsetDateTime) -> String {
+pub(crate) fn rfc3339(time: OffsetDateTime) -> String {
     time.format(&Rfc3339).expect("formats")
 }
 
-fn parse_time(value: &Value) -> Result<OffsetDateTime> {
+pub(crate) fn parse_time(value: &Value) -> Result<OffsetDateTime> {
     Ok(OffsetDateTime::parse(value.as_str().context("a time")?, &Rfc3339)?)
 }
 
 /// An edge, a query state over its database, and the events loaded.
-struct Fixture {
-    edge: TestEdge,
-    state: Arc<QueryState>,
+pub(crate) struct Fixture {
+    pub(crate) edge: TestEdge,
+    pub(crate) state: Arc<QueryState>,
 }
 
 impl Fixture {
-    async fn start(cache_ttl: Duration) -> Result<Fixture> {
-        let edge = TestEdge::start().await?;
+    pub(crate) async fn start(backend: Backend, cache_ttl: Duration) -> Result<Fixture> {
+        let edge = TestEdge::on(backend).await?;
         let state = query_state(&edge, cache_ttl, None).await?;
         Ok(Fixture { edge, state })
     }
@@ -240,7 +251,7 @@ impl Fixture {
     }
 
     /// Straight into storage with prices (old timestamps are past the edge's window).
-    async fn commit(&self, tenant: Uuid, events: &[Sent]) -> Result<()> {
+    pub(crate) async fn commit(&self, tenant: Uuid, events: &[Sent]) -> Result<()> {
         let retention = Retention { partitions_behind_days: 80, ..Retention::default() };
         self.edge.store.maintain(&retention).await?;
         let rows: Vec<EventRow> =
@@ -254,14 +265,14 @@ impl Fixture {
     }
 
     /// A 200 answer's JSON.
-    async fn ok(&self, path: &str) -> Result<Value> {
+    pub(crate) async fn ok(&self, path: &str) -> Result<Value> {
         let (status, body, _) = self.get(Some(&self.edge.key), path).await?;
         ensure!(status == StatusCode::OK, "GET {path}: {status} {body}");
         Ok(body)
     }
 }
 
-async fn query_state(
+pub(crate) async fn query_state(
     edge: &TestEdge,
     cache_ttl: Duration,
     redis_url: Option<String>,
@@ -272,7 +283,17 @@ async fn query_state(
         metrics: Some(crate::support::metrics_handle()),
         ..QueryConfig::new(edge.db.url.clone())
     };
-    Ok(QueryState::connect(config).await?)
+    match &edge.db.location {
+        Location::Postgres(_) => Ok(QueryState::connect(config).await?),
+        Location::Sqlite(file) => {
+            let backend = query::sqlite::SqliteBackend::open(file.path()).await?;
+            let redis = match &config.redis_url {
+                Some(url) => Some(query::cache::ResponseCache::connect_redis(url).await?),
+                None => None,
+            };
+            Ok(QueryState::with_backend(config, Arc::new(backend), redis))
+        }
+    }
 }
 
 async fn get_raw(
@@ -295,7 +316,7 @@ async fn get_raw(
     Ok((status, String::from_utf8(bytes.to_vec())?, headers))
 }
 
-async fn get(
+pub(crate) async fn get(
     state: &Arc<QueryState>,
     key: Option<&str>,
     path: &str,
@@ -309,9 +330,8 @@ fn hours(n: i64) -> time::Duration {
     time::Duration::hours(n)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn listing_filters_pages_and_streams_csv() -> Result<()> {
-    let fixture = Fixture::start(Duration::from_secs(15)).await?;
+async fn listing_filters_pages_and_streams_csv(backend: Backend) -> Result<()> {
+    let fixture = Fixture::start(backend, Duration::from_secs(15)).await?;
     let now = OffsetDateTime::now_utc();
     let sent: Vec<Sent> =
         (0..25).map(|i| Sent::new(i, now - time::Duration::minutes(37 * (i as i64 + 1)))).collect();
@@ -406,9 +426,8 @@ async fn listing_filters_pages_and_streams_csv() -> Result<()> {
 
 /// By default (`edges=hour`) a range is widened to the whole UTC hours it touches, answered
 /// from rollups alone and says so; `edges=exact` counts to the microsecond.
-#[tokio::test(flavor = "multi_thread")]
-async fn range_edges_widen_to_whole_hours_unless_exact() -> Result<()> {
-    let fixture = Fixture::start(Duration::ZERO).await?;
+async fn range_edges_widen_to_whole_hours_unless_exact(backend: Backend) -> Result<()> {
+    let fixture = Fixture::start(backend, Duration::ZERO).await?;
     let hour =
         OffsetDateTime::now_utc().replace_minute(0)?.replace_second(0)?.replace_nanosecond(0)? - hours(30);
     let sent: Vec<Sent> = [5, 20, 50, 65, 130, 175, 190]
@@ -467,9 +486,8 @@ fn month_boundary_events(now: OffsetDateTime) -> (OffsetDateTime, Vec<Sent>) {
     (anchor, sent)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn aggregates_match_sums_of_the_events_sent() -> Result<()> {
-    let fixture = Fixture::start(Duration::from_secs(15)).await?;
+async fn aggregates_match_sums_of_the_events_sent(backend: Backend) -> Result<()> {
+    let fixture = Fixture::start(backend, Duration::from_secs(15)).await?;
     let (anchor, sent) = month_boundary_events(OffsetDateTime::now_utc());
     fixture.commit(fixture.edge.tenant.id, &sent).await?;
     // Range edges inside hours: the partial hours are read from raw events.
@@ -707,15 +725,10 @@ async fn aggregates_match_sums_of_the_events_sent() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn days_and_weeks_follow_the_tenant_time_zone() -> Result<()> {
-    let fixture = Fixture::start(Duration::from_secs(15)).await?;
+async fn days_and_weeks_follow_the_tenant_time_zone(backend: Backend) -> Result<()> {
+    let fixture = Fixture::start(backend, Duration::from_secs(15)).await?;
     // Kolkata is UTC+05:30: local midnight is 18:30 UTC, inside a rollup hour.
-    let mut db = fixture.edge.connect_db().await?;
-    sqlx::query("UPDATE tenants SET time_zone = 'Asia/Kolkata' WHERE id = $1")
-        .bind(fixture.edge.tenant.id)
-        .execute(&mut db)
-        .await?;
+    crate::support::set_time_zone(&fixture.edge, "Asia/Kolkata").await?;
     let now = OffsetDateTime::now_utc();
     let today = now.date().with_time(Time::MIDNIGHT).assume_utc();
     let mut sent = Vec::new();
@@ -791,9 +804,8 @@ const DATA_PATHS: &[&str] = &[
     "/api/v1/billing/summary",
 ];
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_endpoint_answers_for_its_own_tenant_only() -> Result<()> {
-    let fixture = Fixture::start(Duration::from_secs(15)).await?;
+async fn every_endpoint_answers_for_its_own_tenant_only(backend: Backend) -> Result<()> {
+    let fixture = Fixture::start(backend, Duration::from_secs(15)).await?;
     let (globex, globex_ingest_key) = fixture.edge.other_tenant("globex").await?;
     let globex_key = create_key(&fixture.edge.store, &globex, vec![Scope::Query]).await?;
     let now = OffsetDateTime::now_utc();
@@ -849,10 +861,9 @@ async fn every_endpoint_answers_for_its_own_tenant_only() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cached_answers_are_stale_for_at_most_the_ttl() -> Result<()> {
+async fn cached_answers_are_stale_for_at_most_the_ttl(backend: Backend) -> Result<()> {
     let ttl = Duration::from_secs(1);
-    let fixture = Fixture::start(ttl).await?;
+    let fixture = Fixture::start(backend, ttl).await?;
     let uncached = query_state(&fixture.edge, Duration::ZERO, None).await?;
     let now = OffsetDateTime::now_utc();
     fixture.ingest(&[Sent::new(0, now - hours(1))], &fixture.edge.key).await?;
@@ -910,9 +921,8 @@ async fn cached_answers_are_stale_for_at_most_the_ttl() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_parameters_are_refused_by_name() -> Result<()> {
-    let fixture = Fixture::start(Duration::from_secs(15)).await?;
+async fn bad_parameters_are_refused_by_name(backend: Backend) -> Result<()> {
+    let fixture = Fixture::start(backend, Duration::from_secs(15)).await?;
     for path in DATA_PATHS {
         let (status, body, _) = fixture.get(Some(&fixture.edge.key), &format!("{path}?bogus=1")).await?;
         ensure!(status == StatusCode::BAD_REQUEST && body["error"] == "invalid_parameter", "{path}: {body}");
@@ -965,9 +975,8 @@ async fn bad_parameters_are_refused_by_name() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn docs_health_and_metrics_are_served() -> Result<()> {
-    let fixture = Fixture::start(Duration::from_secs(15)).await?;
+async fn docs_health_and_metrics_are_served(backend: Backend) -> Result<()> {
+    let fixture = Fixture::start(backend, Duration::from_secs(15)).await?;
     let (status, spec, _) = get(&fixture.state, None, "/openapi.json").await?;
     ensure!(status == StatusCode::OK && spec["openapi"].as_str().unwrap_or("").starts_with("3."), "{spec}");
     for path in DATA_PATHS {

@@ -191,6 +191,14 @@ impl TestEdge {
     }
 }
 
+/// Sets the tenant's time zone through the store, on either backend.
+pub async fn set_time_zone(edge: &TestEdge, time_zone: &str) -> Result<()> {
+    let mut settings = edge.store.tenant_settings(edge.tenant.id).await?.context("the tenant's settings")?;
+    settings.time_zone = time_zone.to_owned();
+    edge.store.update_tenant_settings(edge.tenant.id, &settings).await?;
+    Ok(())
+}
+
 pub async fn create_key(store: &Arc<dyn Store>, tenant: &sink::Tenant, scopes: Vec<Scope>) -> Result<String> {
     let key = edge::auth::generate_api_key();
     let new_key = NewApiKey {
