@@ -34,7 +34,7 @@ use tenants::Tenants;
 #[derive(Debug)]
 pub struct EdgeState {
     pub config: EdgeConfig,
-    pub store: Arc<dyn Store>,
+    pub store: Arc<Store>,
     pub auth: Authenticator,
     pub ingestor: Ingestor,
     /// Whether the sink workers are up and committing (`/ready`).
@@ -67,7 +67,7 @@ pub struct RunningEdge {
 }
 
 /// Starts the listeners, sink workers and maintenance. The store must be migrated.
-pub async fn start(config: EdgeConfig, store: Arc<dyn Store>) -> anyhow::Result<RunningEdge> {
+pub async fn start(config: EdgeConfig, store: Arc<Store>) -> anyhow::Result<RunningEdge> {
     start_with_routes(config, store, axum::Router::new()).await
 }
 
@@ -75,7 +75,7 @@ pub async fn start(config: EdgeConfig, store: Arc<dyn Store>) -> anyhow::Result<
 /// which the older system's SDK calls on the ingest port).
 pub async fn start_with_routes(
     config: EdgeConfig,
-    store: Arc<dyn Store>,
+    store: Arc<Store>,
     extra_routes: axum::Router,
 ) -> anyhow::Result<RunningEdge> {
     config.validate()?;
@@ -145,7 +145,7 @@ async fn listen(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpL
 }
 
 async fn maintain_forever(
-    store: Arc<dyn Store>,
+    store: Arc<Store>,
     retention: sink::Retention,
     every: Duration,
     shutdown: CancellationToken,

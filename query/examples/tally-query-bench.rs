@@ -9,7 +9,7 @@
 //! Without `--database-url` it starts a private PostgreSQL through the `tests` harness (removed
 //! at exit). Events are spread over `--days` days for `--tenants` tenants whose volumes follow
 //! a Zipf law (the busiest has ~19% of all events with 100 tenants); users within a tenant are
-//! Zipf-distributed too. Rows go through `PgStore::commit` (COPY, dedup, rollup upsert), two
+//! Zipf-distributed too. Rows go through `Store::commit` (COPY, dedup, rollup upsert), two
 //! committers at a time, 10,000 events per transaction. Requests are sent to the router in
 //! process (`oneshot`, no socket), one at a time, with the response cache off (every request
 //! reaches PostgreSQL) and then on.
@@ -128,7 +128,7 @@ fn event(
     (event, cost)
 }
 
-async fn load(store: Arc<PgStore>, tenants: &[sink::Tenant], args: &Args) -> Result<()> {
+async fn load(store: Arc<Store>, tenants: &[sink::Tenant], args: &Args) -> Result<()> {
     let now_us = time::OffsetDateTime::now_utc().unix_timestamp() * 1_000_000 - 60_000_000;
     let span_us = i64::from(args.days) * 86_400_000_000;
     let tenant_weights = zipf_cumulative(tenants.len(), 1.0);
@@ -228,9 +228,9 @@ async fn main() -> Result<()> {
             url
         }
     };
-    let store =
-        Arc::new(PgStore::connect_lazy(&url, &PgOptions { max_connections: 4, ..PgOptions::default() })?);
-    store.migrate().await?;
+    let pg = PgStore::connect_lazy(&url, &PgOptions { max_connections: 4, ..PgOptions::default() })?;
+    pg.migrate().await?;
+    let store = Arc::new(Store::from(pg.clone()));
     let retention = Retention { partitions_behind_days: args.days + 2, ..Retention::default() };
     store.maintain(&retention).await?;
     let mut tenants = store.list_tenants().await?;
@@ -242,8 +242,8 @@ async fn main() -> Result<()> {
             }
         }
         load(store.clone(), &tenants, &args).await?;
-        sqlx::query("VACUUM ANALYZE usage_rollup_hourly").execute(store.pool()).await?;
-        sqlx::query("ANALYZE usage_events").execute(store.pool()).await?;
+        sqlx::query("VACUUM ANALYZE usage_rollup_hourly").execute(pg.pool()).await?;
+        sqlx::query("ANALYZE usage_events").execute(pg.pool()).await?;
     }
     let busiest = tenants.first().context("no tenants: run without --skip-load first")?;
     let key = format!("bench-{}", uuid::Uuid::new_v4());
@@ -261,7 +261,7 @@ async fn main() -> Result<()> {
                 (SELECT count(*) FROM usage_rollup_hourly WHERE tenant_id = $1 AND hour > now() - interval '30 days')",
     )
     .bind(busiest.id)
-    .fetch_one(store.pool())
+    .fetch_one(pg.pool())
     .await?;
     println!(
         "busiest tenant {}: {events_30d} events and {rollup_rows_30d} rollup rows in the last 30 days",
