@@ -56,7 +56,7 @@ fn not_found(detail: impl Into<String>) -> ApiError {
 
 fn storage(error: sink::StoreError) -> ApiError {
     match error {
-        sink::StoreError::Invalid(detail) => invalid(detail),
+        sink::StoreError::Invalid { message, .. } => invalid(message),
         other => {
             tracing::warn!(error = %other, "control plane storage call failed");
             ApiError::new(other.code(), "storage failed; nothing was changed")

@@ -45,7 +45,7 @@ impl AuthError {
 /// stops working within `ttl` and unknown keys cannot hammer the database.
 #[derive(Debug, Clone)]
 pub struct Authenticator {
-    store: Arc<dyn Store>,
+    store: Arc<Store>,
     cache: moka::sync::Cache<[u8; 32], Option<Arc<ApiKey>>>,
 }
 
@@ -53,7 +53,7 @@ pub struct Authenticator {
 const KEY_CACHE_ENTRIES_MAX: u64 = 100_000;
 
 impl Authenticator {
-    pub fn new(store: Arc<dyn Store>, ttl: Duration) -> Authenticator {
+    pub fn new(store: Arc<Store>, ttl: Duration) -> Authenticator {
         let cache =
             moka::sync::Cache::builder().max_capacity(KEY_CACHE_ENTRIES_MAX).time_to_live(ttl).build();
         Authenticator { store, cache }

@@ -65,7 +65,7 @@ impl IngestError {
                 tracing::warn!(error = %store, "ingest failed");
                 "storage is unavailable; nothing was stored, retry later".to_owned()
             }
-            IngestError::Storage(StoreError::Invalid(detail)) => detail.clone(),
+            IngestError::Storage(StoreError::Invalid { message, .. }) => message.clone(),
             IngestError::Storage(store) => {
                 tracing::error!(error = %store, "ingest failed");
                 "internal error; nothing was stored".to_owned()
@@ -254,7 +254,9 @@ impl Ingestor {
         // never as success.
         let outcomes = receiver
             .await
-            .map_err(|_| IngestError::Storage(StoreError::Unavailable("sink worker stopped".into())))?
+            .map_err(|error| {
+                IngestError::Storage(StoreError::unavailable("sink worker stopped").with_source(error))
+            })?
             .map_err(IngestError::Storage)?;
         Ok(Prepared::statuses(slots, Some(outcomes)))
     }

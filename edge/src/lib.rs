@@ -34,7 +34,7 @@ use tenants::Tenants;
 #[derive(Debug)]
 pub struct EdgeState {
     pub config: EdgeConfig,
-    pub store: Arc<dyn Store>,
+    pub store: Arc<Store>,
     pub auth: Authenticator,
     pub ingestor: Ingestor,
     /// Whether the sink workers are up and committing (`/ready`).
@@ -62,12 +62,14 @@ pub struct RunningEdge {
     http: JoinHandle<()>,
     workers: Vec<JoinHandle<()>>,
     maintenance: JoinHandle<()>,
+    /// Rounds of partition maintenance finished so far (the first starts at once).
+    maintenance_rounds: tokio::sync::watch::Receiver<u64>,
     folder: JoinHandle<()>,
     drainer: Option<JoinHandle<()>>,
 }
 
 /// Starts the listeners, sink workers and maintenance. The store must be migrated.
-pub async fn start(config: EdgeConfig, store: Arc<dyn Store>) -> anyhow::Result<RunningEdge> {
+pub async fn start(config: EdgeConfig, store: Arc<Store>) -> anyhow::Result<RunningEdge> {
     start_with_routes(config, store, axum::Router::new()).await
 }
 
@@ -75,7 +77,7 @@ pub async fn start(config: EdgeConfig, store: Arc<dyn Store>) -> anyhow::Result<
 /// which the older system's SDK calls on the ingest port).
 pub async fn start_with_routes(
     config: EdgeConfig,
-    store: Arc<dyn Store>,
+    store: Arc<Store>,
     extra_routes: axum::Router,
 ) -> anyhow::Result<RunningEdge> {
     config.validate()?;
@@ -118,11 +120,13 @@ pub async fn start_with_routes(
         tokio::spawn(serve::serve(http_listener, router, limits, tls, "ingest", shutdown))
     };
     let folder = tokio::spawn(sink::run_folder(store.clone(), state.config.fold));
+    let (rounds, maintenance_rounds) = tokio::sync::watch::channel(0);
     let maintenance = tokio::spawn(maintain_forever(
         store,
         state.config.retention_with_window(),
         state.config.maintenance_interval,
         shutdown.clone(),
+        rounds,
     ));
     tracing::info!(%wire_addr, %http_addr, "tally edge listening");
     Ok(RunningEdge {
@@ -134,6 +138,7 @@ pub async fn start_with_routes(
         http,
         workers,
         maintenance,
+        maintenance_rounds,
         folder,
         drainer,
     })
@@ -145,15 +150,17 @@ async fn listen(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpL
 }
 
 async fn maintain_forever(
-    store: Arc<dyn Store>,
+    store: Arc<Store>,
     retention: sink::Retention,
     every: Duration,
     shutdown: CancellationToken,
+    rounds: tokio::sync::watch::Sender<u64>,
 ) {
     loop {
         if let Err(error) = store.maintain(&retention).await {
             tracing::warn!(%error, "partition maintenance failed; retrying next round");
         }
+        rounds.send_modify(|rounds| *rounds += 1);
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = shutdown.cancelled() => return,
@@ -162,6 +169,13 @@ async fn maintain_forever(
 }
 
 impl RunningEdge {
+    /// Waits until `rounds` rounds of partition maintenance have finished (successful or not),
+    /// for callers that must not race the first one.
+    pub async fn maintenance_rounds(&self, rounds: u64) {
+        let mut receiver = self.maintenance_rounds.clone();
+        let _ = receiver.wait_for(|done| *done >= rounds).await;
+    }
+
     /// Stops in order: listeners stop accepting and connections say `Goodbye` and answer what
     /// they hold; the queue closes and workers commit everything queued; then the rest.
     /// Returns whether everything finished within the configured deadline.

@@ -123,7 +123,7 @@ async fn run_batches(
 fn failed(run: &RerateRun, error: StoreError) -> End {
     let scanned = run.events_scanned;
     End::Failed(match error {
-        StoreError::Invalid(detail) => {
+        StoreError::Invalid { message: detail, .. } => {
             format!("{detail}; the {scanned} events re-rated before it keep their new prices")
         }
         other => {

@@ -137,7 +137,7 @@ impl TenantContext {
 /// Loads and caches tenant contexts.
 #[derive(Debug)]
 pub struct Tenants {
-    store: Arc<dyn Store>,
+    store: Arc<Store>,
     contexts: moka::sync::Cache<Uuid, Arc<TenantContext>>,
     /// First loads in progress: concurrent requests of one tenant wait for the same load.
     loading: Mutex<HashMap<Uuid, Arc<OnceCell<Arc<TenantContext>>>>>,
@@ -156,7 +156,7 @@ type ShapedLimiter = ((u32, u32), Arc<DefaultDirectRateLimiter>);
 const TENANTS_CACHED_MAX: u64 = 100_000;
 
 impl Tenants {
-    pub fn new(store: Arc<dyn Store>, ttl: Duration) -> Tenants {
+    pub fn new(store: Arc<Store>, ttl: Duration) -> Tenants {
         let contexts = moka::sync::Cache::builder().max_capacity(TENANTS_CACHED_MAX).build();
         Tenants {
             store,
@@ -222,7 +222,7 @@ impl Tenants {
             .store
             .tenant_settings(tenant_id)
             .await?
-            .ok_or_else(|| StoreError::Invalid(format!("no tenant with id {tenant_id}")))?;
+            .ok_or_else(|| StoreError::invalid(format!("no tenant with id {tenant_id}")))?;
         let services = self.store.list_services(tenant_id).await?;
         let registry =
             Registry::with_custom(&services).requiring_registration(settings.require_registered_services);

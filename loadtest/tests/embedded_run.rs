@@ -37,10 +37,10 @@ impl EmbeddedEdge {
     async fn start(tenants: usize) -> Result<EmbeddedEdge> {
         let dir = ScratchDir::create()?;
         let path = dir.path().join(DATABASE_FILE_NAME);
-        let store = Arc::new(SqliteStore::open(&path).await?);
+        let store = Arc::new(Store::from(SqliteStore::open(&path).await?));
         let config = common::loopback_config()?;
         let keys = common::tenants_with_ingest_keys(store.as_ref(), tenants).await?;
-        let edge = edge::start(config, store as Arc<dyn Store>).await?;
+        let edge = edge::start(config, store).await?;
         Ok(EmbeddedEdge { edge, keys, database: Database::Sqlite(path), _dir: dir })
     }
 

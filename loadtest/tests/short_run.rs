@@ -26,12 +26,13 @@ struct InProcessEdge {
 impl InProcessEdge {
     async fn start(tenants: usize) -> Result<InProcessEdge> {
         let database = tests::postgres().await.fresh_database().await?;
-        let store = Arc::new(PgStore::connect_lazy(&database.url, &PgOptions::default())?);
+        let store = PgStore::connect_lazy(&database.url, &PgOptions::default())?;
         store.migrate().await?;
+        let store = Arc::new(Store::from(store));
         let config = common::loopback_config()?;
         store.maintain(&config.retention_with_window()).await?;
         let keys = common::tenants_with_ingest_keys(store.as_ref(), tenants).await?;
-        let edge = edge::start(config, store as Arc<dyn Store>).await?;
+        let edge = edge::start(config, store).await?;
         Ok(InProcessEdge { database, edge, keys })
     }
 

@@ -9,7 +9,7 @@
 //! Without `--database-url` it starts a private PostgreSQL through the `tests` harness (removed
 //! at exit). Events are spread over `--days` days for `--tenants` tenants whose volumes follow
 //! a Zipf law (the busiest has ~19% of all events with 100 tenants); users within a tenant are
-//! Zipf-distributed too. Rows go through `PgStore::commit` (COPY, dedup, pending rollup rows), two
+//! Zipf-distributed too. Rows go through `Store::commit` (COPY, dedup, pending rollup rows), two
 //! committers at a time, 10,000 events per transaction; then the pending rows are folded, as the
 //! edges' materializers do. `--current-hour-events` adds events to the busiest tenant's current
 //! hour (as a high ingest rate leaves it); `--no-vacuum` measures without `VACUUM ANALYZE`. Requests are sent to the router in
@@ -147,7 +147,7 @@ struct Spread {
     seed: u64,
 }
 
-async fn load(store: Arc<PgStore>, tenants: &[sink::Tenant], args: &Args, spread: Spread) -> Result<()> {
+async fn load(store: Arc<Store>, tenants: &[sink::Tenant], args: &Args, spread: Spread) -> Result<()> {
     let Spread { events, end_us: now_us, span_us, busiest_only, seed } = spread;
     let tenant_weights = if busiest_only { vec![1.0] } else { zipf_cumulative(tenants.len(), 1.0) };
     let service_weights: Vec<f64> = SERVICES
@@ -204,7 +204,7 @@ async fn load(store: Arc<PgStore>, tenants: &[sink::Tenant], args: &Args, spread
 }
 
 /// Folds every pending rollup entry, as the edges' materializers would.
-async fn fold_all(store: &PgStore) -> Result<()> {
+async fn fold_all(store: &Store) -> Result<()> {
     let started = Instant::now();
     let mut folded = 0;
     loop {
@@ -261,9 +261,9 @@ async fn main() -> Result<()> {
             url
         }
     };
-    let store =
-        Arc::new(PgStore::connect_lazy(&url, &PgOptions { max_connections: 4, ..PgOptions::default() })?);
-    store.migrate().await?;
+    let pg = PgStore::connect_lazy(&url, &PgOptions { max_connections: 4, ..PgOptions::default() })?;
+    pg.migrate().await?;
+    let store = Arc::new(Store::from(pg.clone()));
     let retention = Retention { partitions_behind_days: args.days + 2, ..Retention::default() };
     store.maintain(&retention).await?;
     let mut tenants = store.list_tenants().await?;
@@ -299,7 +299,7 @@ async fn main() -> Result<()> {
         if !args.no_vacuum {
             for table in ["usage_rollup_hourly", "usage_rollup_service_hourly", "usage_events"] {
                 sqlx::query(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
-                    .execute(store.pool())
+                    .execute(pg.pool())
                     .await?;
             }
         }
@@ -320,7 +320,7 @@ async fn main() -> Result<()> {
                 (SELECT count(*) FROM usage_rollup_hourly WHERE tenant_id = $1 AND hour > now() - interval '30 days')",
     )
     .bind(busiest.id)
-    .fetch_one(store.pool())
+    .fetch_one(pg.pool())
     .await?;
     println!(
         "busiest tenant {}: {events_30d} events and {rollup_rows_30d} rollup rows in the last 30 days",

@@ -909,9 +909,9 @@ mod tests {
 
     /// A store with `events` committed for a new tenant (in two batches plus a repeat, so that
     /// rollups are grown and duplicates ignored), and noise for another tenant.
-    async fn setup(events: &[Sent]) -> (TempDb, SqliteStore, SqliteBackend, Uuid) {
+    async fn setup(events: &[Sent]) -> (TempDb, Store, SqliteBackend, Uuid) {
         let db = TempDb::new();
-        let store = SqliteStore::open(&db.0).await.expect("store opens");
+        let store = Store::from(SqliteStore::open(&db.0).await.expect("store opens"));
         let tenant = store.create_tenant("acme").await.expect("tenant").id;
         let other = store.create_tenant("other").await.expect("tenant").id;
         let rows: Vec<EventRow> = events.iter().map(|sent| row(tenant, sent)).collect();
@@ -1287,13 +1287,7 @@ mod tests {
 
     impl SqliteBackend {
         /// Revokes a key through the store and says whether this backend sees it revoked.
-        async fn revoke_and_find(
-            &self,
-            store: &SqliteStore,
-            tenant: Uuid,
-            key: Uuid,
-            hash: &[u8; 32],
-        ) -> bool {
+        async fn revoke_and_find(&self, store: &Store, tenant: Uuid, key: Uuid, hash: &[u8; 32]) -> bool {
             store.revoke_api_key(tenant, key).await.expect("revoke");
             self.find_api_key(hash).await.expect("look-up").is_some_and(|record| record.revoked)
         }

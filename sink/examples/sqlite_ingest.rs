@@ -127,7 +127,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("tally-bench-{}", Uuid::new_v4())));
     let options = SqliteOptions { synchronous: args.synchronous, ..args.options.clone() };
-    let store = Arc::new(SqliteStore::open_with(dir.join("tally.db"), &options).await?);
+    let sqlite = SqliteStore::open_with(dir.join("tally.db"), &options).await?;
+    let store = Arc::new(Store::from(sqlite.clone()));
     let mut tenants = Vec::new();
     for name in ["acme", "globex", "initech"] {
         tenants.push(store.create_tenant(name).await?.id);
@@ -183,7 +184,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.batch,
         slowest.as_millis(),
     );
-    store.close().await;
+    sqlite.close().await;
     let size: u64 =
         std::fs::read_dir(&dir)?.filter_map(|entry| entry.ok()?.metadata().ok()).map(|meta| meta.len()).sum();
     println!(

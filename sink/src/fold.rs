@@ -24,7 +24,7 @@ impl Default for FoldLimits {
 /// Folds forever: every `interval`, and at once again while a full fold's worth is pending.
 /// A failed fold changes nothing (it is one transaction) and is tried again next round. Abort
 /// the task to stop it; an aborted fold is rolled back, and what it held stays pending.
-pub async fn run_folder(store: Arc<dyn Store>, limits: FoldLimits) {
+pub async fn run_folder(store: Arc<Store>, limits: FoldLimits) {
     loop {
         tokio::time::sleep(limits.interval).await;
         // A full fold means more is waiting: fold again at once.

@@ -2,8 +2,9 @@
 //! batch that inserts with binary `COPY`, deduplicates and grows the hourly rollups, and acks
 //! released only after the commit.
 //!
-//! The storage boundary is the [`Store`] trait; [`pg::PgStore`] implements it for PostgreSQL and
-//! [`sqlite::SqliteStore`] for an embedded SQLite file.
+//! The storage boundary is [`Store`], an enum over the two backends: [`pg::PgStore`] for
+//! PostgreSQL and [`sqlite::SqliteStore`] for an embedded SQLite file. Its methods come in two
+//! halves, the event path (commit, fold, ping) and the control plane (everything else).
 
 pub mod fold;
 pub mod overflow;
@@ -21,7 +22,7 @@ pub use row::{
     EventRow, FLAG_OVER_QUOTA, Outcome, QUANTITY_DECIMAL_PLACES, QUANTITY_KINDS, quantity_decimal,
 };
 pub use store::{
-    ApiKey, ApiKeyInfo, BoxFuture, NewApiKey, Repriced, RerateBatch, RerateRequest, RerateRun, Retention,
+    ApiKey, ApiKeyInfo, ErrorSource, NewApiKey, Repriced, RerateBatch, RerateRequest, RerateRun, Retention,
     Scope, ServiceRecord, Store, StoreError, StoredPriceRule, Tenant, TenantSettings, add_money,
     hash_api_key,
 };

@@ -339,7 +339,7 @@ impl Overflow {
 
     /// Commits the oldest entry into storage and deletes it. Returns the events drained (0 when
     /// the overflow is empty).
-    pub async fn drain_one(&self, store: &dyn Store) -> Result<usize, OverflowError> {
+    pub async fn drain_one(&self, store: &Store) -> Result<usize, OverflowError> {
         let heads = self.heads().await?;
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -460,7 +460,7 @@ fn first_entry(reply: redis::Value) -> Option<(String, Vec<u8>)> {
 
 /// Drains the overflow into storage until aborted: oldest entry first, one batch at a time,
 /// pausing while the live queue is more than half full so draining never starves live traffic.
-pub async fn run_drainer(overflow: Arc<Overflow>, store: Arc<dyn Store>, queue: Arc<IngestQueue>) {
+pub async fn run_drainer(overflow: Arc<Overflow>, store: Arc<Store>, queue: Arc<IngestQueue>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         if queue.events_queued() * 2 > queue.events_max() {

@@ -1,168 +1,39 @@
-//! The storage boundary: everything the edge needs from a database, as one small trait, so a
-//! backend (PostgreSQL now, an embedded one later) plugs in without touching the edge.
+//! The storage boundary: everything Tally needs from a database, as one [`Store`] over the two
+//! backends, PostgreSQL ([`PgStore`]) and an embedded SQLite file ([`SqliteStore`]).
+//!
+//! Its methods come in two halves, each in its own module: the event path (`events.rs`: commit,
+//! fold, ping), which the ingest hot path calls for every batch, and the control plane
+//! (`control.rs`: tenants, keys, services, price rules, settings, re-rates, usage, retention),
+//! which serves the admin API, the caches in front of the hot path, and background jobs. Each
+//! method is a plain `async fn` that matches on the backend and awaits the backend's own
+//! method: no boxed future, no forwarder per method.
 
-use std::future::Future;
-use std::pin::Pin;
+mod control;
+mod events;
+
+use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::row::{EventRow, Outcome};
+use crate::pg::PgStore;
+use crate::sqlite::SqliteStore;
 
-/// A boxed future, so the trait can be used as `Arc<dyn Store>`. One allocation per call is
-/// nothing next to a database round trip.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// A storage backend. Callers share one as `Arc<Store>`; its pools are shared handles.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
 
-/// A storage backend.
-pub trait Store: Send + Sync + std::fmt::Debug + 'static {
-    /// Stores rows in one transaction: new rows are inserted, rows whose dedup key is stored
-    /// already are skipped, and the hourly rollups grow by exactly the inserted rows. Returns one
-    /// outcome per row, in order, only after the commit. On error nothing was stored.
-    fn commit<'a>(&'a self, rows: &'a [EventRow]) -> BoxFuture<'a, Result<Vec<Outcome>, StoreError>>;
+impl From<PgStore> for Store {
+    fn from(store: PgStore) -> Store {
+        Store::Postgres(store)
+    }
+}
 
-    /// The API key with this SHA-256 hash, if one exists (revoked and expired ones included:
-    /// the caller decides).
-    fn find_api_key<'a>(
-        &'a self,
-        key_hash: &'a [u8; 32],
-    ) -> BoxFuture<'a, Result<Option<ApiKey>, StoreError>>;
-
-    /// Creates a tenant; its name must be new.
-    fn create_tenant<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Tenant, StoreError>>;
-
-    /// The tenant with this name or id.
-    fn find_tenant<'a>(&'a self, name_or_id: &'a str) -> BoxFuture<'a, Result<Option<Tenant>, StoreError>>;
-
-    /// Stores a new key's hash. The plaintext key never reaches storage.
-    fn create_api_key<'a>(&'a self, key: &'a NewApiKey) -> BoxFuture<'a, Result<ApiKey, StoreError>>;
-
-    /// Whether the database answers.
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
-
-    /// Creates time partitions ahead and drops raw events (and rollups, if a retention is set)
-    /// past retention. Safe to run from several processes at once.
-    fn maintain<'a>(&'a self, retention: &'a Retention) -> BoxFuture<'a, Result<(), StoreError>>;
-
-    /// Every tenant.
-    fn list_tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, StoreError>>;
-
-    /// Disables or enables a tenant; false when there is no such tenant.
-    fn set_tenant_disabled(&self, tenant_id: Uuid, disabled: bool)
-    -> BoxFuture<'_, Result<bool, StoreError>>;
-
-    /// A tenant's settings; `None` when there is no such tenant.
-    fn tenant_settings(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Option<TenantSettings>, StoreError>>;
-
-    /// Replaces a tenant's settings.
-    fn update_tenant_settings<'a>(
-        &'a self,
-        tenant_id: Uuid,
-        settings: &'a TenantSettings,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
-
-    /// A tenant's keys, newest first (never the keys themselves).
-    fn list_api_keys(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<ApiKeyInfo>, StoreError>>;
-
-    /// Revokes a key of a tenant; false when the tenant has no such key.
-    fn revoke_api_key(&self, tenant_id: Uuid, key_id: Uuid) -> BoxFuture<'_, Result<bool, StoreError>>;
-
-    /// A tenant's custom service types.
-    fn list_services(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<ServiceRecord>, StoreError>>;
-
-    /// Creates or replaces a custom service type; true when it was created.
-    fn put_service<'a>(
-        &'a self,
-        tenant_id: Uuid,
-        service: &'a ServiceRecord,
-    ) -> BoxFuture<'a, Result<bool, StoreError>>;
-
-    /// Deletes a custom service type; false when there was none.
-    fn delete_service<'a>(
-        &'a self,
-        tenant_id: Uuid,
-        service_type: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>>;
-
-    /// A tenant's price rules, retired versions included.
-    fn list_price_rules(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<StoredPriceRule>, StoreError>>;
-
-    /// Stores a new price rule version.
-    fn insert_price_rule<'a>(&'a self, rule: &'a StoredPriceRule) -> BoxFuture<'a, Result<(), StoreError>>;
-
-    /// Ends a rule version at `at_us` and marks it retired (kept for history). A rule retired at or
-    /// before its start never applies. False when there is no such rule.
-    fn retire_price_rule(
-        &self,
-        tenant_id: Uuid,
-        rule_id: Uuid,
-        at_us: i64,
-    ) -> BoxFuture<'_, Result<bool, StoreError>>;
-
-    /// Retires rule versions (each at its time, as [`Store::retire_price_rule`]) and inserts new
-    /// ones, all in one transaction: a tenant's price book changes whole or not at all.
-    fn change_price_rules<'a>(
-        &'a self,
-        tenant_id: Uuid,
-        retire: &'a [(Uuid, i64)],
-        insert: &'a [StoredPriceRule],
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
-
-    /// Events stored and their cost in the tenant's current month (in its time zone), from the
-    /// rollups.
-    fn month_usage(&self, tenant_id: Uuid)
-    -> BoxFuture<'_, Result<(i64, rust_decimal::Decimal), StoreError>>;
-
-    /// Re-prices up to `limit` events of a tenant in `[start_us, end_us)` after `after` (a
-    /// keyset position), in one transaction that also moves the rollups by the cost difference.
-    fn rerate_batch<'a>(
-        &'a self,
-        request: &'a RerateRequest,
-        after: Option<(i64, Uuid)>,
-        reprice: &'a (dyn Fn(&wire::Event) -> Repriced + Send + Sync),
-    ) -> BoxFuture<'a, Result<RerateBatch, StoreError>>;
-
-    /// Records a finished re-rate.
-    fn record_rerate<'a>(&'a self, run: &'a RerateRun) -> BoxFuture<'a, Result<(), StoreError>>;
-
-    /// Writes a re-rate's audit row before it starts, with status running, unless another
-    /// re-rate of the tenant is running: then nothing is written and that run's id is returned.
-    /// A running row not updated since `stale_before_us` was left by a stopped process: it is
-    /// marked interrupted and does not block the new run.
-    fn start_rerate<'a>(
-        &'a self,
-        run: &'a RerateRun,
-        stale_before_us: i64,
-    ) -> BoxFuture<'a, Result<RerateStart, StoreError>>;
-
-    /// Writes a running re-rate's progress (its figures so far), or its end when `status` is not
-    /// running, with a public `error` message for a failed or interrupted run.
-    fn update_rerate<'a>(
-        &'a self,
-        run: &'a RerateRun,
-        status: RerateStatus,
-        error: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
-
-    /// One of the tenant's re-rates; `None` when the tenant has no run with this id.
-    fn find_rerate(
-        &self,
-        tenant_id: Uuid,
-        id: Uuid,
-    ) -> BoxFuture<'_, Result<Option<RerateRecord>, StoreError>>;
-
-    /// The tenant's latest re-rates, newest first, at most `limit`.
-    fn list_rerates(
-        &self,
-        tenant_id: Uuid,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<RerateRecord>, StoreError>>;
-
-    /// Folds committed, not yet folded rollup deltas into the rollups, at most `max_entries`
-    /// of them in one transaction that also removes them, so none is folded twice or skipped,
-    /// even with several processes folding. A backend that grows its rollups in the commit
-    /// itself has nothing to fold.
-    fn fold_rollups(&self, max_entries: usize) -> BoxFuture<'_, Result<FoldReport, StoreError>> {
-        let _ = max_entries;
-        Box::pin(async { Ok(FoldReport::default()) })
+impl From<SqliteStore> for Store {
+    fn from(store: SqliteStore) -> Store {
+        Store::Sqlite(store)
     }
 }
 
@@ -320,7 +191,7 @@ impl RerateStatus {
             "finished" => RerateStatus::Finished,
             "failed" => RerateStatus::Failed,
             "interrupted" => RerateStatus::Interrupted,
-            other => return Err(StoreError::Internal(format!("unknown re-rate status {other:?}"))),
+            other => return Err(StoreError::internal(format!("unknown re-rate status {other:?}"))),
         })
     }
 }
@@ -431,35 +302,131 @@ pub struct NewApiKey {
     pub expires_at_us: Option<i64>,
 }
 
-/// A storage failure. Whether to retry is decided by [`StoreError::is_retryable`] alone.
-#[derive(Debug, Clone, thiserror::Error)]
+/// The error beneath a [`StoreError`], shared because one failed commit is answered to every
+/// submitter of its batch (so the error must be `Clone`).
+pub type ErrorSource = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A storage failure: what was being done, and the error that stopped it ([`source`]). Whether
+/// to retry is decided by [`StoreError::is_retryable`] alone.
+///
+/// Its text names the cause too ("storage unavailable: commit a batch: pool timed out ..."), so
+/// one log line of it says everything, as sqlx's own errors do; [`source`] gives the cause
+/// itself to callers that inspect it.
+///
+/// [`source`]: std::error::Error::source
+#[derive(Debug, Clone)]
 pub enum StoreError {
     /// The database could not be reached or the transaction did not finish; nothing was stored.
-    #[error("storage unavailable: {0}")]
-    Unavailable(String),
+    Unavailable { message: String, source: Option<ErrorSource> },
     /// A conflict between concurrent transactions (deadlock, serialization); nothing was stored.
-    #[error("transaction conflict: {0}")]
-    Conflict(String),
-    /// The request itself is wrong (e.g. a tenant name taken).
-    #[error("{0}")]
-    Invalid(String),
+    Conflict { message: String, source: Option<ErrorSource> },
+    /// The request itself is wrong (e.g. a tenant name taken). The message is written for the
+    /// client and is the whole text of the error.
+    Invalid { message: String, source: Option<ErrorSource> },
     /// Anything else; a bug or a schema problem.
-    #[error("storage error: {0}")]
-    Internal(String),
+    Internal { message: String, source: Option<ErrorSource> },
 }
 
 impl StoreError {
+    pub fn unavailable(message: impl Into<String>) -> StoreError {
+        StoreError::Unavailable { message: message.into(), source: None }
+    }
+
+    pub fn conflict(message: impl Into<String>) -> StoreError {
+        StoreError::Conflict { message: message.into(), source: None }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> StoreError {
+        StoreError::Invalid { message: message.into(), source: None }
+    }
+
+    pub fn internal(message: impl Into<String>) -> StoreError {
+        StoreError::Internal { message: message.into(), source: None }
+    }
+
+    /// The same error, caused by `source`.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+        *self.parts_mut().1 = Some(Arc::new(source));
+        self
+    }
+
+    /// The same error, its message prefixed with what was being done ("commit a batch"). An
+    /// invalid request's message is for the client and stays as it is.
+    pub(crate) fn doing(mut self, what: &str) -> StoreError {
+        if let StoreError::Invalid { .. } = self {
+            return self;
+        }
+        let message = self.parts_mut().0;
+        *message = if message.is_empty() { what.to_owned() } else { format!("{what}: {message}") };
+        self
+    }
+
+    /// What was being done, or (for [`StoreError::Invalid`]) what is wrong with the request.
+    pub fn message(&self) -> &str {
+        match self {
+            StoreError::Unavailable { message, .. }
+            | StoreError::Conflict { message, .. }
+            | StoreError::Invalid { message, .. }
+            | StoreError::Internal { message, .. } => message,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_) | StoreError::Conflict(_))
+        matches!(self, StoreError::Unavailable { .. } | StoreError::Conflict { .. })
     }
 
     /// The protocol code that reports this error.
     pub fn code(&self) -> wire::ErrorCode {
         match self {
-            StoreError::Unavailable(_) | StoreError::Conflict(_) => wire::ErrorCode::Unavailable,
-            StoreError::Invalid(_) => wire::ErrorCode::InvalidEvent,
-            StoreError::Internal(_) => wire::ErrorCode::Internal,
+            StoreError::Unavailable { .. } | StoreError::Conflict { .. } => wire::ErrorCode::Unavailable,
+            StoreError::Invalid { .. } => wire::ErrorCode::InvalidEvent,
+            StoreError::Internal { .. } => wire::ErrorCode::Internal,
         }
+    }
+
+    fn parts_mut(&mut self) -> (&mut String, &mut Option<ErrorSource>) {
+        match self {
+            StoreError::Unavailable { message, source }
+            | StoreError::Conflict { message, source }
+            | StoreError::Invalid { message, source }
+            | StoreError::Internal { message, source } => (message, source),
+        }
+    }
+
+    fn source_ref(&self) -> Option<&ErrorSource> {
+        match self {
+            StoreError::Unavailable { source, .. }
+            | StoreError::Conflict { source, .. }
+            | StoreError::Invalid { source, .. }
+            | StoreError::Internal { source, .. } => source.as_ref(),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            StoreError::Invalid { message, .. } => return f.write_str(message),
+            StoreError::Unavailable { .. } => "storage unavailable",
+            StoreError::Conflict { .. } => "transaction conflict",
+            StoreError::Internal { .. } => "storage error",
+        };
+        f.write_str(kind)?;
+        let message = self.message();
+        if !message.is_empty() {
+            write!(f, ": {message}")?;
+        }
+        match self.source_ref() {
+            Some(source) => write!(f, ": {source}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    /// The error itself, not the `Arc` around it, so that callers can downcast it.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source_ref().map(|source| &**source as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -469,11 +436,55 @@ pub fn add_money(
     sum: rust_decimal::Decimal,
     value: rust_decimal::Decimal,
 ) -> Result<rust_decimal::Decimal, StoreError> {
-    sum.checked_add(value).ok_or_else(|| StoreError::Invalid("a sum of money is out of range".into()))
+    sum.checked_add(value).ok_or_else(|| StoreError::invalid("a sum of money is out of range"))
 }
 
 /// SHA-256 of an API key, the form in which keys are stored and looked up.
 pub fn hash_api_key(key: &str) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(key.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::StoreError;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection reset")]
+    struct Reset;
+
+    #[test]
+    fn the_source_is_the_cause_itself_and_survives_clones() {
+        let error = StoreError::unavailable(String::new()).with_source(Reset).doing("commit a batch");
+        assert_eq!(error.to_string(), "storage unavailable: commit a batch: connection reset");
+        let copy = error.clone();
+        assert!(copy.source().is_some_and(|source| source.is::<Reset>()), "downcasts to the cause");
+        assert!(copy.is_retryable());
+        assert_eq!(copy.code(), wire::ErrorCode::Unavailable);
+    }
+
+    #[test]
+    fn kinds_keep_their_retry_rule_and_code() {
+        let cases = [
+            (StoreError::unavailable("x"), true, wire::ErrorCode::Unavailable),
+            (StoreError::conflict("x"), true, wire::ErrorCode::Unavailable),
+            (StoreError::invalid("x"), false, wire::ErrorCode::InvalidEvent),
+            (StoreError::internal("x"), false, wire::ErrorCode::Internal),
+        ];
+        for (error, retryable, code) in cases {
+            assert_eq!(error.is_retryable(), retryable, "{error:?}");
+            assert_eq!(error.code(), code, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn an_invalid_request_reads_as_its_message_alone() {
+        let error = StoreError::invalid("a tenant named \"acme\" exists already").with_source(Reset);
+        let error = error.doing("create a tenant");
+        assert_eq!(error.to_string(), "a tenant named \"acme\" exists already");
+        assert_eq!(error.message(), "a tenant named \"acme\" exists already");
+        assert!(error.source().is_some());
+    }
 }

@@ -109,7 +109,7 @@ const RESTART_DELAY: Duration = Duration::from_millis(500);
 /// (marking it down in `health` meanwhile). They stop once the queue is closed and drained.
 pub fn spawn_workers(
     queue: Arc<IngestQueue>,
-    store: Arc<dyn Store>,
+    store: Arc<Store>,
     overflow: Option<Arc<Overflow>>,
     limits: BatchLimits,
     health: Arc<WorkerHealth>,
@@ -135,7 +135,7 @@ pub fn spawn_workers(
 struct Worker {
     shard: usize,
     queue: Arc<IngestQueue>,
-    store: Arc<dyn Store>,
+    store: Arc<Store>,
     overflow: Option<Arc<Overflow>>,
     limits: BatchLimits,
     health: Arc<WorkerHealth>,
@@ -282,7 +282,7 @@ impl Worker {
             return self.commit_with_retries(rows, has_accepted).await.map_err(BatchError::Failed);
         };
         let error = if self.queue.is_saturated() {
-            StoreError::Unavailable("ingest queue saturated".into())
+            StoreError::unavailable("ingest queue saturated")
         } else {
             match self.commit_with_retries(rows, false).await {
                 Err(error) if error.is_retryable() => error,
@@ -315,9 +315,9 @@ impl Worker {
             self.health.commit_ended(self.shard);
             match result {
                 Ok(outcomes) => return Ok(outcomes),
-                Err(StoreError::Conflict(detail)) if conflicts < 5 => {
+                Err(error @ StoreError::Conflict { .. }) if conflicts < 5 => {
                     conflicts += 1;
-                    tracing::debug!(%detail, "transaction conflict, retrying batch");
+                    tracing::debug!(%error, "transaction conflict, retrying batch");
                 }
                 Err(error)
                     if accepted_inside
@@ -348,7 +348,7 @@ fn count_outcomes(outcomes: &[Outcome]) {
 /// this batch rather than the death of the task. A timed-out commit may still have committed; it
 /// is reported as unavailable (never as success), and a resend is deduplicated.
 async fn commit_guarded(
-    store: &dyn Store,
+    store: &Store,
     rows: &[EventRow],
     timeout: Duration,
 ) -> Result<Vec<Outcome>, StoreError> {
@@ -358,10 +358,11 @@ async fn commit_guarded(
         Ok(Err(_panic)) => {
             metrics::counter!("tally_sink_commit_panics_total").increment(1);
             tracing::error!(events = rows.len(), "a commit panicked; isolating its rows");
-            Err(StoreError::Internal("the commit panicked".into()))
+            Err(StoreError::internal("the commit panicked"))
         }
-        Err(_) => {
-            Err(StoreError::Unavailable(format!("commit did not finish within {} s", timeout.as_secs())))
+        Err(elapsed) => {
+            Err(StoreError::unavailable(format!("commit did not finish within {} s", timeout.as_secs()))
+                .with_source(elapsed))
         }
     }
 }
@@ -374,7 +375,7 @@ async fn commit_guarded(
 /// once, with its rollups. A retryable error on the way ends the search with that error: the
 /// parts committed so far stay, and a resend finds them as duplicates.
 pub(crate) async fn commit_isolating(
-    store: &dyn Store,
+    store: &Store,
     rows: &[EventRow],
     timeout: Duration,
 ) -> Result<Vec<Outcome>, StoreError> {

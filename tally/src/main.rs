@@ -86,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-type Opened = (Arc<dyn Store>, Arc<dyn query::backend::Backend>, String);
+type Opened = (Arc<Store>, Arc<dyn query::backend::Backend>, String);
 
 async fn open(cli: &Cli) -> anyhow::Result<Opened> {
     if let Some(url) = &cli.database_url {
@@ -98,6 +98,7 @@ async fn open(cli: &Cli) -> anyhow::Result<Opened> {
                  DATABASE_URL names the right host, user and password"
             )
         })?;
+        let store = Store::from(store);
         store
             .maintain(&sink::Retention::default())
             .await
@@ -112,12 +113,12 @@ async fn open(cli: &Cli) -> anyhow::Result<Opened> {
     let backend = query::sqlite::SqliteBackend::open(&path)
         .await
         .with_context(|| format!("failed to open {} for queries", path.display()))?;
-    Ok((Arc::new(store), Arc::new(backend), format!("embedded SQLite at {}", path.display())))
+    Ok((Arc::new(Store::from(store)), Arc::new(backend), format!("embedded SQLite at {}", path.display())))
 }
 
 /// The demo tenant's key: created with the tenant on first run and kept in the data directory
 /// (readable by this user only), since storage holds only its hash.
-async fn demo_key(store: &dyn Store, data_dir: &Path) -> anyhow::Result<String> {
+async fn demo_key(store: &Store, data_dir: &Path) -> anyhow::Result<String> {
     let file = data_dir.join("demo-api-key");
     let tenant = match store.find_tenant(DEMO_TENANT).await? {
         Some(tenant) => tenant,

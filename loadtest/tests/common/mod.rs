@@ -14,7 +14,7 @@ pub fn loopback_config() -> Result<edge::EdgeConfig> {
 }
 
 /// `tenants` tenants named `load-<n>`, each with one ingest key; the keys, in tenant order.
-pub async fn tenants_with_ingest_keys(store: &dyn Store, tenants: usize) -> Result<Vec<String>> {
+pub async fn tenants_with_ingest_keys(store: &Store, tenants: usize) -> Result<Vec<String>> {
     let mut keys = Vec::with_capacity(tenants);
     for index in 0..tenants {
         let tenant = store.create_tenant(&format!("load-{index}")).await?;

@@ -12,7 +12,7 @@ use crate::store::{
 };
 
 impl PgStore {
-    pub(super) async fn list_tenants_impl(&self) -> Result<Vec<Tenant>, StoreError> {
+    pub(crate) async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
         let rows: Vec<(Uuid, String, bool)> =
             sqlx::query_as("SELECT id, name, disabled_at IS NOT NULL FROM tenants ORDER BY name")
                 .fetch_all(self.pool())
@@ -21,7 +21,7 @@ impl PgStore {
         Ok(rows.into_iter().map(|(id, name, disabled)| Tenant { id, name, disabled }).collect())
     }
 
-    pub(super) async fn set_tenant_disabled_impl(
+    pub(crate) async fn set_tenant_disabled(
         &self,
         tenant_id: Uuid,
         disabled: bool,
@@ -37,7 +37,7 @@ impl PgStore {
         Ok(result.rows_affected() == 1)
     }
 
-    pub(super) async fn tenant_settings_impl(
+    pub(crate) async fn tenant_settings(
         &self,
         tenant_id: Uuid,
     ) -> Result<Option<TenantSettings>, StoreError> {
@@ -65,7 +65,7 @@ impl PgStore {
         }))
     }
 
-    pub(super) async fn update_tenant_settings_impl(
+    pub(crate) async fn update_tenant_settings(
         &self,
         tenant_id: Uuid,
         settings: &TenantSettings,
@@ -77,7 +77,7 @@ impl PgStore {
                 .await
                 .map_err(classify)?;
         if !valid_zone {
-            return Err(StoreError::Invalid(format!(
+            return Err(StoreError::invalid(format!(
                 "time_zone: {:?} is not an IANA time zone",
                 settings.time_zone
             )));
@@ -103,17 +103,17 @@ impl PgStore {
         .await
         .map_err(|error| match &error {
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23514") => {
-                StoreError::Invalid(format!("settings break a rule: {}", db.message()))
+                StoreError::invalid(format!("settings break a rule: {}", db.message())).with_source(error)
             }
             _ => classify(error),
         })?;
         if result.rows_affected() == 0 {
-            return Err(StoreError::Invalid(format!("no tenant with id {tenant_id}")));
+            return Err(StoreError::invalid(format!("no tenant with id {tenant_id}")));
         }
         Ok(())
     }
 
-    pub(super) async fn list_api_keys_impl(&self, tenant_id: Uuid) -> Result<Vec<ApiKeyInfo>, StoreError> {
+    pub(crate) async fn list_api_keys(&self, tenant_id: Uuid) -> Result<Vec<ApiKeyInfo>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, prefix, scopes, label, (EXTRACT(EPOCH FROM created_at) * 1000000)::bigint,
                     (EXTRACT(EPOCH FROM expires_at) * 1000000)::bigint, revoked_at IS NOT NULL
@@ -137,11 +137,7 @@ impl PgStore {
             .collect())
     }
 
-    pub(super) async fn revoke_api_key_impl(
-        &self,
-        tenant_id: Uuid,
-        key_id: Uuid,
-    ) -> Result<bool, StoreError> {
+    pub(crate) async fn revoke_api_key(&self, tenant_id: Uuid, key_id: Uuid) -> Result<bool, StoreError> {
         let result = sqlx::query(
             "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE tenant_id = $1 AND id = $2",
         )
@@ -153,7 +149,7 @@ impl PgStore {
         Ok(result.rows_affected() == 1)
     }
 
-    pub(super) async fn list_services_impl(&self, tenant_id: Uuid) -> Result<Vec<ServiceRecord>, StoreError> {
+    pub(crate) async fn list_services(&self, tenant_id: Uuid) -> Result<Vec<ServiceRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT service_type, service_name, description, providers, required_fields, optional_fields,
                     billing_config
@@ -177,7 +173,7 @@ impl PgStore {
             .collect())
     }
 
-    pub(super) async fn put_service_impl(
+    pub(crate) async fn put_service(
         &self,
         tenant_id: Uuid,
         service: &ServiceRecord,
@@ -207,7 +203,7 @@ impl PgStore {
         Ok(created)
     }
 
-    pub(super) async fn delete_service_impl(
+    pub(crate) async fn delete_service(
         &self,
         tenant_id: Uuid,
         service_type: &str,
@@ -221,10 +217,7 @@ impl PgStore {
         Ok(result.rows_affected() == 1)
     }
 
-    pub(super) async fn list_price_rules_impl(
-        &self,
-        tenant_id: Uuid,
-    ) -> Result<Vec<StoredPriceRule>, StoreError> {
+    pub(crate) async fn list_price_rules(&self, tenant_id: Uuid) -> Result<Vec<StoredPriceRule>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, definition, (EXTRACT(EPOCH FROM effective_from) * 1000000)::bigint,
                     (EXTRACT(EPOCH FROM effective_until) * 1000000)::bigint, retired_at IS NOT NULL
@@ -247,12 +240,12 @@ impl PgStore {
             .collect())
     }
 
-    pub(super) async fn insert_price_rule_impl(&self, rule: &StoredPriceRule) -> Result<(), StoreError> {
+    pub(crate) async fn insert_price_rule(&self, rule: &StoredPriceRule) -> Result<(), StoreError> {
         insert_rule(rule).execute(self.pool()).await.map_err(classify)?;
         Ok(())
     }
 
-    pub(super) async fn retire_price_rule_impl(
+    pub(crate) async fn retire_price_rule(
         &self,
         tenant_id: Uuid,
         rule_id: Uuid,
@@ -263,7 +256,7 @@ impl PgStore {
     }
 
     /// Retires and inserts price rules in one transaction.
-    pub(super) async fn change_price_rules_impl(
+    pub(crate) async fn change_price_rules(
         &self,
         tenant_id: Uuid,
         retire: &[(Uuid, i64)],
@@ -279,7 +272,7 @@ impl PgStore {
         tx.commit().await.map_err(classify)
     }
 
-    pub(super) async fn month_usage_impl(&self, tenant_id: Uuid) -> Result<(i64, Decimal), StoreError> {
+    pub(crate) async fn month_usage(&self, tenant_id: Uuid) -> Result<(i64, Decimal), StoreError> {
         let (events, cost): (Option<i64>, Option<Decimal>) = sqlx::query_as(
             // Held inside what a decimal can read (a quota compares against it; anything that
             // large is over every quota), so a tenant's month can never become unreadable.
@@ -295,7 +288,7 @@ impl PgStore {
         Ok((events.unwrap_or(0), cost.unwrap_or_default()))
     }
 
-    pub(super) async fn rerate_batch_impl(
+    pub(crate) async fn rerate_batch(
         &self,
         request: &RerateRequest,
         after: Option<(i64, Uuid)>,
@@ -348,7 +341,7 @@ impl PgStore {
         Ok(batch)
     }
 
-    pub(super) async fn record_rerate_impl(&self, run: &RerateRun) -> Result<(), StoreError> {
+    pub(crate) async fn record_rerate(&self, run: &RerateRun) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO rerate_runs (id, tenant_id, range_start, range_end, started_at, finished_at,
                                       events_scanned, events_changed, cost_before, cost_after, requested_by)

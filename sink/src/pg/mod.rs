@@ -11,7 +11,6 @@ mod rerate_jobs;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
@@ -21,10 +20,7 @@ pub use nodelay::set_nodelay;
 
 use crate::rollup::{self, LATENCY_BUCKETS, RollupDelta, RollupKey};
 use crate::row::{EventRow, Outcome};
-use crate::store::{
-    ApiKey, ApiKeyInfo, BoxFuture, FoldReport, NewApiKey, Repriced, RerateBatch, RerateRequest, RerateRun,
-    Retention, Scope, ServiceRecord, Store, StoreError, StoredPriceRule, Tenant, TenantSettings,
-};
+use crate::store::{ApiKey, FoldReport, NewApiKey, Retention, Scope, StoreError, Tenant};
 
 /// Connection settings of the PostgreSQL backend.
 #[derive(Debug, Clone)]
@@ -58,8 +54,9 @@ impl PgStore {
     /// Connects lazily: the pool opens connections on first use, so a server can start while
     /// PostgreSQL is still coming up.
     pub fn connect_lazy(url: &str, options: &PgOptions) -> Result<PgStore, StoreError> {
-        let connect: PgConnectOptions =
-            url.parse().map_err(|error| StoreError::Invalid(format!("invalid DATABASE_URL: {error}")))?;
+        let connect: PgConnectOptions = url.parse().map_err(|error| {
+            StoreError::invalid(format!("invalid DATABASE_URL: {error}")).with_source(error)
+        })?;
         let server_port = connect.get_port();
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
@@ -96,21 +93,22 @@ impl PgStore {
         sqlx::migrate!("../migrations/postgres")
             .run(&self.pool)
             .await
-            .map_err(|error| StoreError::Internal(format!("failed to migrate: {error}")))
+            .map_err(|error| StoreError::internal("migrate the database").with_source(error))
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
-    async fn commit_rows(&self, rows: &[EventRow]) -> Result<Vec<Outcome>, StoreError> {
+    pub(crate) async fn commit_rows(&self, rows: &[EventRow]) -> Result<Vec<Outcome>, StoreError> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
         // Checked before any transaction: sums that cannot be stored fail this batch alone, and
         // the worker then isolates the row responsible.
         // They are also the rollups of the batch when every row of it is new, the common case.
-        let all = rollup::aggregate(rows).map_err(|error| StoreError::Invalid(error.to_string()))?;
+        let all = rollup::aggregate(rows)
+            .map_err(|error| StoreError::invalid(error.to_string()).with_source(error))?;
         let mut outcomes = vec![Outcome::Stored; rows.len()];
         // Rows in dedup-key order: every transaction inserts its keys into the unique index in
         // the one order, so a resend racing its original makes one wait for the other, never a
@@ -334,7 +332,7 @@ impl PgStore {
     /// skip the round), so folds never wait on each other. If the fold of everything fails for
     /// a reason a retry will not cure, each tenant is folded on its own, so one tenant's rows
     /// can only keep that tenant's own rows pending (readers stay exact meanwhile).
-    async fn fold(&self, max_entries: usize) -> Result<FoldReport, StoreError> {
+    pub(crate) async fn fold(&self, max_entries: usize) -> Result<FoldReport, StoreError> {
         let limit = i64::try_from(max_entries).unwrap_or(i64::MAX);
         match self.fold_where(limit, None).await {
             Ok(report) => Ok(report),
@@ -508,21 +506,24 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
 }
 
-/// Whether a database error is worth retrying. Decided here for every PostgreSQL call.
+/// Whether a database error is worth retrying. Decided here for every PostgreSQL call. The
+/// error is kept as the source; the message is left for the [`crate::Store`] method, which
+/// knows what was being done.
 pub(crate) fn classify(error: sqlx::Error) -> StoreError {
-    classify_ref(&error)
+    classify_ref(&error).with_source(error)
 }
 
+/// What [`classify`] makes of an error, without the error.
 fn classify_ref(error: &sqlx::Error) -> StoreError {
     match error {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|code| code.into_owned()).unwrap_or_default();
             match code.as_str() {
-                "40001" | "40P01" => StoreError::Conflict(error.to_string()),
+                "40001" | "40P01" => StoreError::conflict(String::new()),
                 code if code.starts_with("08") || code.starts_with("57P") || code == "53300" => {
-                    StoreError::Unavailable(error.to_string())
+                    StoreError::unavailable(String::new())
                 }
-                _ => StoreError::Internal(error.to_string()),
+                _ => StoreError::internal(String::new()),
             }
         }
         sqlx::Error::Io(_)
@@ -530,291 +531,139 @@ fn classify_ref(error: &sqlx::Error) -> StoreError {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_) => StoreError::Unavailable(error.to_string()),
-        _ => StoreError::Internal(error.to_string()),
+        | sqlx::Error::Protocol(_) => StoreError::unavailable(String::new()),
+        _ => StoreError::internal(String::new()),
     }
 }
 
-impl Store for PgStore {
-    fn commit<'a>(&'a self, rows: &'a [EventRow]) -> BoxFuture<'a, Result<Vec<Outcome>, StoreError>> {
-        Box::pin(self.commit_rows(rows))
+impl PgStore {
+    pub(crate) async fn find_api_key(&self, key_hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError> {
+        let row: Option<ApiKeyRow> = sqlx::query_as(
+            "SELECT k.id, k.tenant_id, t.name AS tenant_name, t.disabled_at IS NOT NULL AS tenant_disabled, \
+               k.scopes, k.label, (EXTRACT(EPOCH FROM k.expires_at) * 1000000)::bigint AS expires_at_us, \
+               k.revoked_at IS NOT NULL AS revoked \
+             FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_hash = $1",
+        )
+        .bind(&key_hash[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(row.map(ApiKeyRow::into_api_key))
     }
 
-    fn fold_rollups(&self, max_entries: usize) -> BoxFuture<'_, Result<FoldReport, StoreError>> {
-        Box::pin(self.fold(max_entries))
-    }
-
-    fn find_api_key<'a>(
-        &'a self,
-        key_hash: &'a [u8; 32],
-    ) -> BoxFuture<'a, Result<Option<ApiKey>, StoreError>> {
-        Box::pin(async move {
-            let row: Option<ApiKeyRow> = sqlx::query_as(
-                "SELECT k.id, k.tenant_id, t.name AS tenant_name, t.disabled_at IS NOT NULL AS tenant_disabled, \
-                   k.scopes, k.label, (EXTRACT(EPOCH FROM k.expires_at) * 1000000)::bigint AS expires_at_us, \
-                   k.revoked_at IS NOT NULL AS revoked \
-                 FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_hash = $1",
-            )
-            .bind(&key_hash[..])
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?;
-            Ok(row.map(ApiKeyRow::into_api_key))
-        })
-    }
-
-    fn create_tenant<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Tenant, StoreError>> {
-        Box::pin(async move {
-            let id = Uuid::now_v7();
-            let result = sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
-                .bind(id)
-                .bind(name)
-                .execute(&self.pool)
-                .await;
-            match result {
-                Ok(_) => Ok(Tenant { id, name: name.to_owned(), disabled: false }),
-                Err(error) if is_unique_violation(&error) => {
-                    Err(StoreError::Invalid(format!("a tenant named {name:?} exists already")))
-                }
-                Err(error) => Err(classify(error)),
-            }
-        })
-    }
-
-    fn find_tenant<'a>(&'a self, name_or_id: &'a str) -> BoxFuture<'a, Result<Option<Tenant>, StoreError>> {
-        Box::pin(async move {
-            // A UUID names a tenant by id only, anything else by name only: names never parse as UUIDs.
-            let id = Uuid::parse_str(name_or_id).ok();
-            let row: Option<(Uuid, String, bool)> = sqlx::query_as(
-                "SELECT id, name, disabled_at IS NOT NULL FROM tenants \
-                 WHERE ($2::uuid IS NULL AND name = $1) OR id = $2",
-            )
-            .bind(name_or_id)
+    pub(crate) async fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError> {
+        let id = Uuid::now_v7();
+        let result = sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
             .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?;
-            Ok(row.map(|(id, name, disabled)| Tenant { id, name, disabled }))
-        })
-    }
-
-    fn create_api_key<'a>(&'a self, key: &'a NewApiKey) -> BoxFuture<'a, Result<ApiKey, StoreError>> {
-        Box::pin(async move {
-            let id = Uuid::now_v7();
-            let scopes: Vec<&str> = key.scopes.iter().map(|scope| scope.as_str()).collect();
-            let tenant: Option<(String, bool)> = sqlx::query_as(
-                "WITH new_key AS (
-                   INSERT INTO api_keys (id, tenant_id, key_hash, prefix, scopes, label, expires_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::double precision / 1000000))
-                 )
-                 SELECT name, disabled_at IS NOT NULL FROM tenants WHERE id = $2",
-            )
-            .bind(id)
-            .bind(key.tenant_id)
-            .bind(&key.key_hash[..])
-            .bind(&key.prefix)
-            .bind(&scopes)
-            .bind(&key.label)
-            .bind(key.expires_at_us)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|error| match &error {
-                // The key's tenant does not exist: the caller's mistake, as on SQLite.
-                sqlx::Error::Database(db) if db.code().as_deref() == Some("23503") => {
-                    StoreError::Invalid(format!("no tenant with id {}", key.tenant_id))
-                }
-                _ => classify(error),
-            })?;
-            let (tenant_name, tenant_disabled) =
-                tenant.ok_or_else(|| StoreError::Invalid(format!("no tenant with id {}", key.tenant_id)))?;
-            Ok(ApiKey {
-                id,
-                tenant_id: key.tenant_id,
-                tenant_name,
-                tenant_disabled,
-                scopes: key.scopes.clone(),
-                label: key.label.clone(),
-                expires_at_us: key.expires_at_us,
-                revoked: false,
-            })
-        })
-    }
-
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&self.pool).await.map_err(classify)?;
-            Ok(())
-        })
-    }
-
-    fn maintain<'a>(&'a self, retention: &'a Retention) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            let mut conn = self.pool.acquire().await.map_err(classify)?;
-            let mut tx = conn.begin().await.map_err(classify)?;
-            let created: i32 = sqlx::query_scalar(
-                "SELECT tally_ensure_partitions((now() AT TIME ZONE 'UTC')::date - $1::int, \
-                                                (now() AT TIME ZONE 'UTC')::date + $2::int)",
-            )
-            .bind(retention.partitions_behind_days as i32)
-            .bind(retention.partitions_ahead_days as i32)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(classify)?;
-            let dropped: i32 = sqlx::query_scalar(
-                "SELECT tally_drop_events_before((now() AT TIME ZONE 'UTC')::date - $1::int)",
-            )
-            .bind(retention.event_retention_days as i32)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(classify)?;
-            if let Some(days) = retention.aggregate_retention_days {
-                for table in [
-                    "usage_rollup_hourly",
-                    "usage_rollup_service_hourly",
-                    "usage_rollup_pending",
-                    "usage_rollup_service_pending",
-                ] {
-                    let statement =
-                        format!("DELETE FROM {table} WHERE hour < now() - make_interval(days => $1::int)");
-                    sqlx::query(sqlx::AssertSqlSafe(statement))
-                        .bind(days as i32)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(classify)?;
-                }
+            .bind(name)
+            .execute(&self.pool)
+            .await;
+        match result {
+            Ok(_) => Ok(Tenant { id, name: name.to_owned(), disabled: false }),
+            Err(error) if is_unique_violation(&error) => {
+                Err(StoreError::invalid(format!("a tenant named {name:?} exists already")).with_source(error))
             }
-            tx.commit().await.map_err(classify)?;
-            tracing::info!(created, dropped, "partition maintenance done");
-            Ok(())
+            Err(error) => Err(classify(error)),
+        }
+    }
+
+    pub(crate) async fn find_tenant(&self, name_or_id: &str) -> Result<Option<Tenant>, StoreError> {
+        // A UUID names a tenant by id only, anything else by name only: names never parse as UUIDs.
+        let id = Uuid::parse_str(name_or_id).ok();
+        let row: Option<(Uuid, String, bool)> = sqlx::query_as(
+            "SELECT id, name, disabled_at IS NOT NULL FROM tenants \
+             WHERE ($2::uuid IS NULL AND name = $1) OR id = $2",
+        )
+        .bind(name_or_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(row.map(|(id, name, disabled)| Tenant { id, name, disabled }))
+    }
+
+    pub(crate) async fn create_api_key(&self, key: &NewApiKey) -> Result<ApiKey, StoreError> {
+        let id = Uuid::now_v7();
+        let scopes: Vec<&str> = key.scopes.iter().map(|scope| scope.as_str()).collect();
+        let tenant: Option<(String, bool)> = sqlx::query_as(
+            "WITH new_key AS (
+               INSERT INTO api_keys (id, tenant_id, key_hash, prefix, scopes, label, expires_at)
+               VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::double precision / 1000000))
+             )
+             SELECT name, disabled_at IS NOT NULL FROM tenants WHERE id = $2",
+        )
+        .bind(id)
+        .bind(key.tenant_id)
+        .bind(&key.key_hash[..])
+        .bind(&key.prefix)
+        .bind(&scopes)
+        .bind(&key.label)
+        .bind(key.expires_at_us)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|error| match &error {
+            // The key's tenant does not exist: the caller's mistake, as on SQLite.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23503") => {
+                StoreError::invalid(format!("no tenant with id {}", key.tenant_id)).with_source(error)
+            }
+            _ => classify(error),
+        })?;
+        let (tenant_name, tenant_disabled) =
+            tenant.ok_or_else(|| StoreError::invalid(format!("no tenant with id {}", key.tenant_id)))?;
+        Ok(ApiKey {
+            id,
+            tenant_id: key.tenant_id,
+            tenant_name,
+            tenant_disabled,
+            scopes: key.scopes.clone(),
+            label: key.label.clone(),
+            expires_at_us: key.expires_at_us,
+            revoked: false,
         })
     }
 
-    fn list_tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, StoreError>> {
-        Box::pin(self.list_tenants_impl())
+    pub(crate) async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(classify)?;
+        Ok(())
     }
 
-    fn set_tenant_disabled(
-        &self,
-        tenant_id: Uuid,
-        disabled: bool,
-    ) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(self.set_tenant_disabled_impl(tenant_id, disabled))
-    }
-
-    fn tenant_settings(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Option<TenantSettings>, StoreError>> {
-        Box::pin(self.tenant_settings_impl(tenant_id))
-    }
-
-    fn update_tenant_settings<'a>(
-        &'a self,
-        tenant_id: Uuid,
-        settings: &'a TenantSettings,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.update_tenant_settings_impl(tenant_id, settings))
-    }
-
-    fn list_api_keys(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<ApiKeyInfo>, StoreError>> {
-        Box::pin(self.list_api_keys_impl(tenant_id))
-    }
-
-    fn revoke_api_key(&self, tenant_id: Uuid, key_id: Uuid) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(self.revoke_api_key_impl(tenant_id, key_id))
-    }
-
-    fn list_services(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<ServiceRecord>, StoreError>> {
-        Box::pin(self.list_services_impl(tenant_id))
-    }
-
-    fn put_service<'a>(
-        &'a self,
-        tenant_id: Uuid,
-        service: &'a ServiceRecord,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.put_service_impl(tenant_id, service))
-    }
-
-    fn delete_service<'a>(
-        &'a self,
-        tenant_id: Uuid,
-        service_type: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.delete_service_impl(tenant_id, service_type))
-    }
-
-    fn list_price_rules(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<StoredPriceRule>, StoreError>> {
-        Box::pin(self.list_price_rules_impl(tenant_id))
-    }
-
-    fn insert_price_rule<'a>(&'a self, rule: &'a StoredPriceRule) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.insert_price_rule_impl(rule))
-    }
-
-    fn retire_price_rule(
-        &self,
-        tenant_id: Uuid,
-        rule_id: Uuid,
-        at_us: i64,
-    ) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(self.retire_price_rule_impl(tenant_id, rule_id, at_us))
-    }
-
-    fn change_price_rules<'a>(
-        &'a self,
-        tenant_id: Uuid,
-        retire: &'a [(Uuid, i64)],
-        insert: &'a [StoredPriceRule],
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.change_price_rules_impl(tenant_id, retire, insert))
-    }
-
-    fn month_usage(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<(i64, Decimal), StoreError>> {
-        Box::pin(self.month_usage_impl(tenant_id))
-    }
-
-    fn rerate_batch<'a>(
-        &'a self,
-        request: &'a RerateRequest,
-        after: Option<(i64, Uuid)>,
-        reprice: &'a (dyn Fn(&wire::Event) -> Repriced + Send + Sync),
-    ) -> BoxFuture<'a, Result<RerateBatch, StoreError>> {
-        Box::pin(self.rerate_batch_impl(request, after, reprice))
-    }
-
-    fn record_rerate<'a>(&'a self, run: &'a RerateRun) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.record_rerate_impl(run))
-    }
-
-    fn start_rerate<'a>(
-        &'a self,
-        run: &'a RerateRun,
-        stale_before_us: i64,
-    ) -> BoxFuture<'a, Result<crate::store::RerateStart, StoreError>> {
-        Box::pin(self.start_rerate_impl(run, stale_before_us))
-    }
-
-    fn update_rerate<'a>(
-        &'a self,
-        run: &'a RerateRun,
-        status: crate::store::RerateStatus,
-        error: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.update_rerate_impl(run, status, error))
-    }
-
-    fn find_rerate(
-        &self,
-        tenant_id: Uuid,
-        id: Uuid,
-    ) -> BoxFuture<'_, Result<Option<crate::store::RerateRecord>, StoreError>> {
-        Box::pin(self.find_rerate_impl(tenant_id, id))
-    }
-
-    fn list_rerates(
-        &self,
-        tenant_id: Uuid,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<crate::store::RerateRecord>, StoreError>> {
-        Box::pin(self.list_rerates_impl(tenant_id, limit))
+    pub(crate) async fn maintain(&self, retention: &Retention) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(classify)?;
+        let mut tx = conn.begin().await.map_err(classify)?;
+        let created: i32 = sqlx::query_scalar(
+            "SELECT tally_ensure_partitions((now() AT TIME ZONE 'UTC')::date - $1::int, \
+                                            (now() AT TIME ZONE 'UTC')::date + $2::int)",
+        )
+        .bind(retention.partitions_behind_days as i32)
+        .bind(retention.partitions_ahead_days as i32)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let dropped: i32 =
+            sqlx::query_scalar("SELECT tally_drop_events_before((now() AT TIME ZONE 'UTC')::date - $1::int)")
+                .bind(retention.event_retention_days as i32)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+        if let Some(days) = retention.aggregate_retention_days {
+            for table in [
+                "usage_rollup_hourly",
+                "usage_rollup_service_hourly",
+                "usage_rollup_pending",
+                "usage_rollup_service_pending",
+            ] {
+                let statement =
+                    format!("DELETE FROM {table} WHERE hour < now() - make_interval(days => $1::int)");
+                sqlx::query(sqlx::AssertSqlSafe(statement))
+                    .bind(days as i32)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            }
+        }
+        tx.commit().await.map_err(classify)?;
+        tracing::info!(created, dropped, "partition maintenance done");
+        Ok(())
     }
 }
 

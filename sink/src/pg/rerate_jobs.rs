@@ -19,7 +19,7 @@ const SELECT_RUN: &str = "SELECT id, tenant_id, (EXTRACT(EPOCH FROM range_start)
      FROM rerate_runs";
 
 impl PgStore {
-    pub(super) async fn start_rerate_impl(
+    pub(crate) async fn start_rerate(
         &self,
         run: &RerateRun,
         stale_before_us: i64,
@@ -62,11 +62,11 @@ impl PgStore {
         match running {
             Some(id) => Ok(RerateStart::AlreadyRunning(id)),
             // The running one ended between the two statements: the caller may simply ask again.
-            None => Err(StoreError::Conflict("a re-rate of this tenant ended while this one started".into())),
+            None => Err(StoreError::conflict("a re-rate of this tenant ended while this one started")),
         }
     }
 
-    pub(super) async fn update_rerate_impl(
+    pub(crate) async fn update_rerate(
         &self,
         run: &RerateRun,
         status: RerateStatus,
@@ -92,7 +92,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub(super) async fn find_rerate_impl(
+    pub(crate) async fn find_rerate(
         &self,
         tenant_id: Uuid,
         id: Uuid,
@@ -107,7 +107,7 @@ impl PgStore {
         row.as_ref().map(record_of_row).transpose()
     }
 
-    pub(super) async fn list_rerates_impl(
+    pub(crate) async fn list_rerates(
         &self,
         tenant_id: Uuid,
         limit: u32,

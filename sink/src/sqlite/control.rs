@@ -27,7 +27,7 @@ fn tenant_of_row(row: &SqliteRow) -> Result<Tenant, StoreError> {
 }
 
 impl SqliteStore {
-    pub(super) async fn find_api_key_impl(&self, key_hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError> {
+    pub(crate) async fn find_api_key(&self, key_hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError> {
         let row = sqlx::query(
             "SELECT k.id, k.tenant_id, t.name, t.disabled_at IS NOT NULL, k.scopes, k.label, k.expires_at,
                     k.revoked_at IS NOT NULL
@@ -51,7 +51,7 @@ impl SqliteStore {
         }))
     }
 
-    pub(super) async fn create_tenant_impl(&self, name: &str) -> Result<Tenant, StoreError> {
+    pub(crate) async fn create_tenant(&self, name: &str) -> Result<Tenant, StoreError> {
         let id = Uuid::now_v7();
         let result = sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES (?1, ?2, ?3)")
             .bind(id)
@@ -62,13 +62,13 @@ impl SqliteStore {
         match result {
             Ok(_) => Ok(Tenant { id, name: name.to_owned(), disabled: false }),
             Err(error) if is_unique_violation(&error) => {
-                Err(StoreError::Invalid(format!("a tenant named {name:?} exists already")))
+                Err(StoreError::invalid(format!("a tenant named {name:?} exists already")).with_source(error))
             }
             Err(error) => Err(classify(error)),
         }
     }
 
-    pub(super) async fn find_tenant_impl(&self, name_or_id: &str) -> Result<Option<Tenant>, StoreError> {
+    pub(crate) async fn find_tenant(&self, name_or_id: &str) -> Result<Option<Tenant>, StoreError> {
         // A UUID names a tenant by id only, anything else by name only: names never parse as UUIDs.
         let id = Uuid::parse_str(name_or_id).ok();
         let row = sqlx::query(
@@ -82,7 +82,7 @@ impl SqliteStore {
         row.as_ref().map(tenant_of_row).transpose()
     }
 
-    pub(super) async fn create_api_key_impl(&self, key: &NewApiKey) -> Result<ApiKey, StoreError> {
+    pub(crate) async fn create_api_key(&self, key: &NewApiKey) -> Result<ApiKey, StoreError> {
         let id = Uuid::now_v7();
         let scope_names: Vec<&str> = key.scopes.iter().map(|scope| scope.as_str()).collect();
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
@@ -91,7 +91,7 @@ impl SqliteStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(classify)?
-            .ok_or_else(|| StoreError::Invalid(format!("no tenant with id {}", key.tenant_id)))?;
+            .ok_or_else(|| StoreError::invalid(format!("no tenant with id {}", key.tenant_id)))?;
         sqlx::query(
             "INSERT INTO api_keys (id, tenant_id, key_hash, prefix, scopes, label, created_at, expires_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -120,7 +120,7 @@ impl SqliteStore {
         })
     }
 
-    pub(super) async fn list_tenants_impl(&self) -> Result<Vec<Tenant>, StoreError> {
+    pub(crate) async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
         let rows = sqlx::query("SELECT id, name, disabled_at FROM tenants ORDER BY name")
             .fetch_all(&self.readers)
             .await
@@ -128,7 +128,7 @@ impl SqliteStore {
         rows.iter().map(tenant_of_row).collect()
     }
 
-    pub(super) async fn set_tenant_disabled_impl(
+    pub(crate) async fn set_tenant_disabled(
         &self,
         tenant_id: Uuid,
         disabled: bool,
@@ -145,7 +145,7 @@ impl SqliteStore {
         Ok(result.rows_affected() == 1)
     }
 
-    pub(super) async fn tenant_settings_impl(
+    pub(crate) async fn tenant_settings(
         &self,
         tenant_id: Uuid,
     ) -> Result<Option<TenantSettings>, StoreError> {
@@ -177,13 +177,13 @@ impl SqliteStore {
         }))
     }
 
-    pub(super) async fn update_tenant_settings_impl(
+    pub(crate) async fn update_tenant_settings(
         &self,
         tenant_id: Uuid,
         settings: &TenantSettings,
     ) -> Result<(), StoreError> {
         if !values::is_time_zone_name(&settings.time_zone) {
-            return Err(StoreError::Invalid(format!(
+            return Err(StoreError::invalid(format!(
                 "time_zone: {:?} is not an IANA time zone",
                 settings.time_zone
             )));
@@ -209,17 +209,17 @@ impl SqliteStore {
         .await
         .map_err(|error| match &error {
             sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::CheckViolation => {
-                StoreError::Invalid(format!("settings break a rule: {}", db.message()))
+                StoreError::invalid(format!("settings break a rule: {}", db.message())).with_source(error)
             }
             _ => classify(error),
         })?;
         if result.rows_affected() == 0 {
-            return Err(StoreError::Invalid(format!("no tenant with id {tenant_id}")));
+            return Err(StoreError::invalid(format!("no tenant with id {tenant_id}")));
         }
         Ok(())
     }
 
-    pub(super) async fn list_api_keys_impl(&self, tenant_id: Uuid) -> Result<Vec<ApiKeyInfo>, StoreError> {
+    pub(crate) async fn list_api_keys(&self, tenant_id: Uuid) -> Result<Vec<ApiKeyInfo>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, prefix, scopes, label, created_at, expires_at, revoked_at IS NOT NULL
              FROM api_keys WHERE tenant_id = ?1 ORDER BY created_at DESC, id DESC",
@@ -243,11 +243,7 @@ impl SqliteStore {
             .collect()
     }
 
-    pub(super) async fn revoke_api_key_impl(
-        &self,
-        tenant_id: Uuid,
-        key_id: Uuid,
-    ) -> Result<bool, StoreError> {
+    pub(crate) async fn revoke_api_key(&self, tenant_id: Uuid, key_id: Uuid) -> Result<bool, StoreError> {
         let result = sqlx::query(
             "UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?3) WHERE tenant_id = ?1 AND id = ?2",
         )
@@ -260,7 +256,7 @@ impl SqliteStore {
         Ok(result.rows_affected() == 1)
     }
 
-    pub(super) async fn list_services_impl(&self, tenant_id: Uuid) -> Result<Vec<ServiceRecord>, StoreError> {
+    pub(crate) async fn list_services(&self, tenant_id: Uuid) -> Result<Vec<ServiceRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT service_type, service_name, description, providers, required_fields, optional_fields,
                     billing_config
@@ -287,7 +283,7 @@ impl SqliteStore {
             .collect()
     }
 
-    pub(super) async fn put_service_impl(
+    pub(crate) async fn put_service(
         &self,
         tenant_id: Uuid,
         service: &ServiceRecord,
@@ -327,7 +323,7 @@ impl SqliteStore {
         Ok(!existed)
     }
 
-    pub(super) async fn delete_service_impl(
+    pub(crate) async fn delete_service(
         &self,
         tenant_id: Uuid,
         service_type: &str,
@@ -341,10 +337,7 @@ impl SqliteStore {
         Ok(result.rows_affected() == 1)
     }
 
-    pub(super) async fn list_price_rules_impl(
-        &self,
-        tenant_id: Uuid,
-    ) -> Result<Vec<StoredPriceRule>, StoreError> {
+    pub(crate) async fn list_price_rules(&self, tenant_id: Uuid) -> Result<Vec<StoredPriceRule>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, definition, effective_from, effective_until, retired_at IS NOT NULL
              FROM price_rules WHERE tenant_id = ?1 ORDER BY effective_from, id",
@@ -367,12 +360,12 @@ impl SqliteStore {
             .collect()
     }
 
-    pub(super) async fn insert_price_rule_impl(&self, rule: &StoredPriceRule) -> Result<(), StoreError> {
+    pub(crate) async fn insert_price_rule(&self, rule: &StoredPriceRule) -> Result<(), StoreError> {
         insert_rule(rule).execute(&self.writer).await.map_err(classify)?;
         Ok(())
     }
 
-    pub(super) async fn retire_price_rule_impl(
+    pub(crate) async fn retire_price_rule(
         &self,
         tenant_id: Uuid,
         rule_id: Uuid,
@@ -383,7 +376,7 @@ impl SqliteStore {
     }
 
     /// Retires and inserts price rules in one transaction.
-    pub(super) async fn change_price_rules_impl(
+    pub(crate) async fn change_price_rules(
         &self,
         tenant_id: Uuid,
         retire: &[(Uuid, i64)],
@@ -401,7 +394,7 @@ impl SqliteStore {
 
     /// Events and cost since the start of the current UTC month (see the module docs: SQLite has
     /// no time zone database). Costs are summed in Rust, exactly.
-    pub(super) async fn month_usage_impl(&self, tenant_id: Uuid) -> Result<(i64, Decimal), StoreError> {
+    pub(crate) async fn month_usage(&self, tenant_id: Uuid) -> Result<(i64, Decimal), StoreError> {
         let month_start_us = values::utc_month_start_us(now_us());
         let rows: Vec<(i64, String)> = sqlx::query_as(
             "SELECT event_count, cost FROM usage_rollup_hourly WHERE tenant_id = ?1 AND hour >= ?2",
@@ -421,7 +414,7 @@ impl SqliteStore {
         Ok((events, cost))
     }
 
-    pub(super) async fn record_rerate_impl(&self, run: &RerateRun) -> Result<(), StoreError> {
+    pub(crate) async fn record_rerate(&self, run: &RerateRun) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO rerate_runs (id, tenant_id, range_start, range_end, started_at, finished_at,
                                       events_scanned, events_changed, cost_before, cost_after, requested_by)

@@ -118,7 +118,7 @@ impl Binder {
 }
 
 impl SqliteStore {
-    pub(super) async fn commit_rows(&self, rows: &[EventRow]) -> Result<Vec<Outcome>, StoreError> {
+    pub(crate) async fn commit_rows(&self, rows: &[EventRow]) -> Result<Vec<Outcome>, StoreError> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -129,7 +129,7 @@ impl SqliteStore {
             .collect();
         // Rolled up as if every row were new, also before the writer is taken; recomputed from
         // the stored rows only if some turn out to be duplicates.
-        let all_new = rollup::aggregate(rows).map_err(|error| StoreError::Invalid(error.to_string()))?;
+        let all_new = rollup::aggregate(rows).map_err(rollups::overflow)?;
         // The connection is held until the cache is updated, so that the cache changes in the
         // order the transactions commit.
         let mut writer = self.writer.acquire().await.map_err(classify)?;
@@ -141,8 +141,7 @@ impl SqliteStore {
         let deltas = if outcomes.contains(&Outcome::Duplicate) {
             metrics::counter!("tally_dedup_path_total").increment(1);
             let stored = rows.iter().zip(&outcomes).filter(|(_, outcome)| **outcome == Outcome::Stored);
-            rollup::aggregate(stored.map(|(row, _)| row))
-                .map_err(|error| StoreError::Invalid(error.to_string()))?
+            rollup::aggregate(stored.map(|(row, _)| row)).map_err(rollups::overflow)?
         } else {
             all_new
         };

@@ -17,7 +17,7 @@
 //! - **UTC quota months.** There is no time zone database in the process: month-to-date usage
 //!   for quotas counts from the start of the UTC month, whatever the tenant's time zone, and a
 //!   time zone is only checked for its shape (`UTC`, `Area/Location`).
-//! - **Retention by delete.** There are no partitions: [`Store::maintain`] deletes raw events
+//! - **Retention by delete.** There are no partitions: [`crate::Store::maintain`] deletes raw events
 //!   and rollups past retention in chunks of [`DELETE_CHUNK_ROWS`]. Freed pages are reused by
 //!   later inserts; the file does not shrink.
 
@@ -31,17 +31,11 @@ mod values;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rust_decimal::Decimal;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use uuid::Uuid;
 
-use crate::row::{EventRow, Outcome};
-use crate::store::{
-    ApiKey, ApiKeyInfo, BoxFuture, NewApiKey, Repriced, RerateBatch, RerateRequest, RerateRun, Retention,
-    ServiceRecord, Store, StoreError, StoredPriceRule, Tenant, TenantSettings,
-};
+use crate::store::{Retention, StoreError};
 
 /// Raw events or rollups deleted per statement by retention, so that the writer is never held
 /// for long and ingest goes on between chunks.
@@ -118,7 +112,7 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
     match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
         Ok(_) => Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(error) => Err(StoreError::Unavailable(format!("failed to create {}: {error}", path.display()))),
+        Err(error) => Err(StoreError::unavailable(format!("create {}", path.display())).with_source(error)),
     }
 }
 
@@ -137,7 +131,7 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(parent).await.map_err(|error| {
-                StoreError::Unavailable(format!("failed to create {}: {error}", parent.display()))
+                StoreError::unavailable(format!("create {}", parent.display())).with_source(error)
             })?;
         }
         create_private(&path)?;
@@ -170,7 +164,7 @@ impl SqliteStore {
             .connect_with(writer_options)
             .await
             .map_err(|error| {
-                StoreError::Unavailable(format!("failed to open {}: {error}", path.display()))
+                StoreError::unavailable(format!("open {}", path.display())).with_source(error)
             })?;
         let readers = SqlitePoolOptions::new()
             .max_connections(options.read_connections.max(1))
@@ -192,7 +186,7 @@ impl SqliteStore {
         sqlx::migrate!("../migrations/sqlite")
             .run(&self.writer)
             .await
-            .map_err(|error| StoreError::Internal(format!("failed to migrate: {error}")))
+            .map_err(|error| StoreError::internal("migrate the database").with_source(error))
     }
 
     /// The database file.
@@ -205,13 +199,19 @@ impl SqliteStore {
         &self.readers
     }
 
+    /// Whether the database answers.
+    pub(crate) async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.readers).await.map_err(classify)?;
+        Ok(())
+    }
+
     /// Closes both pools; the WAL is checkpointed when the last connection closes.
     pub async fn close(&self) {
         self.readers.close().await;
         self.writer.close().await;
     }
 
-    async fn maintain_impl(&self, retention: &Retention) -> Result<(), StoreError> {
+    pub(crate) async fn maintain(&self, retention: &Retention) -> Result<(), StoreError> {
         let now_us = values::now_us();
         let day_us = 86_400_000_000i64;
         let today_us = now_us.div_euclid(day_us) * day_us;
@@ -292,194 +292,33 @@ impl Table {
     }
 }
 
-/// Whether an SQLite error is worth retrying. Decided here for every SQLite call.
+/// Whether an SQLite error is worth retrying. Decided here for every SQLite call. The error is
+/// kept as the source; the message is left for the [`crate::Store`] method, which knows what was
+/// being done.
 pub(crate) fn classify(error: sqlx::Error) -> StoreError {
-    match &error {
+    let kind = match &error {
         sqlx::Error::Database(db) => {
             let code: i32 = db.code().and_then(|code| code.parse().ok()).unwrap_or_default();
             match (code, code & 0xff) {
                 // SQLITE_BUSY_SNAPSHOT: a read snapshot went stale; retrying at once succeeds.
                 // SQLITE_LOCKED: a conflict inside this process.
-                (517, _) | (_, 6) => StoreError::Conflict(error.to_string()),
+                (517, _) | (_, 6) => StoreError::conflict(String::new()),
                 // SQLITE_BUSY after `busy_timeout`: another process has held the write lock
                 // that long, which is an outage, not a conflict worth retrying at once.
                 // SQLITE_NOMEM, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN.
-                (_, 5 | 7 | 8 | 10 | 13 | 14) => StoreError::Unavailable(error.to_string()),
-                _ => StoreError::Internal(error.to_string()),
+                (_, 5 | 7 | 8 | 10 | 13 | 14) => StoreError::unavailable(String::new()),
+                _ => StoreError::internal(String::new()),
             }
         }
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error.to_string()),
-        _ => StoreError::Internal(error.to_string()),
-    }
+        | sqlx::Error::WorkerCrashed => StoreError::unavailable(String::new()),
+        _ => StoreError::internal(String::new()),
+    };
+    kind.with_source(error)
 }
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation)
-}
-
-impl Store for SqliteStore {
-    fn commit<'a>(&'a self, rows: &'a [EventRow]) -> BoxFuture<'a, Result<Vec<Outcome>, StoreError>> {
-        Box::pin(self.commit_rows(rows))
-    }
-
-    fn find_api_key<'a>(
-        &'a self,
-        key_hash: &'a [u8; 32],
-    ) -> BoxFuture<'a, Result<Option<ApiKey>, StoreError>> {
-        Box::pin(self.find_api_key_impl(key_hash))
-    }
-
-    fn create_tenant<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Tenant, StoreError>> {
-        Box::pin(self.create_tenant_impl(name))
-    }
-
-    fn find_tenant<'a>(&'a self, name_or_id: &'a str) -> BoxFuture<'a, Result<Option<Tenant>, StoreError>> {
-        Box::pin(self.find_tenant_impl(name_or_id))
-    }
-
-    fn create_api_key<'a>(&'a self, key: &'a NewApiKey) -> BoxFuture<'a, Result<ApiKey, StoreError>> {
-        Box::pin(self.create_api_key_impl(key))
-    }
-
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&self.readers).await.map_err(classify)?;
-            Ok(())
-        })
-    }
-
-    fn maintain<'a>(&'a self, retention: &'a Retention) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.maintain_impl(retention))
-    }
-
-    fn list_tenants(&self) -> BoxFuture<'_, Result<Vec<Tenant>, StoreError>> {
-        Box::pin(self.list_tenants_impl())
-    }
-
-    fn set_tenant_disabled(
-        &self,
-        tenant_id: Uuid,
-        disabled: bool,
-    ) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(self.set_tenant_disabled_impl(tenant_id, disabled))
-    }
-
-    fn tenant_settings(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Option<TenantSettings>, StoreError>> {
-        Box::pin(self.tenant_settings_impl(tenant_id))
-    }
-
-    fn update_tenant_settings<'a>(
-        &'a self,
-        tenant_id: Uuid,
-        settings: &'a TenantSettings,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.update_tenant_settings_impl(tenant_id, settings))
-    }
-
-    fn list_api_keys(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<ApiKeyInfo>, StoreError>> {
-        Box::pin(self.list_api_keys_impl(tenant_id))
-    }
-
-    fn revoke_api_key(&self, tenant_id: Uuid, key_id: Uuid) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(self.revoke_api_key_impl(tenant_id, key_id))
-    }
-
-    fn list_services(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<ServiceRecord>, StoreError>> {
-        Box::pin(self.list_services_impl(tenant_id))
-    }
-
-    fn put_service<'a>(
-        &'a self,
-        tenant_id: Uuid,
-        service: &'a ServiceRecord,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.put_service_impl(tenant_id, service))
-    }
-
-    fn delete_service<'a>(
-        &'a self,
-        tenant_id: Uuid,
-        service_type: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.delete_service_impl(tenant_id, service_type))
-    }
-
-    fn list_price_rules(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<Vec<StoredPriceRule>, StoreError>> {
-        Box::pin(self.list_price_rules_impl(tenant_id))
-    }
-
-    fn insert_price_rule<'a>(&'a self, rule: &'a StoredPriceRule) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.insert_price_rule_impl(rule))
-    }
-
-    fn retire_price_rule(
-        &self,
-        tenant_id: Uuid,
-        rule_id: Uuid,
-        at_us: i64,
-    ) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(self.retire_price_rule_impl(tenant_id, rule_id, at_us))
-    }
-
-    fn change_price_rules<'a>(
-        &'a self,
-        tenant_id: Uuid,
-        retire: &'a [(Uuid, i64)],
-        insert: &'a [StoredPriceRule],
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.change_price_rules_impl(tenant_id, retire, insert))
-    }
-
-    fn month_usage(&self, tenant_id: Uuid) -> BoxFuture<'_, Result<(i64, Decimal), StoreError>> {
-        Box::pin(self.month_usage_impl(tenant_id))
-    }
-
-    fn rerate_batch<'a>(
-        &'a self,
-        request: &'a RerateRequest,
-        after: Option<(i64, Uuid)>,
-        reprice: &'a (dyn Fn(&wire::Event) -> Repriced + Send + Sync),
-    ) -> BoxFuture<'a, Result<RerateBatch, StoreError>> {
-        Box::pin(self.rerate_batch_impl(request, after, reprice))
-    }
-
-    fn record_rerate<'a>(&'a self, run: &'a RerateRun) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.record_rerate_impl(run))
-    }
-
-    fn start_rerate<'a>(
-        &'a self,
-        run: &'a RerateRun,
-        stale_before_us: i64,
-    ) -> BoxFuture<'a, Result<crate::store::RerateStart, StoreError>> {
-        Box::pin(self.start_rerate_impl(run, stale_before_us))
-    }
-
-    fn update_rerate<'a>(
-        &'a self,
-        run: &'a RerateRun,
-        status: crate::store::RerateStatus,
-        error: Option<&'a str>,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.update_rerate_impl(run, status, error))
-    }
-
-    fn find_rerate(
-        &self,
-        tenant_id: Uuid,
-        id: Uuid,
-    ) -> BoxFuture<'_, Result<Option<crate::store::RerateRecord>, StoreError>> {
-        Box::pin(self.find_rerate_impl(tenant_id, id))
-    }
-
-    fn list_rerates(
-        &self,
-        tenant_id: Uuid,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<crate::store::RerateRecord>, StoreError>> {
-        Box::pin(self.list_rerates_impl(tenant_id, limit))
-    }
 }

@@ -19,7 +19,7 @@ const SELECT_COLUMNS: &str = "occurred_at, event_id, user_id, service_type, serv
      requests, bytes, duration_ms, custom_quantities, cost, price_rule_ids";
 
 impl SqliteStore {
-    pub(super) async fn rerate_batch_impl(
+    pub(crate) async fn rerate_batch(
         &self,
         request: &RerateRequest,
         after: Option<(i64, Uuid)>,

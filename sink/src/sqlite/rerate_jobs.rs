@@ -17,7 +17,7 @@ const SELECT_RUN: &str = "SELECT id, tenant_id, range_start, range_end, started_
      FROM rerate_runs";
 
 impl SqliteStore {
-    pub(super) async fn start_rerate_impl(
+    pub(crate) async fn start_rerate(
         &self,
         run: &RerateRun,
         stale_before_us: i64,
@@ -62,10 +62,10 @@ impl SqliteStore {
                 .map_err(classify)?;
         running
             .map(RerateStart::AlreadyRunning)
-            .ok_or_else(|| StoreError::Internal("a re-rate insert was refused with no run running".into()))
+            .ok_or_else(|| StoreError::internal("a re-rate insert was refused with no run running"))
     }
 
-    pub(super) async fn update_rerate_impl(
+    pub(crate) async fn update_rerate(
         &self,
         run: &RerateRun,
         status: RerateStatus,
@@ -94,7 +94,7 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub(super) async fn find_rerate_impl(
+    pub(crate) async fn find_rerate(
         &self,
         tenant_id: Uuid,
         id: Uuid,
@@ -109,7 +109,7 @@ impl SqliteStore {
         row.as_ref().map(record_of_row).transpose()
     }
 
-    pub(super) async fn list_rerates_impl(
+    pub(crate) async fn list_rerates(
         &self,
         tenant_id: Uuid,
         limit: u32,

@@ -233,8 +233,8 @@ async fn read_misses(
 
 /// A stored total that would leave its type's range: this batch is refused (and its rows
 /// isolated by the worker), the stored row stays as it was.
-fn overflow(error: crate::rollup::RollupOverflow) -> StoreError {
-    StoreError::Invalid(error.to_string())
+pub(super) fn overflow(error: crate::rollup::RollupOverflow) -> StoreError {
+    StoreError::invalid(error.to_string()).with_source(error)
 }
 
 fn bind_key(binder: &mut Binder, key: &OwnedKey) {

@@ -21,8 +21,9 @@ pub(super) fn now_us() -> i64 {
 
 /// A stored decimal. Text that is not one means the file was edited by hand or is corrupt.
 pub(super) fn decimal(text: &str) -> Result<Decimal, StoreError> {
-    Decimal::from_str(text)
-        .map_err(|_| StoreError::Internal(format!("stored value {text:?} is not a decimal")))
+    Decimal::from_str(text).map_err(|error| {
+        StoreError::internal(format!("stored value {text:?} is not a decimal")).with_source(error)
+    })
 }
 
 pub(super) fn optional_decimal(text: Option<&str>) -> Result<Option<Decimal>, StoreError> {
@@ -34,7 +35,7 @@ pub(super) fn optional_decimal(text: Option<&str>) -> Result<Option<Decimal>, St
 /// anything else is a corrupt row, reported rather than guessed at.
 pub(super) fn parse_quantities(text: &str) -> Result<BTreeMap<String, Decimal>, StoreError> {
     let corrupt =
-        || StoreError::Internal(format!("stored quantities {text:?} are not a {{name: number}} object"));
+        || StoreError::internal(format!("stored quantities {text:?} are not a {{name: number}} object"));
     let inner = text.trim().strip_prefix('{').and_then(|rest| rest.strip_suffix('}')).ok_or_else(corrupt)?;
     let mut quantities = BTreeMap::new();
     for entry in inner.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
@@ -74,7 +75,7 @@ pub(super) fn buckets_json(buckets: &[i64; LATENCY_BUCKETS]) -> String {
 
 pub(super) fn parse_buckets(text: &str) -> Result<[i64; LATENCY_BUCKETS], StoreError> {
     let corrupt =
-        || StoreError::Internal(format!("stored histogram {text:?} is not {LATENCY_BUCKETS} counts"));
+        || StoreError::internal(format!("stored histogram {text:?} is not {LATENCY_BUCKETS} counts"));
     let inner = text.trim().strip_prefix('[').and_then(|rest| rest.strip_suffix(']')).ok_or_else(corrupt)?;
     let mut buckets = [0i64; LATENCY_BUCKETS];
     let mut count = 0;
@@ -96,7 +97,7 @@ pub(super) fn strings_json(items: &[impl AsRef<str>]) -> String {
 
 pub(super) fn parse_strings(text: &str) -> Result<Vec<String>, StoreError> {
     serde_json::from_str(text).map_err(|error| {
-        StoreError::Internal(format!("stored list {text:?} is not an array of strings: {error}"))
+        StoreError::internal(format!("stored list {text:?} is not an array of strings")).with_source(error)
     })
 }
 
@@ -114,8 +115,9 @@ pub(super) fn parse_uuids(text: Option<&str>) -> Result<Vec<Uuid>, StoreError> {
     parse_strings(text)?
         .iter()
         .map(|id| {
-            Uuid::parse_str(id)
-                .map_err(|_| StoreError::Internal(format!("stored rule id {id:?} is not a uuid")))
+            Uuid::parse_str(id).map_err(|error| {
+                StoreError::internal(format!("stored rule id {id:?} is not a uuid")).with_source(error)
+            })
         })
         .collect()
 }
@@ -135,7 +137,7 @@ pub(super) fn json(value: &serde_json::Value) -> String {
 
 pub(super) fn parse_json(text: &str) -> Result<serde_json::Value, StoreError> {
     serde_json::from_str(text)
-        .map_err(|error| StoreError::Internal(format!("stored JSON is invalid: {error}")))
+        .map_err(|error| StoreError::internal("stored JSON is invalid").with_source(error))
 }
 
 /// The start of the UTC month holding `timestamp_us`.

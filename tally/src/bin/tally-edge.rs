@@ -239,17 +239,10 @@ async fn run(cli: &Cli, storage: &Storage) -> anyhow::Result<()> {
 
 /// The storage backend chosen at start-up, and the store the edge uses.
 struct Storage {
-    backend: Backend,
     /// Where the data is, for messages (never the password).
     location: String,
-    store: Arc<dyn Store>,
+    store: Arc<Store>,
     database_url: Option<String>,
-}
-
-enum Backend {
-    Postgres(Arc<PgStore>),
-    /// Migrated when opened.
-    Sqlite(Arc<SqliteStore>),
 }
 
 impl Storage {
@@ -258,51 +251,47 @@ impl Storage {
     async fn open(cli: &Cli) -> anyhow::Result<Storage> {
         if let Some(url) = cli.database_url.as_deref() {
             let options = PgOptions { max_connections: cli.serve.pg_pool_size, ..PgOptions::default() };
-            let store = Arc::new(PgStore::connect_lazy(url, &options)?);
+            let store = Arc::new(Store::from(PgStore::connect_lazy(url, &options)?));
             let location = format!("PostgreSQL {}", telemetry::database_location(url));
             tracing::info!(%location, "storage: postgresql");
-            return Ok(Storage {
-                backend: Backend::Postgres(store.clone()),
-                store,
-                database_url: Some(url.to_owned()),
-                location,
-            });
+            return Ok(Storage { store, database_url: Some(url.to_owned()), location });
         }
         let path = cli.data_dir.join(DATABASE_FILE_NAME);
         let store = SqliteStore::open(&path)
             .await
             .with_context(|| format!("failed to open the embedded database {}", path.display()))?;
         tracing::info!(path = %path.display(), "storage: embedded sqlite (DATABASE_URL is not set)");
-        let store = Arc::new(store);
+        let store = Arc::new(Store::from(store));
         let location = format!("SQLite {}", path.display());
-        Ok(Storage { backend: Backend::Sqlite(store.clone()), store, database_url: None, location })
+        Ok(Storage { store, database_url: None, location })
     }
 
     /// Applies the migrations the database lacks.
     async fn migrate(&self) -> anyhow::Result<()> {
-        match &self.backend {
-            Backend::Postgres(store) => store.migrate().await.with_context(|| {
+        match &*self.store {
+            Store::Postgres(store) => store.migrate().await.with_context(|| {
                 format!(
                     "failed to migrate the database at {}; check that PostgreSQL is running there and \
                      that DATABASE_URL names the right host, user and password",
                     self.location
                 )
             }),
-            Backend::Sqlite(_) => Ok(()),
+            // Migrated when opened.
+            Store::Sqlite(_) => Ok(()),
         }
     }
 
     /// A query service over the same database, for the listing on the ingest port (a small
     /// pool: the query service proper runs as `tally-query`).
     async fn listing_state(&self, http_addr: SocketAddr) -> anyhow::Result<Arc<query::QueryState>> {
-        let (url, backend): (String, Arc<dyn query::backend::Backend>) = match &self.backend {
-            Backend::Postgres(_) => {
+        let (url, backend): (String, Arc<dyn query::backend::Backend>) = match &*self.store {
+            Store::Postgres(_) => {
                 let url = self.database_url.clone().unwrap_or_default();
                 let options = query::pg::PgOptions { max_connections: 4, ..query::pg::PgOptions::default() };
                 let backend = query::pg::PgBackend::connect_lazy(&url, &options)?;
                 (url, Arc::new(backend))
             }
-            Backend::Sqlite(store) => {
+            Store::Sqlite(store) => {
                 let backend = query::sqlite::SqliteBackend::open(store.path())
                     .await
                     .with_context(|| format!("failed to open {} for the listing", store.path().display()))?;
@@ -315,15 +304,15 @@ impl Storage {
 
     /// Closes the connections; SQLite then checkpoints its WAL into the database file.
     async fn close(&self) {
-        match &self.backend {
-            Backend::Postgres(store) => store.pool().close().await,
-            Backend::Sqlite(store) => store.close().await,
+        match &*self.store {
+            Store::Postgres(store) => store.pool().close().await,
+            Store::Sqlite(store) => store.close().await,
         }
     }
 }
 
 async fn create_key(
-    store: &dyn Store,
+    store: &Store,
     tenant: &str,
     scopes: &[String],
     label: Option<String>,

@@ -776,10 +776,10 @@ async fn nul_bytes_are_refused_with_the_field(backend: Backend) -> Result<()> {
 /// 12.12: the embedded database is private to its user, with its WAL and shared-memory files.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_embedded_database_file_is_private() -> Result<()> {
-    use sink::Store;
     use std::os::unix::fs::PermissionsExt;
     let file = tests::fresh_sqlite()?;
-    let store = sink::sqlite::SqliteStore::open(file.path()).await?;
+    let sqlite = sink::sqlite::SqliteStore::open(file.path()).await?;
+    let store = sink::Store::from(sqlite.clone());
     store.create_tenant("acme").await?;
     let path = file.path().to_path_buf();
     for suffix in ["", "-wal", "-shm"] {
@@ -788,6 +788,6 @@ async fn the_embedded_database_file_is_private() -> Result<()> {
             std::fs::metadata(&path).with_context(|| format!("{}", path.display()))?.permissions().mode();
         ensure!(mode & 0o777 == 0o600, "{} is {:o}", path.display(), mode & 0o777);
     }
-    store.close().await;
+    sqlite.close().await;
     Ok(())
 }

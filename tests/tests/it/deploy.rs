@@ -256,10 +256,10 @@ async fn check_paths_are_served(
 /// index, which `create_hypertable` used to add, is dropped where it exists).
 #[tokio::test(flavor = "multi_thread")]
 async fn partition_maintenance_follows_the_table_and_the_dedup_index_stands_alone() -> Result<()> {
-    use sink::Store;
     let database = tests::postgres().await.fresh_database().await?;
     let store = sink::pg::PgStore::connect_lazy(&database.url, &sink::pg::PgOptions::default())?;
     store.migrate().await?;
+    let store = sink::Store::from(store);
     let mut db = database.connect().await?;
     let native: bool =
         sqlx::query_scalar("SELECT tally_events_natively_partitioned()").fetch_one(&mut db).await?;

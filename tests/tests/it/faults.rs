@@ -25,14 +25,15 @@ const CHILD_DB: &str = "TALLY_IT_EDGE_DATABASE_URL";
 #[ignore = "the entry point of the fault tests' child edge process, not a test"]
 async fn edge_process() -> Result<()> {
     let Ok(url) = std::env::var(CHILD_DB) else { return Ok(()) };
-    let store = Arc::new(sink::pg::PgStore::connect_lazy(&url, &sink::pg::PgOptions::default())?);
+    let store = sink::pg::PgStore::connect_lazy(&url, &sink::pg::PgOptions::default())?;
+    let store = Arc::new(sink::Store::from(store));
     let config = edge::EdgeConfig {
         wire_addr: "127.0.0.1:0".parse()?,
         http_addr: "127.0.0.1:0".parse()?,
         shutdown_timeout: Duration::from_secs(10),
         ..edge::EdgeConfig::default()
     };
-    let running = edge::start(config, store as Arc<dyn sink::Store>).await?;
+    let running = edge::start(config, store).await?;
     println!("EDGE_READY {}", running.wire_addr);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     terminate.recv().await;
@@ -532,7 +533,7 @@ async fn two_edges_survive_a_redis_cluster_node_loss() -> Result<()> {
     let first = TestEdge::start_on(&pg, config.clone()).await?;
     let second_config =
         edge::EdgeConfig { wire_addr: "127.0.0.1:0".parse()?, http_addr: "127.0.0.1:0".parse()?, ..config };
-    let second = edge::start(second_config, first.store.clone() as Arc<dyn sink::Store>).await?;
+    let second = edge::start(second_config, first.store.clone()).await?;
     let stop = tokio_util::sync::CancellationToken::new();
     let loaders = [
         tokio::spawn(load(first.edge.wire_addr, first.key.clone(), 2, 100, stop.clone())),

@@ -150,7 +150,7 @@ async fn several_materializers_and_concurrent_commits_fold_each_row_once() -> Re
     // The edge folds every 500 ms; a second process's materializer folds small windows often.
     let edge = TestEdge::on(Backend::Postgres).await?;
     let base_us = edge::auth::now_us() - 2 * HOUR_US;
-    let second: Arc<dyn Store> = Arc::new(PgStore::connect_lazy(&edge.db.url, &PgOptions::default())?);
+    let second = Arc::new(Store::from(PgStore::connect_lazy(&edge.db.url, &PgOptions::default())?));
     let folder = tokio::spawn(sink::run_folder(
         second.clone(),
         FoldLimits { interval: Duration::from_millis(5), entries_max: 50 },

@@ -4,10 +4,14 @@
 
 use std::str::FromStr;
 
-use anyhow::Result;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
 use rust_decimal::Decimal;
+use sink::pg::{PgOptions, PgStore};
+use sink::sqlite::SqliteStore;
 use sink::{
-    EventRow, NewApiKey, Outcome, Repriced, RerateRequest, RerateRun, Retention, Scope, ServiceRecord,
+    EventRow, NewApiKey, Outcome, Repriced, RerateRequest, RerateRun, Retention, Scope, ServiceRecord, Store,
     StoreError, StoredPriceRule, TenantSettings,
 };
 use uuid::Uuid;
@@ -16,6 +20,7 @@ use crate::support::{Backend, TestEdge, both_backends, llm_event};
 
 both_backends!(
     outcomes_follow_dedup_within_and_across_batches,
+    an_unreachable_database_is_unavailable_and_keeps_the_cause,
     rollups_are_exact_sums_of_fractional_quantities,
     tenants_keys_and_settings_round_trip,
     services_and_price_rules_round_trip,
@@ -32,6 +37,42 @@ fn row(tenant: Uuid, event: &wire::Event) -> EventRow {
 }
 
 const HOUR_US: i64 = 3_600_000_000;
+
+/// A storage error says what was being done and keeps the error that stopped it as its
+/// `source`, typed, so that a caller (or a log) can tell a refused connection from a timeout.
+async fn an_unreachable_database_is_unavailable_and_keeps_the_cause(backend: Backend) -> Result<()> {
+    let error = match backend {
+        Backend::Postgres => {
+            // A port nobody listens on: bound, then closed.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let url = format!("postgres://tally@127.0.0.1:{port}/tally");
+            let options = PgOptions { acquire_timeout: Duration::from_millis(500), ..PgOptions::default() };
+            let store = Store::from(PgStore::connect_lazy(&url, &options)?);
+            let event = llm_event("u", 1.0, 1.0).at(edge::auth::now_us());
+            let error = store.commit(&[row(Uuid::now_v7(), &event)]).await.expect_err("nothing listens");
+            ensure!(error.to_string().starts_with("storage unavailable: commit a batch: "), "{error}");
+            let cause =
+                std::error::Error::source(&error).and_then(|source| source.downcast_ref::<sqlx::Error>());
+            ensure!(cause.is_some(), "the cause is the sqlx error: {error:?}");
+            store.ping().await.expect_err("nothing listens")
+        }
+        Backend::Sqlite => {
+            // A database "inside" a regular file: its directory cannot be created.
+            let file = tests::fresh_sqlite()?;
+            std::fs::write(file.path(), b"")?;
+            let error = SqliteStore::open(file.path().join("tally.db")).await.expect_err("not a directory");
+            let cause =
+                std::error::Error::source(&error).and_then(|source| source.downcast_ref::<std::io::Error>());
+            ensure!(cause.is_some(), "the cause is the io error: {error:?}");
+            error
+        }
+    };
+    ensure!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    ensure!(error.is_retryable() && error.code() == wire::ErrorCode::Unavailable);
+    let copy = error.clone();
+    ensure!(std::error::Error::source(&copy).is_some(), "a clone sent to another submitter keeps it too");
+    Ok(())
+}
 
 async fn outcomes_follow_dedup_within_and_across_batches(backend: Backend) -> Result<()> {
     use Outcome::{Duplicate, Stored};
@@ -114,7 +155,15 @@ async fn rollups_are_exact_sums_of_fractional_quantities(backend: Backend) -> Re
 async fn tenants_keys_and_settings_round_trip(backend: Backend) -> Result<()> {
     let edge = TestEdge::on(backend).await?;
     let store = edge.store.as_ref();
-    assert!(matches!(store.create_tenant("acme").await, Err(StoreError::Invalid(_))), "names are unique");
+    let taken = store.create_tenant("acme").await.expect_err("names are unique");
+    assert!(
+        matches!(&taken, StoreError::Invalid { message, .. } if message == "a tenant named \"acme\" exists already")
+    );
+    let cause = std::error::Error::source(&taken).and_then(|source| source.downcast_ref::<sqlx::Error>());
+    assert!(
+        matches!(cause, Some(sqlx::Error::Database(_))),
+        "the refusal keeps the database's error: {taken:?}"
+    );
     let globex = store.create_tenant("globex").await?;
     assert_eq!(store.find_tenant("globex").await?, Some(globex.clone()));
     assert_eq!(store.find_tenant(&globex.id.to_string()).await?, Some(globex.clone()));
@@ -140,7 +189,7 @@ async fn tenants_keys_and_settings_round_trip(backend: Backend) -> Result<()> {
     assert_eq!(store.find_api_key(&sink::hash_api_key("tly_other")).await?, None);
     let unknown =
         NewApiKey { tenant_id: Uuid::now_v7(), key_hash: sink::hash_api_key("x"), ..new_key.clone() };
-    assert!(matches!(store.create_api_key(&unknown).await, Err(StoreError::Invalid(_))));
+    assert!(matches!(store.create_api_key(&unknown).await, Err(StoreError::Invalid { .. })));
     let newer = store.create_api_key(&NewApiKey { key_hash: sink::hash_api_key("tly_2"), ..new_key }).await?;
     let listed = store.list_api_keys(globex.id).await?;
     assert_eq!(listed.iter().map(|info| info.id).collect::<Vec<_>>(), [newer.id, key.id], "newest first");
@@ -178,10 +227,10 @@ async fn tenants_keys_and_settings_round_trip(backend: Backend) -> Result<()> {
         TenantSettings { quota_policy: "ignore".into(), ..settings.clone() },
     ] {
         let result = store.update_tenant_settings(globex.id, &wrong).await;
-        assert!(matches!(result, Err(StoreError::Invalid(_))), "{wrong:?}: {result:?}");
+        assert!(matches!(result, Err(StoreError::Invalid { .. })), "{wrong:?}: {result:?}");
     }
     let result = store.update_tenant_settings(Uuid::now_v7(), &settings).await;
-    assert!(matches!(result, Err(StoreError::Invalid(_))), "no such tenant: {result:?}");
+    assert!(matches!(result, Err(StoreError::Invalid { .. })), "no such tenant: {result:?}");
     assert_eq!(store.tenant_settings(globex.id).await?, Some(settings), "refused changes change nothing");
     Ok(())
 }

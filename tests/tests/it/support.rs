@@ -73,7 +73,7 @@ pub(crate) enum Location {
 /// An edge listening on loopback ports over a fresh, migrated database.
 pub struct TestEdge {
     pub db: TestDatabase,
-    pub store: Arc<dyn Store>,
+    pub store: Arc<Store>,
     pub edge: edge::RunningEdge,
     pub tenant: sink::Tenant,
     pub key: String,
@@ -110,7 +110,7 @@ impl TestEdge {
     /// On a fresh SQLite file opened with `options`.
     pub async fn launch_sqlite(options: SqliteOptions, config: edge::EdgeConfig) -> Result<TestEdge> {
         let file = tests::fresh_sqlite()?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(file.path(), &options).await?);
+        let store = Arc::new(Store::from(SqliteStore::open_with(file.path(), &options).await?));
         let db = TestDatabase { url: file.url(), location: Location::Sqlite(file) };
         Self::serve(db, store, config).await
     }
@@ -121,14 +121,10 @@ impl TestEdge {
         let store = PgStore::connect_lazy(&db.url, &PgOptions::default())?;
         store.migrate().await?;
         let db = TestDatabase { url: db.url.clone(), location: Location::Postgres(db) };
-        Self::serve(db, Arc::new(store), config).await
+        Self::serve(db, Arc::new(Store::from(store)), config).await
     }
 
-    async fn serve(
-        db: TestDatabase,
-        store: Arc<dyn Store>,
-        mut config: edge::EdgeConfig,
-    ) -> Result<TestEdge> {
+    async fn serve(db: TestDatabase, store: Arc<Store>, mut config: edge::EdgeConfig) -> Result<TestEdge> {
         config.wire_addr = "127.0.0.1:0".parse()?;
         config.http_addr = "127.0.0.1:0".parse()?;
         config.metrics = Some(metrics_handle());
@@ -199,7 +195,7 @@ pub async fn set_time_zone(edge: &TestEdge, time_zone: &str) -> Result<()> {
     Ok(())
 }
 
-pub async fn create_key(store: &Arc<dyn Store>, tenant: &sink::Tenant, scopes: Vec<Scope>) -> Result<String> {
+pub async fn create_key(store: &Arc<Store>, tenant: &sink::Tenant, scopes: Vec<Scope>) -> Result<String> {
     let key = edge::auth::generate_api_key();
     let new_key = NewApiKey {
         tenant_id: tenant.id,
