@@ -274,7 +274,7 @@ async fn security_headers(request: Request, next: Next) -> Response {
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     if !headers.contains_key(header::CACHE_CONTROL) {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -328,7 +328,7 @@ async fn sign_in(
     let key = form.api_key.trim();
     let mut key_headers = HeaderMap::new();
     let Ok(value) = HeaderValue::from_str(key) else {
-        return sign_in_form(StatusCode::UNAUTHORIZED, Some("That API key is not valid."));
+        return sign_in_form(StatusCode::OK, Some("That API key is not valid."));
     };
     key_headers.insert("x-api-key", value);
     match state.auth.authenticate(&key_headers).await {
@@ -344,12 +344,14 @@ async fn sign_in(
             }
             response
         }
+        // A refused key answers the form again, with the reason, as a page (200): the browser
+        // shows it as the form's answer and logs no failed load.
         Err(ApiError::AuthenticationRequired | ApiError::InvalidApiKey) => sign_in_form(
-            StatusCode::UNAUTHORIZED,
+            StatusCode::OK,
             Some("That API key is not valid: it is unknown, revoked or expired."),
         ),
         Err(ApiError::Forbidden(detail)) => {
-            sign_in_form(StatusCode::FORBIDDEN, Some(&format!("Refused: {detail}.")))
+            sign_in_form(StatusCode::OK, Some(&format!("Refused: {detail}.")))
         }
         Err(other) => sign_in_form(other.status(), Some("Signing in failed; retry later.")),
     }
@@ -370,6 +372,8 @@ async fn sign_out(State(state): State<Arc<QueryState>>, headers: HeaderMap) -> R
 }
 
 /// A form post from this site: its `Origin`, when the browser sends one, names the `Host`
+/// (the pages' `Referrer-Policy: same-origin` lets browsers send it; `no-referrer` would make it
+/// `null`)
 /// (the `SameSite=Strict` cookie already keeps other sites' posts from carrying a session; this
 /// also refuses their sign-in posts).
 fn same_origin(headers: &HeaderMap) -> bool {

@@ -219,7 +219,8 @@ pub(crate) fn decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The range the API answered for, shown and marked for the browser test.
+/// The range the API answered for (its `start_date`, `end_date` and `time_zone`), shown and
+/// marked for the browser test.
 pub(crate) fn shown(range: &super::json::Json) -> String {
     format!(
         "<p class=\"range-shown\">From <time data-testid=\"range-start\">{}</time> to <time data-testid=\"range-end\">{}</time> ({})</p>",

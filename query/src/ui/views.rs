@@ -66,7 +66,7 @@ pub(crate) async fn overview(
     let (usage, bill) =
         tokio::try_join!(viewer.api(&state, &usage), viewer.api(&state, "/api/v1/billing/summary"))?;
     let totals = usage.get("total_aggregates");
-    let mut body = range::shown(usage.get("range"));
+    let mut body = range::shown(&usage);
     let unpriced = totals.get("unpriced_event_count").integer().unwrap_or(0);
     if unpriced > 0 {
         let _ = write!(
@@ -96,7 +96,7 @@ pub(crate) async fn overview(
     let bars = |name: &str, money: bool| -> Vec<Bar> {
         rows.iter()
             .map(|row| {
-                let value = row.get("totals").get(name);
+                let value = row.get(name);
                 Bar {
                     label: period_label(&chosen, row),
                     value_text: if money { exact(value) } else { value.text().to_owned() },
@@ -117,7 +117,7 @@ pub(crate) async fn overview(
     );
     let mut table = String::new();
     for (index, row) in rows.iter().enumerate() {
-        let totals = row.get("totals");
+        let totals = row;
         let _ = write!(
             table,
             "<tr><th scope=\"row\"><time datetime=\"{}\">{}</time></th>{}{}{}{}</tr>",
@@ -163,7 +163,7 @@ pub(crate) async fn breakdown(
         viewer.api(&state, &paths[3]),
         viewer.api(&state, &top),
     )?;
-    let mut body = range::shown(service.get("range"));
+    let mut body = range::shown(&service);
     body.push_str("<section class=\"grid\">");
     for ((dimension, label), answer) in
         BREAKDOWN_DIMENSIONS.iter().zip([&service, &provider, &model, &event_type])
@@ -171,7 +171,7 @@ pub(crate) async fn breakdown(
         let mut rows = String::new();
         for (index, row) in answer.get("rows").items().iter().enumerate() {
             let key = row.get("key").get(dimension).text();
-            let totals = row.get("totals");
+            let totals = row;
             let id = |what: &str| format!("breakdown-{dimension}-{index}-{what}");
             let _ = write!(
                 rows,
@@ -228,10 +228,10 @@ pub(crate) async fn reliability(
     let by_service = format!("/api/v1/analytics/errors?group_by=service_type&{}", chosen.api());
     let (over_time, by_service) =
         tokio::try_join!(viewer.api(&state, &over_time), viewer.api(&state, &by_service))?;
-    let mut body = range::shown(over_time.get("range"));
+    let mut body = range::shown(&over_time);
     let mut rows = String::new();
     for (index, row) in by_service.get("rows").items().iter().enumerate() {
-        let totals = row.get("totals");
+        let totals = row;
         let id = |what: &str| format!("reliability-{index}-{what}");
         let _ = write!(
             rows,
@@ -270,7 +270,7 @@ pub(crate) async fn reliability(
         services
             .entry(row.get("service_type").text())
             .or_default()
-            .insert(row.get("period_start").text(), row.get("totals"));
+            .insert(row.get("period_start").text(), row);
     }
     body.push_str("<section class=\"grid\">");
     for (service, by_period) in &services {

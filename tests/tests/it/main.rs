@@ -19,3 +19,4 @@ mod rerate;
 mod store;
 mod support;
 mod tls;
+mod ui;
