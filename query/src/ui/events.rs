@@ -98,6 +98,20 @@ pub(crate) async fn list(
     }
     for (name, label) in FILTERS {
         let value = params.get(name).map_or("", String::as_str);
+        if name == "status" {
+            let option = |option: &str, text: &str| {
+                let selected = if value == option { " selected" } else { "" };
+                format!("<option value=\"{option}\"{selected}>{text}</option>")
+            };
+            let _ = write!(
+                body,
+                "<label for=\"f-status\">{label}</label><select id=\"f-status\" name=\"status\">{}{}{}</select>",
+                option("", "any"),
+                option("success", "success"),
+                option("error", "error")
+            );
+            continue;
+        }
         let _ = write!(
             body,
             "<label for=\"f-{name}\">{label}</label><input id=\"f-{name}\" name=\"{name}\" value=\"{}\">",

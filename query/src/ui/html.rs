@@ -62,9 +62,10 @@ pub fn millis(value: &Json) -> String {
     if value.is_null() { "—".into() } else { format!("{} ms", esc(value.text())) }
 }
 
-/// A cell with a test id: `<td data-testid="...">value</td>` (`value` already escaped).
+/// A figure's cell with a test id: `<td class="num" data-testid="...">value</td>` (`value`
+/// already escaped).
 pub fn cell(test_id: &str, value: &str) -> String {
-    format!("<td data-testid=\"{}\">{value}</td>", esc(test_id))
+    format!("<td class=\"num\" data-testid=\"{}\">{value}</td>", esc(test_id))
 }
 
 /// A figure card: label, value and a test id.
@@ -99,7 +100,7 @@ pub fn bar_chart(title: &str, bars: &[Bar]) -> String {
     let slot = CHART_WIDTH / bars.len().max(1) as f64;
     let label_every = (bars.len() / 12).max(1);
     for (index, bar) in bars.iter().enumerate() {
-        let height = if max > 0.0 { (bar.value / max * (plot - 4.0)).max(0.0) } else { 0.0 };
+        let height = if max > 0.0 { (bar.value / max * (plot - 16.0)).max(0.0) } else { 0.0 };
         let x = index as f64 * slot + slot * 0.1;
         let _ = write!(
             svg,

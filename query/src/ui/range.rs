@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime, PrimitiveDateTime, UtcOffset};
 
 use super::UiError;
@@ -74,9 +75,7 @@ pub(crate) async fn resolve(
     let name = params.get("range").map_or("7d", String::as_str);
     let now = now_rounded_up();
     let offset = offset_now(state, caller, now).await;
-    let rfc3339 = |time: OffsetDateTime| {
-        time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
-    };
+    let rfc3339 = |time: OffsetDateTime| time.format(&Rfc3339).unwrap_or_default();
     let mut chosen = Chosen {
         name: name.to_owned(),
         from: String::new(),
@@ -217,6 +216,21 @@ pub(crate) fn decode(text: &str) -> String {
         index += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every period of the range an answer covers (its `start_date` and `end_date`), in the tenant's
+/// time zone, so that charts show periods without events as empty rather than leave them out;
+/// none if the backend cannot tell.
+pub(crate) async fn periods(
+    state: &QueryState,
+    caller: &Caller,
+    answer: &super::json::Json,
+    period: Period,
+) -> Vec<(OffsetDateTime, OffsetDateTime)> {
+    let time = |name: &str| OffsetDateTime::parse(answer.get(name).text(), &Rfc3339).ok();
+    let (Some(start), Some(end)) = (time("start_date"), time("end_date")) else { return Vec::new() };
+    let scope = Scope { tenant_id: caller.tenant_id, start, end, time_zone: caller.time_zone.clone() };
+    state.backend.periods(&scope, period).await.unwrap_or_default()
 }
 
 /// The range the API answered for (its `start_date`, `end_date` and `time_zone`), shown and

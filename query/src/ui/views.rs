@@ -1,7 +1,7 @@
 //! The summary views: Overview, Breakdown, Reliability and Billing. Each asks the JSON API for
 //! the chosen range and renders its answer; see the module docs of [`super`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::Arc;
 
@@ -93,12 +93,18 @@ pub(crate) async fn overview(
         card("Projected to month end", "overview-projection", &projected, "linear projection"),
     );
     let rows = usage.get("aggregates").items();
+    let by_start: BTreeMap<OffsetDateTime, &Json> =
+        rows.iter().filter_map(|row| Some((time_of(row.get("period_start"))?, row))).collect();
+    // Every period of the range, so that days without events show as empty, not missing.
+    let periods = range::periods(&state, &viewer.caller, &usage, chosen.period).await;
+    let zero = Json::Number("0".into());
     let bars = |name: &str, money: bool| -> Vec<Bar> {
-        rows.iter()
-            .map(|row| {
-                let value = row.get(name);
+        periods
+            .iter()
+            .map(|(start, end)| {
+                let value = by_start.get(start).map_or(&zero, |row| row.get(name));
                 Bar {
-                    label: period_label(&chosen, row),
+                    label: chosen.label(*start, *end),
                     value_text: if money { exact(value) } else { value.text().to_owned() },
                     value: html::draw(value.decimal()),
                 }
@@ -250,27 +256,15 @@ pub(crate) async fn reliability(
         body,
         "<section><h2>By service</h2><div class=\"scroll\"><table><thead><tr><th scope=\"col\">Service</th><th scope=\"col\">Events</th><th scope=\"col\">Errors</th><th scope=\"col\">Error rate</th><th scope=\"col\">p50</th><th scope=\"col\">p95</th><th scope=\"col\">p99</th></tr></thead><tbody>{rows}</tbody></table></div></section>"
     );
-    // Over time: one pair of charts per service, on the periods any service had events in.
+    // Over time: one pair of charts per service, over every period of the range.
     let rows = over_time.get("aggregates").items();
-    let periods: BTreeSet<(String, String)> = rows
-        .iter()
-        .map(|row| (row.get("period_start").text().to_owned(), row.get("period_end").text().to_owned()))
-        .collect();
-    let labels: Vec<String> = periods
-        .iter()
-        .map(|(start, end)| {
-            match (OffsetDateTime::parse(start, &Rfc3339), OffsetDateTime::parse(end, &Rfc3339)) {
-                (Ok(start), Ok(end)) => chosen.label(start, end),
-                _ => String::new(),
-            }
-        })
-        .collect();
-    let mut services: BTreeMap<&str, BTreeMap<&str, &Json>> = BTreeMap::new();
+    let periods = range::periods(&state, &viewer.caller, &over_time, chosen.period).await;
+    let labels: Vec<String> = periods.iter().map(|(start, end)| chosen.label(*start, *end)).collect();
+    let mut services: BTreeMap<&str, BTreeMap<OffsetDateTime, &Json>> = BTreeMap::new();
     for row in rows {
-        services
-            .entry(row.get("service_type").text())
-            .or_default()
-            .insert(row.get("period_start").text(), row);
+        if let Some(start) = time_of(row.get("period_start")) {
+            services.entry(row.get("service_type").text()).or_default().insert(start, row);
+        }
     }
     body.push_str("<section class=\"grid\">");
     for (service, by_period) in &services {
@@ -278,10 +272,7 @@ pub(crate) async fn reliability(
             periods
                 .iter()
                 .map(|(start, _)| {
-                    by_period
-                        .get(start.as_str())
-                        .and_then(|totals| totals.get(name).float())
-                        .map(|v| v * scale)
+                    by_period.get(start).and_then(|totals| totals.get(name).float()).map(|v| v * scale)
                 })
                 .collect()
         };
