@@ -49,6 +49,8 @@ pub fn router(state: Arc<QueryState>) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .with_state(state.clone())
         .merge(docs)
+        // Explicit, so that the merged router keeps this fallback, with the JSON errors layer.
+        .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(axum::middleware::from_fn(|request, next| {
             serve::json_errors(request, next, crate::error::plain_error)
         }))

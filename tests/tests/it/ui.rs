@@ -154,6 +154,7 @@ async fn console_errors(browser: &Client) -> Result<Vec<String>> {
 /// A live query service (with the dashboard) over the edge's database, on a loopback port.
 async fn serve_query(edge: &TestEdge, stop: &CancellationToken) -> Result<SocketAddr> {
     let state = query_state(edge, Duration::from_secs(15)).await?;
+    headers_cookie_and_fallback(&state, &edge.key).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(serve::serve(
@@ -165,6 +166,36 @@ async fn serve_query(edge: &TestEdge, stop: &CancellationToken) -> Result<Socket
         stop.clone(),
     ));
     Ok(addr)
+}
+
+/// What the browser does not show: every page carries the strict Content-Security-Policy, the
+/// session cookie is `HttpOnly; SameSite=Strict; Path=/ui` and holds no key, `/` leads to the
+/// dashboard, and unknown paths still answer the API's JSON 404.
+async fn headers_cookie_and_fallback(state: &std::sync::Arc<query::QueryState>, key: &str) -> Result<()> {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode, header};
+    use tower::ServiceExt;
+    let send = |request: Request<Body>| query::router(state.clone()).oneshot(request);
+    let page = send(Request::get("/ui/sign-in").body(Body::empty())?).await?;
+    ensure!(page.status() == StatusCode::OK, "sign-in page: {}", page.status());
+    let policy = page.headers().get(header::CONTENT_SECURITY_POLICY).context("a CSP")?;
+    ensure!(policy == query::ui::CONTENT_SECURITY_POLICY, "{policy:?}");
+    let root = send(Request::get("/").body(Body::empty())?).await?;
+    ensure!(root.headers().get(header::LOCATION).is_some_and(|to| to == "/ui/"), "/ redirects to /ui/");
+    let form = Request::post("/ui/sign-in")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(format!("api_key={key}")))?;
+    let signed_in = send(form).await?;
+    let cookie = signed_in.headers().get(header::SET_COOKIE).context("a session cookie")?.to_str()?;
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
+        ensure!(cookie.contains(attribute), "{cookie} lacks {attribute}");
+    }
+    ensure!(!cookie.contains(key), "the cookie holds no key");
+    let unknown = send(Request::get("/no/such/path").body(Body::empty())?).await?;
+    ensure!(unknown.status() == StatusCode::NOT_FOUND, "unknown path: {}", unknown.status());
+    let body = axum::body::to_bytes(unknown.into_body(), 1 << 16).await?;
+    ensure!(serde_json::from_slice::<serde_json::Value>(&body)?["error"].is_string(), "a JSON 404");
+    Ok(())
 }
 
 /// What the test drives: the browser, the query port and the signed-in key.
