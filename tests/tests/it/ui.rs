@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::query_hardening::query_state;
-use crate::support::{Backend, TestEdge, create_key};
+use crate::support::{Backend, TestEdge, both_backends, create_key};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -209,6 +209,8 @@ struct Session<'a> {
 impl Session<'_> {
     async fn open(&self, path: &str) -> Result<()> {
         self.browser.goto(&format!("http://{}{path}", self.addr)).await?;
+        // Every page has a header; wait for it (a navigation still under way has none).
+        self.browser.wait().at_most(WAIT).for_element(Locator::Css("body > header")).await?;
         Ok(())
     }
 
@@ -270,6 +272,9 @@ impl Session<'_> {
         self.open("/ui/sign-in").await?;
         self.browser.find(Locator::Id("api_key")).await?.send_keys(key).await?;
         self.browser.find(Locator::Id("sign-in")).await?.click().await?;
+        // The answer: the dashboard, or the form again with the reason.
+        let answer = Locator::Css("[data-testid=tenant], [data-testid=sign-in-error]");
+        self.browser.wait().at_most(WAIT).for_element(answer).await.context("no answer to the sign-in")?;
         Ok(())
     }
 
@@ -285,10 +290,13 @@ fn same_decimal(shown: &str, api: &Json, what: &str) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_dashboard_shows_the_api_figures_in_a_real_browser() -> Result<()> {
+both_backends!(the_dashboard_shows_the_api_figures_in_a_real_browser);
+
+/// On the embedded database (`tally`'s default) the screenshots go to `target/ui-screenshots/`,
+/// on PostgreSQL to `target/ui-screenshots/postgres/`.
+async fn the_dashboard_shows_the_api_figures_in_a_real_browser(backend: Backend) -> Result<()> {
     let driver = Driver::start().await?;
-    let edge = TestEdge::on(Backend::Sqlite).await?;
+    let edge = TestEdge::on(backend).await?;
     let now = OffsetDateTime::now_utc();
     commit(&edge, edge.tenant.id, acme_events(now)).await?;
     let globex = edge.store.create_tenant("globex").await?;
@@ -305,7 +313,10 @@ async fn the_dashboard_shows_the_api_figures_in_a_real_browser() -> Result<()> {
     let stop = CancellationToken::new();
     let addr = serve_query(&edge, &stop).await?;
 
-    let screenshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots");
+    let mut screenshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots");
+    if backend == Backend::Postgres {
+        screenshots.push("postgres");
+    }
     std::fs::create_dir_all(&screenshots)?;
     let browser = driver.browser().await?;
     let session = Session { browser: &browser, addr, key: edge.key.clone(), screenshots };
@@ -354,7 +365,9 @@ async fn drive(session: &Session<'_>, ingest_only_key: &str, globex_key: &str) -
     ] {
         session.open(path).await?;
         let source = session.browser.source().await?;
-        ensure!(source.contains("globex"), "{path}: the page names globex");
+        let start = source.find("<main").unwrap_or(0);
+        let shown = source.get(start..(start + 600).min(source.len())).unwrap_or_default();
+        ensure!(source.contains("globex"), "{path}: the page names globex: {shown}");
         for acme in ["acme-user", "llm_service", "ocr_service", "acme-ocr"] {
             ensure!(!source.contains(acme), "{path}: globex sees {acme}");
         }
@@ -410,7 +423,15 @@ async fn overview(session: &Session<'_>) -> Result<()> {
         "projection",
     )?;
     session.open("/ui/?range=7d").await?;
-    session.screenshot("overview").await
+    session.screenshot("overview").await?;
+    // At phone width the page reflows: nothing wider than the window.
+    session.browser.set_window_size(390, 844).await?;
+    session.open("/ui/?range=7d").await?;
+    session.screenshot("overview-phone").await?;
+    let overflow = session.browser.execute("return document.documentElement.scrollWidth;", vec![]).await?;
+    ensure!(overflow.as_u64().is_some_and(|width| width <= 390), "wider than a phone: {overflow}");
+    session.browser.set_window_size(1280, 1100).await?;
+    Ok(())
 }
 
 async fn breakdown(session: &Session<'_>) -> Result<()> {
