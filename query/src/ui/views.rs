@@ -360,7 +360,7 @@ pub(crate) async fn billing(
         let minimum = rule.get("minimum_charge");
         let _ = write!(
             rules,
-            "<tr><th scope=\"row\">{scope}<br><small>{} · {}</small></th><td>{}</td>{}{}{}<td>{}</td>{}{}</tr>",
+            "<tr><th scope=\"row\">{scope}<br><small>{} · {}</small></th><td>{}</td>{}{}{}<td class=\"num\">{}</td>{}{}</tr>",
             esc(rule.get("method").text()),
             esc(rule.get("source").text()),
             esc(rule.get("unit").text()),
@@ -380,7 +380,7 @@ pub(crate) async fn billing(
     for line in bill.get("by_service").items() {
         let _ = write!(
             services,
-            "<tr><th scope=\"row\">{} / {} / {}</th><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><th scope=\"row\">{} / {} / {}</th><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
             esc(line.get("service_type").text()),
             esc(line.get("service_provider").text()),
             esc(line.get("model").text()),
