@@ -371,11 +371,10 @@ async fn sign_out(State(state): State<Arc<QueryState>>, headers: HeaderMap) -> R
     response
 }
 
-/// A form post from this site: its `Origin`, when the browser sends one, names the `Host`
-/// (the pages' `Referrer-Policy: same-origin` lets browsers send it; `no-referrer` would make it
-/// `null`)
-/// (the `SameSite=Strict` cookie already keeps other sites' posts from carrying a session; this
-/// also refuses their sign-in posts).
+/// A form post from this site: its `Origin`, when the browser sends one, names the `Host`. The
+/// `SameSite=Strict` cookie already keeps other sites' posts from carrying a session; this also
+/// refuses their sign-in posts. (The pages' `Referrer-Policy: same-origin` lets browsers send
+/// the origin; `no-referrer` would make it `null`.)
 fn same_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|value| value.to_str().ok()) else {
         return true;
