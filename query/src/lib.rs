@@ -8,6 +8,7 @@
 //! - [`backend::Backend`]: the storage boundary. Handlers ask typed questions; all SQL lives in
 //!   [`pg`], so an embedded backend can be added without touching a handler.
 //! - [`cache`]: finished answers, in process and optionally in Redis.
+//! - [`ui`]: the dashboard at `/ui/` (server-rendered HTML over the same endpoints).
 //!
 //! # Numbers
 //! - Aggregates read the hourly rollups: on PostgreSQL `usage_rollup_service_hourly` (no user)
@@ -46,6 +47,7 @@ pub mod pg;
 mod series;
 pub mod sqlite;
 pub mod stats;
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -63,6 +65,8 @@ pub struct QueryState {
     pub backend: Arc<dyn Backend>,
     pub auth: Authenticator,
     pub cache: ResponseCache,
+    /// The dashboard's signed-in sessions ([`ui`]).
+    pub ui_sessions: ui::Sessions,
 }
 
 /// Why the service could not start.
@@ -99,6 +103,7 @@ impl QueryState {
         Arc::new(QueryState {
             auth: Authenticator::new(backend.clone(), config.key_cache_ttl),
             cache: ResponseCache::new(config.cache_ttl, config.cache_memory_bytes_max, redis),
+            ui_sessions: ui::Sessions::default(),
             backend,
             config,
         })

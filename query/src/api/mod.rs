@@ -37,9 +37,35 @@ use crate::cache::{CacheLevel, ResponseCache};
 use crate::error::ApiError;
 use crate::params::{TimeInput, parse_time};
 
-/// Every endpoint: data, documentation and operations.
+/// Every endpoint: data, documentation, operations, and the dashboard ([`crate::ui`]) at
+/// `/ui/` (with `/` redirecting there).
 pub fn router(state: Arc<QueryState>) -> Router {
     let docs = utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi());
+    data_routes()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .layer(axum::middleware::from_fn(record_request))
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .with_state(state.clone())
+        .merge(docs)
+        // Explicit, so that the merged router keeps this fallback, with the JSON errors layer.
+        .fallback(|| async { StatusCode::NOT_FOUND })
+        .layer(axum::middleware::from_fn(|request, next| {
+            serve::json_errors(request, next, crate::error::plain_error)
+        }))
+        .merge(crate::ui::routes(state))
+}
+
+/// The data endpoints alone, as [`router`] serves them: what the dashboard asks in process.
+pub(crate) fn data_router(state: Arc<QueryState>) -> Router {
+    data_routes()
+        .layer(axum::middleware::from_fn(record_request))
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .with_state(state)
+}
+
+fn data_routes() -> Router<Arc<QueryState>> {
     Router::new()
         .route("/api/v1/usage", get(listing::list_usage))
         .route("/api/v1/usage/aggregate", get(usage::aggregate))
@@ -51,16 +77,6 @@ pub fn router(state: Arc<QueryState>) -> Router {
         .route("/api/v1/analytics/compare", get(analytics::compare))
         .route("/api/v1/analytics/errors", get(analytics::errors))
         .route("/api/v1/billing/summary", get(billing::summary))
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics_text))
-        .layer(axum::middleware::from_fn(record_request))
-        .layer(tower_http::catch_panic::CatchPanicLayer::new())
-        .with_state(state)
-        .merge(docs)
-        .layer(axum::middleware::from_fn(|request, next| {
-            serve::json_errors(request, next, crate::error::plain_error)
-        }))
 }
 
 /// What the older gateway served on the ingest port besides ingest, for the edge to mount there:

@@ -20,3 +20,4 @@ mod rerate;
 mod store;
 mod support;
 mod tls;
+mod ui;
