@@ -10,7 +10,7 @@ use super::UiError;
 use super::html::{esc, url};
 use crate::QueryState;
 use crate::auth::Caller;
-use crate::backend::Scope;
+use crate::backend::{Edges, Scope};
 use crate::params::Period;
 
 /// The choices, as named in the `range` parameter, and their labels.
@@ -85,12 +85,7 @@ pub(crate) async fn resolve(
         period: Period::Day,
         offset,
     };
-    let scope = |start: OffsetDateTime| Scope {
-        tenant_id: caller.tenant_id,
-        start,
-        end: now,
-        time_zone: caller.time_zone.clone(),
-    };
+    let scope = |start: OffsetDateTime| Scope::exact(caller.tenant_id, start, now, &caller.time_zone);
     let start = match name {
         "24h" => {
             chosen.period = Period::Hour;
@@ -228,9 +223,16 @@ pub(crate) async fn periods(
     period: Period,
 ) -> Vec<(OffsetDateTime, OffsetDateTime)> {
     let time = |name: &str| OffsetDateTime::parse(answer.get(name).text(), &Rfc3339).ok();
-    let (Some(start), Some(end)) = (time("start_date"), time("end_date")) else { return Vec::new() };
-    let scope = Scope { tenant_id: caller.tenant_id, start, end, time_zone: caller.time_zone.clone() };
-    state.backend.periods(&scope, period).await.unwrap_or_default()
+    // The range the answer counted, and its buckets as the API made them (under hour edges an
+    // hour counts in the period holding its middle).
+    let (Some(start), Some(end)) = (time("effective_start"), time("effective_end")) else {
+        return Vec::new();
+    };
+    let mut scope = Scope::exact(caller.tenant_id, start, end, &caller.time_zone);
+    if answer.get("edges").text() == Edges::Hour.as_str() {
+        scope.edges = Edges::Hour;
+    }
+    state.backend.periods(&scope.bucketed(), period).await.unwrap_or_default()
 }
 
 /// The range the API answered for (its `start_date`, `end_date` and `time_zone`), shown and
