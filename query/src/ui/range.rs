@@ -235,13 +235,18 @@ pub(crate) async fn periods(
     state.backend.periods(&scope.bucketed(), period).await.unwrap_or_default()
 }
 
-/// The range the API answered for (its `start_date`, `end_date` and `time_zone`), shown and
-/// marked for the browser test.
+/// The range the API counted (its `effective_start` and `effective_end`: whole UTC hours unless
+/// it answered exactly, else `start_date` and `end_date`) and time zone, shown and marked for
+/// the browser test.
 pub(crate) fn shown(range: &super::json::Json) -> String {
+    let bound = |effective: &str, asked: &str| {
+        let text = range.get(effective).text();
+        esc(if text.is_empty() { range.get(asked).text() } else { text })
+    };
     format!(
         "<p class=\"range-shown\">From <time data-testid=\"range-start\">{}</time> to <time data-testid=\"range-end\">{}</time> ({})</p>",
-        esc(range.get("start_date").text()),
-        esc(range.get("end_date").text()),
+        bound("effective_start", "start_date"),
+        bound("effective_end", "end_date"),
         esc(range.get("time_zone").text())
     )
 }
