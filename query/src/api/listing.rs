@@ -183,7 +183,7 @@ async fn count(
     {
         return Ok(count);
     }
-    let computed_at_us = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
+    let computed_at_us = super::now_us();
     let rows = state.backend.aggregate(&query).await?;
     let stats = rows.first().map(|row| row.stats.clone()).unwrap_or_default();
     let count = match status {

@@ -272,7 +272,8 @@ where
     Ok(json_response(body, CacheLevel::Miss, computed_at_us))
 }
 
-fn now_us() -> i64 {
+/// Now, in microseconds since the Unix epoch.
+pub(crate) fn now_us() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
 }
 

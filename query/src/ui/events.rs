@@ -65,6 +65,16 @@ fn local_time(chosen: &Chosen, text: &str) -> String {
     }
 }
 
+/// The listing's API path: `first` parameters, the range's, then the filters (if any).
+fn listing_path(first: &str, range: &str, filters: &str) -> String {
+    let mut path = format!("/api/v1/usage?{first}&{range}");
+    if !filters.is_empty() {
+        path.push('&');
+        path.push_str(filters);
+    }
+    path
+}
+
 /// A page of events, newest first.
 pub(crate) async fn list(
     State(state): State<Arc<QueryState>>,
@@ -73,10 +83,7 @@ pub(crate) async fn list(
 ) -> Result<Response, UiError> {
     let (viewer, chosen) = prepare(&state, &headers, &params).await?;
     let filters = filter_query(&params);
-    let mut path = format!("/api/v1/usage?limit={PAGE_EVENTS}&{}", chosen.api());
-    if !filters.is_empty() {
-        path = format!("{path}&{filters}");
-    }
+    let mut path = listing_path(&format!("limit={PAGE_EVENTS}"), &chosen.api(), &filters);
     if let Some(cursor) = params.get("cursor").filter(|cursor| !cursor.is_empty()) {
         path = format!("{path}&cursor={}", url(cursor));
     }
@@ -175,10 +182,7 @@ pub(crate) async fn csv(
 ) -> Result<Response, UiError> {
     let (viewer, chosen) = prepare(&state, &headers, &params).await?;
     let filters = filter_query(&params);
-    let mut path = format!("/api/v1/usage?format=csv&limit={CSV_EVENTS_MAX}&{}", chosen.api());
-    if !filters.is_empty() {
-        path = format!("{path}&{filters}");
-    }
+    let path = listing_path(&format!("format=csv&limit={CSV_EVENTS_MAX}"), &chosen.api(), &filters);
     let mut response = viewer.api_response(&state, &path).await?;
     if !response.status().is_success() {
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap_or_default();
