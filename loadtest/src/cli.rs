@@ -220,6 +220,10 @@ pub struct RatioArgs {
     /// Skip verifying the full path's database.
     #[arg(long)]
     pub no_verify: bool,
+    /// Load `pg_stat_statements` (a server restart before the run) and print where the full
+    /// path's statement time went, per statement and per event.
+    #[arg(long)]
+    pub statements: bool,
     /// Exit non-zero if the ratio is below this.
     #[arg(long)]
     pub fail_under_ratio: Option<f64>,

@@ -253,6 +253,7 @@ async fn ratio_command(args: RatioArgs) -> Result<bool> {
             embedded: false,
         },
         verify: !args.no_verify,
+        statements: args.statements,
     };
     let progress = Progress::new(args.output.quiet);
     let report = run_ratio(&options, &progress).await?;

@@ -40,6 +40,8 @@ pub struct RatioOptions {
     pub generator: GeneratorConfig,
     pub spawn: SpawnOptions,
     pub verify: bool,
+    /// Load `pg_stat_statements` and report the full path's statements.
+    pub statements: bool,
 }
 
 /// The results, for people and machines.
@@ -57,7 +59,22 @@ pub struct RatioReport {
     pub bytes_per_event_raw_copy: f64,
     pub rollup_table_bytes: u64,
     pub rollup_rows: u64,
+    /// Seconds from the last ack until the materializer had folded every pending rollup row.
+    pub fold_caught_up_s: Option<f64>,
+    /// The full path's statements by total execution time (with `--statements`).
+    pub statements: Vec<Statement>,
     pub verification: Option<Verification>,
+}
+
+/// One statement of the full path, from `pg_stat_statements`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Statement {
+    pub query: String,
+    pub calls: i64,
+    pub rows: i64,
+    pub total_ms: f64,
+    /// Execution time per event of the run, in microseconds.
+    pub us_per_event: f64,
 }
 
 /// One measured phase.
@@ -73,6 +90,9 @@ pub struct Phase {
 pub async fn run_ratio(options: &RatioOptions, progress: &Progress) -> Result<RatioReport> {
     let edge_bin = spawn::edge_binary(options.spawn.edge_bin.as_deref())?;
     let postgres = spawn::start_postgres(options.spawn.pg_durable).await?;
+    if options.statements {
+        load_statement_stats(&postgres).await?;
+    }
     let mut copy_db = postgres.fresh_database().await?;
     let mut edge_db = postgres.fresh_database().await?;
     copy_db.url = spawn::database_url(&postgres, &copy_db, options.spawn.pg_socket);
@@ -96,6 +116,9 @@ pub async fn run_ratio(options: &RatioOptions, progress: &Progress) -> Result<Ra
     let raw_probe = CpuProbe { edge_pid: None, postmaster_pid: Some(postmaster_pid) };
     let raw_copy = copy_phase(&copy_db.url, buffers, &raw_probe).await?;
     checkpoint(&edge_db.url).await?;
+    if options.statements {
+        reset_statement_stats(&edge_db.url).await?;
+    }
 
     let edge = EdgeChild::start(&edge_bin, &edge_storage, &options.spawn.edge_args).await?;
     progress.note(&format!(
@@ -121,6 +144,11 @@ pub async fn run_ratio(options: &RatioOptions, progress: &Progress) -> Result<Ra
     let mark = probe.mark();
     let outcome = run_load(&load, &target, progress, Some(batches)).await?;
     let cpu = probe.since(&mark);
+    let fold_caught_up_s = wait_for_fold(&edge_db.url).await?;
+    let statements = match options.statements {
+        true => statement_stats(&edge_db.url, outcome.stats.answered()).await?,
+        false => Vec::new(),
+    };
     progress.finish();
     let elapsed = outcome.stats.last_answer();
     let (ack_latency, _) = outcome.stats.latencies();
@@ -151,6 +179,8 @@ pub async fn run_ratio(options: &RatioOptions, progress: &Progress) -> Result<Ra
         bytes_per_event_raw_copy: raw_sizes.bytes_per_event(),
         rollup_table_bytes: full_sizes.rollup_bytes,
         rollup_rows: full_sizes.rollup_rows,
+        fold_caught_up_s,
+        statements,
         verification,
     })
 }
@@ -240,6 +270,71 @@ async fn copy_phase(url: &str, buffers: Vec<Vec<u8>>, probe: &CpuProbe) -> Resul
     Ok(Phase { elapsed_s: elapsed.as_secs_f64(), events_per_s: rate(rows, elapsed), rows_stored: rows, cpu })
 }
 
+/// How long after the last ack the materializer took to fold every pending rollup row (`None`
+/// if it had not within two minutes). The full path's rate stops at the last ack; this says
+/// how much rollup work was still to do then.
+async fn wait_for_fold(url: &str) -> Result<Option<f64>> {
+    let started = Instant::now();
+    let mut connection = PgConnection::connect(url).await?;
+    while started.elapsed() < std::time::Duration::from_secs(120) {
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT /* tally-load */ (SELECT count(*) FROM usage_rollup_pending) \
+             + (SELECT count(*) FROM usage_rollup_service_pending)",
+        )
+        .fetch_one(&mut connection)
+        .await?;
+        if pending == 0 {
+            connection.close().await?;
+            return Ok(Some(started.elapsed().as_secs_f64()));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    connection.close().await?;
+    Ok(None)
+}
+
+/// Restarts the (dedicated) server with `pg_stat_statements` loaded.
+async fn load_statement_stats(server: &tests::PgServer) -> Result<()> {
+    let mut connection = PgConnection::connect(&server.url("postgres")).await?;
+    connection.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'").await?;
+    connection.close().await?;
+    server.stop().await.context("failed to stop PostgreSQL to load pg_stat_statements")?;
+    server.start().await.context("failed to restart PostgreSQL with pg_stat_statements")
+}
+
+async fn reset_statement_stats(url: &str) -> Result<()> {
+    let mut connection = PgConnection::connect(url).await?;
+    connection.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await?;
+    connection.execute("SELECT pg_stat_statements_reset()").await?;
+    connection.close().await?;
+    Ok(())
+}
+
+/// The full path's statements in its database, by total execution time (which includes time
+/// waiting for locks and WAL flushes, not only CPU).
+async fn statement_stats(url: &str, events: u64) -> Result<Vec<Statement>> {
+    let mut connection = PgConnection::connect(url).await?;
+    let rows: Vec<(String, i64, i64, f64)> = sqlx::query_as(
+        "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, rows, total_exec_time \
+         FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%tally-load%' \
+         ORDER BY total_exec_time DESC LIMIT 12",
+    )
+    .fetch_all(&mut connection)
+    .await?;
+    connection.close().await?;
+    Ok(rows
+        .into_iter()
+        .map(|(query, calls, rows, total_ms)| Statement {
+            query,
+            calls,
+            rows,
+            total_ms,
+            us_per_event: total_ms * 1000.0 / events.max(1) as f64,
+        })
+        .collect())
+}
+
 /// Writes the raw phase's dirty pages out, so the full path does not pay for them.
 async fn checkpoint(url: &str) -> Result<()> {
     let mut connection = PgConnection::connect(url).await?;
@@ -312,6 +407,21 @@ impl RatioReport {
             self.rollup_rows,
             self.rollup_table_bytes as f64 / 1_048_576.0
         ));
+        match self.fold_caught_up_s {
+            Some(seconds) => out
+                .push_str(&format!("fold       every rollup row folded {seconds:.2} s after the last ack\n")),
+            None => out.push_str("fold       rollup rows still pending 120 s after the last ack\n"),
+        }
+        if !self.statements.is_empty() {
+            out.push_str("statements (full path, pg_stat_statements: execution time incl. waits)\n");
+            for statement in &self.statements {
+                let query: String = statement.query.chars().take(90).collect();
+                out.push_str(&format!(
+                    "  {:>9.1} ms {:>6.2} us/event {:>7} calls {:>9} rows  {query}\n",
+                    statement.total_ms, statement.us_per_event, statement.calls, statement.rows
+                ));
+            }
+        }
         if let Some(verification) = &self.verification {
             out.push_str(&crate::report::verification_text(verification));
         }

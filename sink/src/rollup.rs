@@ -1,6 +1,6 @@
 //! Hourly rollups, computed from exactly the rows a transaction inserted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rust_decimal::Decimal;
 use uuid::Uuid;
@@ -151,14 +151,14 @@ impl RollupDelta {
     }
 }
 
-/// Sums rows into rollup deltas, one per key, in key order.
-pub fn aggregate<'a>(
-    rows: impl IntoIterator<Item = &'a EventRow>,
-) -> Result<BTreeMap<RollupKey<'a>, RollupDelta>, RollupOverflow> {
-    let mut deltas: BTreeMap<RollupKey<'a>, RollupDelta> = BTreeMap::new();
-    for row in rows {
+/// Rollup deltas with their keys, in key order (the order every writer uses).
+pub type SortedDeltas<'a> = Vec<(RollupKey<'a>, RollupDelta)>;
+
+impl<'a> RollupKey<'a> {
+    /// The per-user rollup key of a row.
+    pub fn of(row: &'a EventRow) -> RollupKey<'a> {
         let event = &row.event;
-        let key = RollupKey {
+        RollupKey {
             tenant_id: row.tenant_id,
             hour_us: hour_start_us(event.timestamp_us),
             service_type: &event.service_type,
@@ -166,28 +166,101 @@ pub fn aggregate<'a>(
             model: event.model.as_deref().unwrap_or(""),
             user_id: &event.user_id,
             event_type: &event.event_type,
-        };
-        deltas.entry(key).or_default().add(row)?;
+        }
+    }
+}
+
+/// Rollup deltas by key, in the order their keys first appeared: for appends, which need no
+/// order. Each delta (~600 bytes) stays in one place from its first row on.
+#[derive(Debug, Default)]
+pub struct Deltas<'a> {
+    slots: HashMap<RollupKey<'a>, usize, foldhash::quality::RandomState>,
+    keys: Vec<RollupKey<'a>>,
+    deltas: Vec<RollupDelta>,
+}
+
+impl<'a> Deltas<'a> {
+    fn delta(&mut self, key: RollupKey<'a>) -> &mut RollupDelta {
+        let next = self.keys.len();
+        let slot = *self.slots.entry(key.clone()).or_insert(next);
+        if slot == next {
+            self.keys.push(key);
+            self.deltas.push(RollupDelta::default());
+        }
+        &mut self.deltas[slot]
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&RollupKey<'a>, &RollupDelta)> {
+        self.keys.iter().zip(&self.deltas)
+    }
+
+    /// The deltas in key order, the order of every rollup upsert.
+    fn sorted(self) -> SortedDeltas<'a> {
+        let Deltas { keys, mut deltas, .. } = self;
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_unstable_by(|&a, &b| keys[a].cmp(&keys[b]));
+        order.into_iter().map(|slot| (keys[slot].clone(), std::mem::take(&mut deltas[slot]))).collect()
+    }
+}
+
+impl Deltas<'_> {
+    fn with_capacity(keys: usize) -> Self {
+        Deltas {
+            slots: HashMap::with_capacity_and_hasher(keys, Default::default()),
+            keys: Vec::with_capacity(keys),
+            deltas: Vec::with_capacity(keys),
+        }
+    }
+}
+
+/// Sums rows into rollup deltas, one per key, in no particular order.
+pub fn aggregate_unordered<'a>(
+    rows: impl IntoIterator<Item = &'a EventRow>,
+) -> Result<Deltas<'a>, RollupOverflow> {
+    let rows = rows.into_iter();
+    let mut deltas = Deltas::with_capacity(rows.size_hint().0);
+    for row in rows {
+        deltas.delta(RollupKey::of(row)).add(row)?;
     }
     Ok(deltas)
 }
 
-/// The same sums without the user: per-user deltas merged by every other key field, with
-/// `user_id` empty. In key order, like any rollup write.
-pub fn without_users<'a>(
-    deltas: &BTreeMap<RollupKey<'a>, RollupDelta>,
-) -> Result<BTreeMap<RollupKey<'a>, RollupDelta>, RollupOverflow> {
-    let mut services: BTreeMap<RollupKey<'a>, RollupDelta> = BTreeMap::new();
-    for (key, delta) in deltas {
-        let key = RollupKey { user_id: "", ..key.clone() };
-        match services.get_mut(&key) {
-            Some(sum) => sum.merge(delta)?,
-            None => {
-                services.insert(key, delta.clone());
-            }
-        }
+/// Per-user deltas and, summed over users, per-service deltas of the same rows: both in one
+/// pass, each service delta summed from rows rather than merged from per-user deltas.
+pub fn aggregate_both<'a>(
+    rows: impl IntoIterator<Item = &'a EventRow>,
+) -> Result<(Deltas<'a>, Deltas<'a>), RollupOverflow> {
+    let rows = rows.into_iter();
+    let mut users = Deltas::with_capacity(rows.size_hint().0);
+    let mut services = Deltas::default();
+    for row in rows {
+        let key = RollupKey::of(row);
+        services.delta(RollupKey { user_id: "", ..key.clone() }).add(row)?;
+        users.delta(key).add(row)?;
     }
-    Ok(services)
+    Ok((users, services))
+}
+
+/// Sums rows into rollup deltas, one per key, in key order.
+pub fn aggregate_sorted<'a>(
+    rows: impl IntoIterator<Item = &'a EventRow>,
+) -> Result<SortedDeltas<'a>, RollupOverflow> {
+    Ok(aggregate_unordered(rows)?.sorted())
+}
+
+/// [`aggregate_sorted`] as a map.
+pub fn aggregate<'a>(
+    rows: impl IntoIterator<Item = &'a EventRow>,
+) -> Result<BTreeMap<RollupKey<'a>, RollupDelta>, RollupOverflow> {
+    Ok(aggregate_sorted(rows)?.into_iter().collect())
 }
 
 #[cfg(test)]
@@ -280,7 +353,7 @@ mod tests {
     }
 
     #[test]
-    fn without_users_sums_over_users() {
+    fn service_deltas_sum_over_users() {
         let tenant = Uuid::from_u128(7);
         let event = |user: &str, model: &str| {
             wire::Event::new(user, "llm_service", "openai", "completion")
@@ -293,7 +366,8 @@ mod tests {
             EventRow::new(tenant, event("u2", "a"), None),
             EventRow::new(tenant, event("u2", "b"), Some(Decimal::TWO)),
         ];
-        let services = without_users(&aggregate(&rows).expect("in range")).expect("in range");
+        let (users, services) = aggregate_both(&rows).expect("in range");
+        assert_eq!(users.len(), 3);
         assert_eq!(services.len(), 2);
         let (key, a) = services.iter().next().expect("model a");
         assert_eq!((key.user_id, key.model), ("", "a"));

@@ -15,7 +15,7 @@
 //! two commits never wait for each other), after which the key is in the hint if it was stored.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,18 +32,42 @@ const GENERATION_AGE_MAX: Duration = Duration::from_secs(120);
 
 #[derive(Debug)]
 pub(crate) struct RecentKeys {
-    hasher: RandomState,
+    hasher: foldhash::quality::RandomState,
     generations: Mutex<Generations>,
     tickets: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Generations {
-    current: HashSet<u64>,
-    previous: HashSet<u64>,
+    current: HashSet<u64, Hashed>,
+    previous: HashSet<u64, Hashed>,
     started: Instant,
     /// Keys of commits in flight: the earliest commit holding each, and its end signal.
-    in_flight: HashMap<u64, (u64, watch::Receiver<bool>)>,
+    in_flight: HashMap<u64, (u64, watch::Receiver<bool>), Hashed>,
+}
+
+/// The tables' keys are hashes already (by the random-keyed [`RecentKeys::hash`]): used as
+/// they are, not hashed again.
+type Hashed = BuildHasherDefault<AsIs>;
+
+#[derive(Debug, Default)]
+struct AsIs(u64);
+
+impl Hasher for AsIs {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; any other input still hashes deterministically.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
 }
 
 /// A commit in flight: its keys stay registered until it is dropped.
@@ -80,12 +104,12 @@ impl Drop for Flight<'_> {
 impl Default for RecentKeys {
     fn default() -> Self {
         RecentKeys {
-            hasher: RandomState::new(),
+            hasher: Default::default(),
             generations: Mutex::new(Generations {
-                current: HashSet::new(),
-                previous: HashSet::new(),
+                current: HashSet::default(),
+                previous: HashSet::default(),
                 started: Instant::now(),
-                in_flight: HashMap::new(),
+                in_flight: HashMap::default(),
             }),
             tickets: AtomicU64::new(0),
         }

@@ -36,6 +36,17 @@ fn batch(tenant: Uuid, base_us: i64, seed: i64, count: i64) -> Vec<EventRow> {
                 .with_id(Uuid::from_u128(n as u128 + 1))
                 .at(base_us + (n % 2) * HOUR_US + n);
             event.latency_ms = Some((n % 900) as f64 + 0.25);
+            // Custom quantities on some events, under two names: the fold sums them by name,
+            // into rollup rows that may hold either, both or none already.
+            match n % 4 {
+                0 => event = event.with_custom_quantity("images", (n % 3) as f64 + 0.25),
+                1 => {
+                    event = event
+                        .with_custom_quantity("images", 1.5)
+                        .with_custom_quantity("gpu_seconds", (n % 13) as f64 / 8.0)
+                }
+                _ => {}
+            }
             EventRow::new(tenant, event, Some(rust_decimal::Decimal::new(n % 11, 3)))
         })
         .collect()
