@@ -305,8 +305,7 @@ impl PgStore {
                AND occurred_at >= tally_timestamptz($2) AND occurred_at < tally_timestamptz($3)
                AND ($4::bigint IS NULL OR (occurred_at, event_id) > (tally_timestamptz($4), $5))
              ORDER BY occurred_at, event_id
-             LIMIT $6
-             FOR UPDATE",
+             LIMIT $6",
         )
         .bind(request.tenant_id)
         .bind(request.start_us)
@@ -330,10 +329,10 @@ impl PgStore {
             batch.last = Some((event.timestamp_us, event.id()));
             if before != after.cost || before_rules != after.rule_ids {
                 batch.changed += 1;
-                changes.add(request.tenant_id, &event, before, &after);
+                changes.add(request.tenant_id, &event, (before, &before_rules), &after);
             }
         }
-        changes.apply(&mut tx).await.map_err(classify)?;
+        changes.apply(&mut tx).await?;
         tx.commit().await.map_err(classify)?;
         if rows.len() < request.batch_events as usize {
             batch.last = None;
