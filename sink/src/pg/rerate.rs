@@ -98,11 +98,11 @@ impl Changes {
         delta.1 += i64::from(after.cost.is_none()) - i64::from(before.is_none());
     }
 
-    /// Updates the rows and appends the rollup corrections, in the caller's transaction. The rows
-    /// were read without a lock (TimescaleDB cannot lock rows of a compressed chunk), so each is
-    /// updated only if it still has the cost and rules read; if any has changed since (another
-    /// re-rate of the tenant, which the one-running-run index should prevent), nothing of the
-    /// batch may commit: a conflict.
+    /// Updates the rows and appends the rollup corrections, in the caller's transaction. On a
+    /// TimescaleDB hypertable the rows were read without a lock (`timescale::rerate_row_lock`),
+    /// so each is updated only if it still has the cost and rules read; if any has changed since
+    /// (another re-rate of the tenant, which the one-running-run index should prevent), nothing
+    /// of the batch may commit: a conflict.
     pub(super) async fn apply(self, conn: &mut PgConnection) -> Result<(), StoreError> {
         let (Some(first_us), Some(last_us)) = (self.at_us.iter().min(), self.at_us.iter().max()) else {
             return Ok(());

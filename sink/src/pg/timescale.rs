@@ -6,6 +6,16 @@ use sqlx::PgConnection;
 
 use crate::store::Retention;
 
+/// The row lock a re-rate batch takes on the events it reads: `FOR UPDATE` on native
+/// partitions; none on a hypertable, where TimescaleDB refuses to lock rows of a compressed chunk
+/// ("locking compressed tuples is not supported"). Either way `Changes::apply` updates a row only
+/// if it is still as read.
+pub(super) async fn rerate_row_lock(conn: &mut PgConnection) -> Result<&'static str, sqlx::Error> {
+    let native: bool =
+        sqlx::query_scalar("SELECT tally_events_natively_partitioned()").fetch_one(conn).await?;
+    Ok(if native { "FOR UPDATE" } else { "" })
+}
+
 /// Sets TimescaleDB's compression and retention policies of `usage_events` to `retention`'s
 /// ages, changing only what differs. Returns `false` when `usage_events` uses native partitions
 /// (the caller then drops old partitions itself); `true` when TimescaleDB's retention policy
