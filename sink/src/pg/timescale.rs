@@ -1,6 +1,7 @@
 //! TimescaleDB, when `usage_events` is a hypertable: the compression and retention policies,
-//! kept equal to the configured ages (migration 0010, `tally_timescaledb_policies`). This is the
-//! only TimescaleDB-specific Rust code; on native partitions it does nothing.
+//! kept equal to the configured ages (migration 0010, `tally_timescaledb_policies`), and the row
+//! lock re-rating can take. This is the only TimescaleDB-specific Rust code; on native partitions
+//! it changes nothing.
 
 use sqlx::PgConnection;
 
