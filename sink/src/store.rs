@@ -228,6 +228,10 @@ pub struct Retention {
     pub partitions_behind_days: u32,
     /// Days after today for which partitions exist.
     pub partitions_ahead_days: u32,
+    /// TimescaleDB only (`usage_events` a hypertable): raw-event chunks older than this many days
+    /// are compressed by TimescaleDB's compression policy; `None` sets no policy. Ignored on
+    /// native partitions and SQLite.
+    pub event_compress_after_days: Option<u32>,
 }
 
 impl Default for Retention {
@@ -237,6 +241,7 @@ impl Default for Retention {
             aggregate_retention_days: None,
             partitions_behind_days: 36,
             partitions_ahead_days: 3,
+            event_compress_after_days: Some(7),
         }
     }
 }

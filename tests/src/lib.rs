@@ -26,7 +26,7 @@ mod redis;
 mod service;
 mod sqlite;
 
-pub use postgres::{PgServer, TestDb, dedicated_postgres, postgres};
+pub use postgres::{PgServer, TestDb, dedicated_postgres, dedicated_postgres_with, postgres};
 pub use redis::{RedisPersistence, RedisServer, dedicated_redis, redis};
 pub use service::{HttpAnswer, Service, free_port, http, http_get, temp_dir};
 pub use sqlite::{TestSqlite, fresh_sqlite};

@@ -34,7 +34,7 @@ static SHARED: OnceCell<PgServer> = OnceCell::const_new();
 ///
 /// If the server cannot be started; the message includes the server's log.
 pub async fn postgres() -> &'static PgServer {
-    match SHARED.get_or_try_init(|| PgServer::launch(Sharing::Shared)).await {
+    match SHARED.get_or_try_init(|| PgServer::launch(Sharing::Shared, "")).await {
         Ok(server) => server,
         Err(error) => panic!("failed to start the shared postgres server: {error:#}"),
     }
@@ -43,7 +43,13 @@ pub async fn postgres() -> &'static PgServer {
 /// A private PostgreSQL server with its own data directory and port, for tests that stop and
 /// start it. Dropping it stops the server and removes its directory.
 pub async fn dedicated_postgres() -> Result<PgServer> {
-    PgServer::launch(Sharing::Dedicated).await
+    PgServer::launch(Sharing::Dedicated, "").await
+}
+
+/// A dedicated server (see [`dedicated_postgres`]) with `extra_settings` appended to its
+/// configuration: `postgresql.conf` lines such as `shared_preload_libraries = 'timescaledb'`.
+pub async fn dedicated_postgres_with(extra_settings: &str) -> Result<PgServer> {
+    PgServer::launch(Sharing::Dedicated, extra_settings).await
 }
 
 /// A running (or, for a dedicated server, stopped) PostgreSQL server on 127.0.0.1.
@@ -92,6 +98,20 @@ impl PgServer {
     /// `postgres.log`; removed when the server is dropped or the process exits.
     pub fn dir(&self) -> &Path {
         self.process.dir()
+    }
+
+    /// Whether an extension can be created on this server (its files are installed; one that
+    /// must be preloaded also needs [`dedicated_postgres_with`]).
+    pub async fn extension_available(&self, name: &str) -> Result<bool> {
+        let mut connection = PgConnection::connect(&self.url("postgres")).await?;
+        let available: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = $1)")
+                .bind(name)
+                .fetch_one(&mut connection)
+                .await
+                .context("failed to list the available extensions")?;
+        connection.close().await?;
+        Ok(available)
     }
 
     /// Creates an empty database with a unique name.
@@ -146,7 +166,7 @@ impl PgServer {
         Ok(())
     }
 
-    async fn launch(sharing: Sharing) -> Result<PgServer> {
+    async fn launch(sharing: Sharing, extra_settings: &str) -> Result<PgServer> {
         let bin = find_pg_bin()?;
         let run_as_postgres = process::running_as_root()?;
         let dir = process::create_temp_dir("pg")?;
@@ -162,7 +182,7 @@ impl PgServer {
         let mut attempt = 1;
         let port = loop {
             let port = process::free_loopback_port()?;
-            write_settings(&dir, &data, port)?;
+            write_settings(&dir, &data, port, extra_settings)?;
             process.start().await?;
             match wait_until_ready(&process, port).await {
                 Ok(()) => break port,
@@ -296,8 +316,8 @@ async fn initdb(bin: &Path, dir: &Path, data: &Path, run_as_postgres: bool) -> R
 /// Writes the harness's settings to `data/tally.conf`, included from `postgresql.conf`, so a
 /// restart after `stop` uses the same port and settings. Durability is off because test data is
 /// disposable; `crash()` kills PostgreSQL, not the machine, so committed data survives it anyway.
-fn write_settings(dir: &Path, data: &Path, port: u16) -> Result<()> {
-    let settings = format!(
+fn write_settings(dir: &Path, data: &Path, port: u16, extra_settings: &str) -> Result<()> {
+    let mut settings = format!(
         "listen_addresses = '127.0.0.1'\n\
          port = {port}\n\
          unix_socket_directories = '{}'\n\
@@ -308,6 +328,7 @@ fn write_settings(dir: &Path, data: &Path, port: u16) -> Result<()> {
          shared_buffers = 128MB\n",
         dir.display()
     );
+    settings.push_str(extra_settings);
     std::fs::write(data.join("tally.conf"), settings).context("failed to write tally.conf")?;
     let main_config = data.join("postgresql.conf");
     let mut config = std::fs::read_to_string(&main_config).context("failed to read postgresql.conf")?;

@@ -295,28 +295,29 @@ impl PgStore {
         reprice: &(dyn Fn(&wire::Event) -> Repriced + Send + Sync),
     ) -> Result<RerateBatch, StoreError> {
         let mut tx = self.pool().begin().await.map_err(classify)?;
-        let rows = sqlx::query(
+        let lock = super::timescale::rerate_row_lock(&mut tx).await.map_err(classify)?;
+        let statement = format!(
             "SELECT (EXTRACT(EPOCH FROM occurred_at) * 1000000)::bigint AS at_us, event_id, user_id, service_type,
                     service_provider, event_type, model, status, latency_us, input_tokens, output_tokens,
                     cached_input_tokens, reasoning_tokens, pages, characters, requests, bytes, duration_ms,
-                    custom_quantities, cost, coalesce(price_rule_ids, '{}') AS price_rule_ids
+                    custom_quantities, cost, coalesce(price_rule_ids, '{{}}') AS price_rule_ids
              FROM usage_events
              WHERE tenant_id = $1
                AND occurred_at >= tally_timestamptz($2) AND occurred_at < tally_timestamptz($3)
                AND ($4::bigint IS NULL OR (occurred_at, event_id) > (tally_timestamptz($4), $5))
              ORDER BY occurred_at, event_id
-             LIMIT $6
-             FOR UPDATE",
-        )
-        .bind(request.tenant_id)
-        .bind(request.start_us)
-        .bind(request.end_us)
-        .bind(after.map(|(at_us, _)| at_us))
-        .bind(after.map(|(_, id)| id))
-        .bind(i64::from(request.batch_events))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(classify)?;
+             LIMIT $6 {lock}",
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(statement))
+            .bind(request.tenant_id)
+            .bind(request.start_us)
+            .bind(request.end_us)
+            .bind(after.map(|(at_us, _)| at_us))
+            .bind(after.map(|(_, id)| id))
+            .bind(i64::from(request.batch_events))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
         let mut batch = RerateBatch::default();
         let mut changes = super::rerate::Changes::default();
         for row in &rows {
@@ -330,10 +331,10 @@ impl PgStore {
             batch.last = Some((event.timestamp_us, event.id()));
             if before != after.cost || before_rules != after.rule_ids {
                 batch.changed += 1;
-                changes.add(request.tenant_id, &event, before, &after);
+                changes.add(request.tenant_id, &event, (before, &before_rules), &after);
             }
         }
-        changes.apply(&mut tx).await.map_err(classify)?;
+        changes.apply(&mut tx).await?;
         tx.commit().await.map_err(classify)?;
         if rows.len() < request.batch_events as usize {
             batch.last = None;

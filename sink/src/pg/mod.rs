@@ -7,6 +7,7 @@ mod nodelay;
 mod recent;
 mod rerate;
 mod rerate_jobs;
+mod timescale;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -669,12 +670,18 @@ impl PgStore {
         .fetch_one(&mut *tx)
         .await
         .map_err(classify)?;
-        let dropped: i32 =
-            sqlx::query_scalar("SELECT tally_drop_events_before((now() AT TIME ZONE 'UTC')::date - $1::int)")
-                .bind(retention.event_retention_days as i32)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(classify)?;
+        // On a hypertable TimescaleDB's own retention policy drops old chunks.
+        let hypertable = timescale::set_policies(&mut tx, retention).await.map_err(classify)?;
+        let mut dropped: i32 = 0;
+        if !hypertable {
+            dropped = sqlx::query_scalar(
+                "SELECT tally_drop_events_before((now() AT TIME ZONE 'UTC')::date - $1::int)",
+            )
+            .bind(retention.event_retention_days as i32)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
         if let Some(days) = retention.aggregate_retention_days {
             for table in [
                 "usage_rollup_hourly",

@@ -9,8 +9,9 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 use wire::{CustomQuantity, Event, Quantity, QuantityKind, Status};
 
+use super::classify;
 use crate::rollup::hour_start_us;
-use crate::store::Repriced;
+use crate::store::{Repriced, StoreError};
 
 /// The fields pricing reads, rebuilt from a stored row.
 pub(super) fn event_of_row(row: &PgRow) -> Event {
@@ -57,16 +58,32 @@ pub(super) struct Changes {
     at_us: Vec<i64>,
     costs: Vec<Option<Decimal>>,
     rule_ids: Vec<String>,
+    costs_before: Vec<Option<Decimal>>,
+    rule_ids_before: Vec<String>,
     rollups: BTreeMap<RollupKey, (Decimal, i64)>,
 }
 
+/// Price rule ids as a PostgreSQL array literal.
+fn array_literal(ids: &[Uuid]) -> String {
+    let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    format!("{{{}}}", ids.join(","))
+}
+
 impl Changes {
-    pub(super) fn add(&mut self, tenant_id: Uuid, event: &Event, before: Option<Decimal>, after: &Repriced) {
+    /// A row whose cost or rules change: `before` is its cost and rules as read.
+    pub(super) fn add(
+        &mut self,
+        tenant_id: Uuid,
+        event: &Event,
+        (before, before_rules): (Option<Decimal>, &[Uuid]),
+        after: &Repriced,
+    ) {
         self.event_ids.push(event.id());
         self.at_us.push(event.timestamp_us);
         self.costs.push(after.cost);
-        let ids: Vec<String> = after.rule_ids.iter().map(Uuid::to_string).collect();
-        self.rule_ids.push(format!("{{{}}}", ids.join(",")));
+        self.rule_ids.push(array_literal(&after.rule_ids));
+        self.costs_before.push(before);
+        self.rule_ids_before.push(array_literal(before_rules));
         let key = (
             tenant_id,
             hour_start_us(event.timestamp_us),
@@ -81,23 +98,44 @@ impl Changes {
         delta.1 += i64::from(after.cost.is_none()) - i64::from(before.is_none());
     }
 
-    pub(super) async fn apply(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        if self.event_ids.is_empty() {
+    /// Updates the rows and appends the rollup corrections, in the caller's transaction. On a
+    /// TimescaleDB hypertable the rows were read without a lock (`timescale::rerate_row_lock`),
+    /// so each is updated only if it still has the cost and rules read; if any has changed since
+    /// (another re-rate of the tenant, which the one-running-run index should prevent), nothing
+    /// of the batch may commit: a conflict.
+    pub(super) async fn apply(self, conn: &mut PgConnection) -> Result<(), StoreError> {
+        let (Some(first_us), Some(last_us)) = (self.at_us.iter().min(), self.at_us.iter().max()) else {
             return Ok(());
-        }
+        };
         let tenant_id = self.rollups.keys().next().map(|key| key.0).unwrap_or_default();
-        sqlx::query(
+        // The constant time range (and a custom plan for it, `persistent(false)`) lets TimescaleDB
+        // decompress only the compressed batches of this range, not all of the tenant's.
+        let updated = sqlx::query(
             "UPDATE usage_events e SET cost = c.cost, price_rule_ids = nullif(c.rules, '{}')::uuid[]
-             FROM unnest($2::uuid[], $3::bigint[], $4::numeric[], $5::text[]) AS c(event_id, at_us, cost, rules)
-             WHERE e.tenant_id = $1 AND e.event_id = c.event_id AND e.occurred_at = tally_timestamptz(c.at_us)",
+             FROM unnest($2::uuid[], $3::bigint[], $4::numeric[], $5::text[], $6::numeric[], $7::text[])
+                  AS c(event_id, at_us, cost, rules, cost_before, rules_before)
+             WHERE e.tenant_id = $1 AND e.event_id = c.event_id AND e.occurred_at = tally_timestamptz(c.at_us)
+               AND e.occurred_at >= tally_timestamptz($8) AND e.occurred_at <= tally_timestamptz($9)
+               AND e.cost IS NOT DISTINCT FROM c.cost_before
+               AND coalesce(e.price_rule_ids, '{}') = c.rules_before::uuid[]",
         )
+        .persistent(false)
         .bind(tenant_id)
         .bind(&self.event_ids)
         .bind(&self.at_us)
         .bind(&self.costs)
         .bind(&self.rule_ids)
+        .bind(&self.costs_before)
+        .bind(&self.rule_ids_before)
+        .bind(first_us)
+        .bind(last_us)
         .execute(&mut *conn)
-        .await?;
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        if updated != self.event_ids.len() as u64 {
+            return Err(StoreError::conflict("events being re-rated changed meanwhile"));
+        }
         // The same corrections without the user, for the user-less rollups.
         let mut services: BTreeMap<RollupKey, (Decimal, i64)> = BTreeMap::new();
         for ((tenant, hour_us, service_type, provider, model, _, event_type), (cost, unpriced)) in
@@ -116,8 +154,8 @@ impl Changes {
             sum.0 += cost;
             sum.1 += unpriced;
         }
-        append_corrections(conn, tenant_id, self.rollups, true).await?;
-        append_corrections(conn, tenant_id, services, false).await
+        append_corrections(conn, tenant_id, self.rollups, true).await.map_err(classify)?;
+        append_corrections(conn, tenant_id, services, false).await.map_err(classify)
     }
 }
 

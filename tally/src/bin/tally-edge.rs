@@ -122,6 +122,10 @@ struct ServeArgs {
     /// Days hourly rollups are kept (default: forever).
     #[arg(long, env = "AGGREGATE_RETENTION_DAYS")]
     aggregate_retention_days: Option<u32>,
+    /// TimescaleDB only: days after which raw-event chunks are compressed (0: never). Ignored on
+    /// plain PostgreSQL (native partitions) and SQLite.
+    #[arg(long, env = "EVENT_COMPRESS_AFTER_DAYS", default_value_t = 7)]
+    event_compress_after_days: u32,
     /// Operator key (at least 32 characters): manages all tenants through /api/v1/admin/tenants.
     #[arg(long, env = "TALLY_OPERATOR_KEY", hide_env_values = true)]
     operator_key: Option<String>,
@@ -181,6 +185,7 @@ impl ServeArgs {
             retention: sink::Retention {
                 event_retention_days: self.event_retention_days,
                 aggregate_retention_days: self.aggregate_retention_days,
+                event_compress_after_days: Some(self.event_compress_after_days).filter(|days| *days > 0),
                 ..defaults.retention
             },
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),

@@ -19,5 +19,6 @@ mod query_time_zones;
 mod rerate;
 mod store;
 mod support;
+mod timescale;
 mod tls;
 mod ui;
