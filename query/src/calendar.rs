@@ -26,7 +26,7 @@ use jiff::{Span, Timestamp, ToSpan};
 use time::{OffsetDateTime, PrimitiveDateTime};
 
 use crate::backend::BackendError;
-use crate::params::Period;
+use crate::question::Period;
 
 /// Microseconds in an hour: the grain of the rollups.
 pub const MICROS_PER_HOUR: i64 = 3_600_000_000;

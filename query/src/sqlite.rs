@@ -41,7 +41,7 @@ use crate::backend::{
     Stats,
 };
 use crate::calendar::{self, Calendar, MICROS_PER_HOUR};
-use crate::params::{Dimension, Metric, Period};
+use crate::question::{Dimension, Metric, Period};
 use crate::pg::groups_by_users;
 
 /// Rows buffered between a listing's database task and the HTTP body.

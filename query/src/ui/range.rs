@@ -11,7 +11,7 @@ use super::html::{esc, url};
 use crate::QueryState;
 use crate::auth::Caller;
 use crate::backend::{Edges, Scope};
-use crate::params::Period;
+use crate::question::Period;
 
 /// The choices, as named in the `range` parameter, and their labels.
 const CHOICES: [(&str, &str); 4] =
