@@ -382,6 +382,8 @@ macro_rules! range_params {
                 RangeInput { start: self.start_date, end: self.end_date, edges: self.edges.unwrap_or_default() }
             }
 
+            // Endpoints with all five filters name them all: the update is for the others.
+            #[allow(clippy::needless_update)]
             fn filter(&self) -> Filter {
                 range_params!(@filter self $($filter),*)
             }
