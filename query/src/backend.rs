@@ -10,7 +10,7 @@ use time::{OffsetDateTime, PrimitiveDateTime};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::params::{Dimension, Metric, Period};
+use crate::question::{Dimension, Metric, Period};
 
 /// A boxed future, so the trait can be used as `Arc<dyn Backend>`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -26,7 +26,7 @@ use jiff::{Span, Timestamp, ToSpan};
 use time::{OffsetDateTime, PrimitiveDateTime};
 
 use crate::backend::BackendError;
-use crate::params::Period;
+use crate::question::Period;
 
 /// Microseconds in an hour: the grain of the rollups.
 pub const MICROS_PER_HOUR: i64 = 3_600_000_000;
@@ -190,8 +190,20 @@ pub fn resolve_local_times(
         .collect()
 }
 
+/// `at` as the wall clock in `zone` showed it: with the zone's offset at that instant, so that
+/// times on both sides of a DST change read as the clocks did. Instants the types cannot hold
+/// in the zone keep their own offset.
+pub fn local_time(zone: &TimeZone, at: OffsetDateTime) -> OffsetDateTime {
+    let Ok(instant) = Timestamp::from_second(at.unix_timestamp()) else { return at };
+    let seconds = zone.to_offset(instant).seconds();
+    match time::UtcOffset::from_whole_seconds(seconds) {
+        Ok(offset) => at.checked_to_offset(offset).unwrap_or(at),
+        Err(_) => at,
+    }
+}
+
 /// The zone named `time_zone` in the bundled database.
-fn zone(time_zone: &str) -> Result<TimeZone, BackendError> {
+pub fn zone(time_zone: &str) -> Result<TimeZone, BackendError> {
     if time_zone == "UTC" {
         return Ok(TimeZone::UTC);
     }

@@ -28,6 +28,11 @@ pub struct QueryConfig {
     pub cache_memory_bytes_max: u64,
     /// How long a looked-up API key is trusted before it is checked again. Default 30 s.
     pub key_cache_ttl: Duration,
+    /// Whether the dashboard's session cookie is always marked `Secure` (browsers then send it
+    /// over HTTPS only). Default false: it is marked so only when a request says it came over
+    /// HTTPS (`X-Forwarded-Proto: https` or `Forwarded: proto=https`, as a TLS-terminating
+    /// proxy sends). Set it when the service itself serves TLS or sits behind HTTPS.
+    pub secure_cookies: bool,
     /// The process's Prometheus recorder, rendered on `GET /metrics`; installed by the binary
     /// (`telemetry::install_metrics`), never by this library. Unset: `/metrics` answers 404.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -46,6 +51,7 @@ impl QueryConfig {
             cache_ttl: Duration::from_secs(15),
             cache_memory_bytes_max: 64 * 1024 * 1024,
             key_cache_ttl: Duration::from_secs(30),
+            secure_cookies: false,
             metrics: None,
         }
     }

@@ -5,8 +5,11 @@
 //! - [`api`]: the HTTP endpoints (the older system's paths, parameters and field names), the
 //!   OpenAPI document at `/openapi.json` and the offline docs at `/docs`. [`router`] serves all
 //!   of them; [`usage_routes`] only `GET /api/v1/usage`, for the edge to mount on its port.
-//! - [`backend::Backend`]: the storage boundary. Handlers ask typed questions; all SQL lives in
-//!   [`pg`], so an embedded backend can be added without touching a handler.
+//! - [`api::params`] and [`api::tenant`]: typed parameters per endpoint, and the extractors that
+//!   authenticate a request and resolve its time range before a handler runs.
+//! - [`backend::Backend`]: the storage boundary. Handlers ask typed questions (made of
+//!   [`question`]'s periods, dimensions and metrics); all SQL lives in [`pg`] and [`sqlite`],
+//!   which never import [`api`].
 //! - [`cache`]: finished answers, in process and optionally in Redis.
 //! - [`ui`]: the dashboard at `/ui/` (server-rendered HTML over the same endpoints).
 //!
@@ -42,8 +45,8 @@ pub mod cache;
 pub mod calendar;
 pub mod config;
 pub mod error;
-pub mod params;
 pub mod pg;
+pub mod question;
 mod series;
 pub mod sqlite;
 pub mod stats;

@@ -28,7 +28,7 @@ use crate::backend::{
     EventStatus, GroupKey, KeyRecord, LATENCY_BUCKETS, ListQuery, PriceRuleRecord, QUANTITY_NAMES, Scope,
     Stats,
 };
-use crate::params::{Dimension, Metric, Period};
+use crate::question::{Dimension, Metric, Period};
 
 /// Connection settings.
 #[derive(Debug, Clone)]

@@ -41,8 +41,8 @@ use crate::backend::{
     Stats,
 };
 use crate::calendar::{self, Calendar, MICROS_PER_HOUR};
-use crate::params::{Dimension, Metric, Period};
 use crate::pg::groups_by_users;
+use crate::question::{Dimension, Metric, Period};
 
 /// Rows buffered between a listing's database task and the HTTP body.
 const LISTING_CHANNEL_ROWS: usize = 256;

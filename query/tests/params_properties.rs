@@ -1,17 +1,24 @@
-//! Property tests of query parameter parsing: whatever a client sends, parsing never panics and
-//! yields either a value within its documented bounds or an `invalid_parameter` error that
-//! starts with the parameter's name. `PROPTEST_CASES` sets the number of cases (default 256).
+//! Property tests of query parameter parsing: whatever a client sends, reading the query string
+//! never panics and yields either a value within its documented bounds or an
+//! `invalid_parameter` error that starts with the parameter's name. `PROPTEST_CASES` sets the
+//! number of cases (default 256).
 
 use proptest::prelude::*;
-use query::error::ApiError;
-use query::params::{
-    Dimension, Metric, OFFSET_MAX, Period, TIME_MAX, TIME_MIN, TimeInput, filter, parse_bool, parse_offset,
-    parse_status, parse_time, parse_u32,
+use query::api::params::{
+    BreakdownParams, OFFSET_MAX, RangeParams, TIME_MAX, TIME_MIN, TimeInput, TrendsParams, UsageParams,
+    from_query,
 };
+use query::error::ApiError;
 use time::PrimitiveDateTime;
 
 fn names(error: &ApiError, field: &str) -> bool {
     matches!(error, ApiError::InvalidParameter(_)) && error.to_string().starts_with(&format!("{field}:"))
+}
+
+/// `field=<text>`, every byte of the text percent-encoded: the server reads the text as sent.
+fn pair(field: &str, text: &str) -> String {
+    let encoded: String = text.bytes().map(|byte| format!("%{byte:02X}")).collect();
+    format!("{field}={encoded}")
 }
 
 /// Date-like text: years far beyond what the types hold, invalid months, days and times,
@@ -45,15 +52,16 @@ fn any_text() -> impl Strategy<Value = String> {
 proptest! {
     #[test]
     fn times_are_within_bounds_or_refused_by_name(text in any_text()) {
-        match parse_time("start_date", &text) {
-            Ok(TimeInput::Instant(instant)) => {
+        match from_query::<TrendsParams>(&pair("start_date", &text)).map(|params| params.range().start) {
+            Ok(Some(TimeInput::Instant(instant))) => {
                 let utc = instant.to_offset(time::UtcOffset::UTC);
                 let wall_clock = PrimitiveDateTime::new(utc.date(), utc.time());
                 prop_assert!((TIME_MIN..=TIME_MAX).contains(&wall_clock), "{text:?}: {instant}");
             }
-            Ok(TimeInput::Local(local)) => {
+            Ok(Some(TimeInput::Local(local))) => {
                 prop_assert!((TIME_MIN..=TIME_MAX).contains(&local), "{text:?}: {local}");
             }
+            Ok(None) => prop_assert!(false, "{text:?}: a value was sent"),
             Err(error) => prop_assert!(names(&error, "start_date"), "{text:?}: {error}"),
         }
     }
@@ -62,32 +70,36 @@ proptest! {
     fn valid_dates_in_bounds_are_read(year in 1970i32..=9998, ordinal in 1u16..=365, seconds in 0u32..86_400) {
         let date = time::Date::from_ordinal_date(year, ordinal).expect("a day of any year");
         let text = format!("{date}T{:02}:{:02}:{:02}Z", seconds / 3600, seconds / 60 % 60, seconds % 60);
-        let parsed = parse_time("end_date", &text);
-        prop_assert!(matches!(parsed, Ok(TimeInput::Instant(_))), "{text}: {parsed:?}");
-        prop_assert!(matches!(parse_time("end_date", &date.to_string()), Ok(TimeInput::Local(_))));
+        let parsed = from_query::<TrendsParams>(&pair("end_date", &text)).map(|params| params.range().end);
+        prop_assert!(matches!(parsed, Ok(Some(TimeInput::Instant(_)))), "{text}: {parsed:?}");
+        let parsed = from_query::<TrendsParams>(&pair("end_date", &date.to_string()));
+        prop_assert!(matches!(parsed.map(|params| params.range().end), Ok(Some(TimeInput::Local(_)))));
     }
 
     #[test]
     fn numbers_are_within_bounds_or_refused_by_name(
         text in prop_oneof![any_text(), any::<u64>().prop_map(|n| n.to_string())],
-        min in 0u32..10,
-        max in 10u32..100_000,
     ) {
-        match parse_u32("limit", Some(&text), min, min, max) {
-            Ok(value) => prop_assert!((min..=max).contains(&value) && text.trim().parse() == Ok(value)),
+        match from_query::<UsageParams>(&pair("limit", &text)) {
+            Ok(params) => {
+                prop_assert!((1..=10_000).contains(&params.limit.0));
+                prop_assert_eq!(text.trim().parse(), Ok(params.limit.0));
+            }
             Err(error) => prop_assert!(names(&error, "limit"), "{text:?}: {error}"),
         }
-        match parse_offset(Some(&text)) {
-            Ok(value) => prop_assert!(value <= OFFSET_MAX && i64::try_from(value).is_ok()),
+        match from_query::<UsageParams>(&pair("offset", &text)) {
+            Ok(params) => prop_assert!(params.offset.0 <= OFFSET_MAX && i64::try_from(params.offset.0).is_ok()),
             Err(error) => prop_assert!(names(&error, "offset"), "{text:?}: {error}"),
         }
     }
 
     #[test]
     fn every_offset_the_database_holds_is_read(offset in 0..=OFFSET_MAX) {
-        prop_assert_eq!(parse_offset(Some(&offset.to_string())).ok(), Some(offset));
+        let params = from_query::<UsageParams>(&format!("offset={offset}"));
+        prop_assert_eq!(params.ok().map(|params| params.offset.0), Some(offset));
         let beyond = u128::from(offset) + u128::from(OFFSET_MAX) + 1;
-        prop_assert!(parse_offset(Some(&beyond.to_string())).is_err());
+        let beyond = format!("offset={beyond}");
+        prop_assert!(from_query::<UsageParams>(&beyond).is_err());
     }
 
     #[test]
@@ -95,7 +107,12 @@ proptest! {
         values in prop::collection::vec(prop::option::of(any_text()), 5),
     ) {
         let fields = ["service_type", "service_provider", "user_id", "model", "event_type"];
-        match filter(&values[0], &values[1], &values[2], &values[3], &values[4]) {
+        let query: Vec<String> = fields
+            .iter()
+            .zip(&values)
+            .filter_map(|(field, value)| value.as_ref().map(|value| pair(field, value)))
+            .collect();
+        match from_query::<BreakdownParams>(&query.join("&")).map(|params| params.filter()) {
             Ok(filter) => {
                 let kept = [
                     &filter.service_type, &filter.service_provider, &filter.user_id, &filter.model,
@@ -114,22 +131,21 @@ proptest! {
 
     #[test]
     fn allow_lists_answer_or_refuse_by_name(text in any_text()) {
-        if let Err(error) = Period::parse("period", &text) {
-            prop_assert!(names(&error, "period"));
+        if let Err(error) = from_query::<TrendsParams>(&pair("period", &text)) {
+            prop_assert!(names(&error, "period"), "{error}");
         }
-        match Metric::parse("metric", &text) {
-            Ok(metric) => prop_assert!(!metric.name().is_empty()),
-            Err(error) => prop_assert!(names(&error, "metric")),
+        match from_query::<TrendsParams>(&pair("metric", &text)) {
+            Ok(params) => prop_assert!(params.metric.is_some_and(|metric| !metric.name().is_empty())),
+            Err(error) => prop_assert!(names(&error, "metric"), "{error}"),
         }
-        match Dimension::parse_list("group_by", &text, 3) {
-            Ok(dimensions) => prop_assert!((1..=3).contains(&dimensions.len())),
-            Err(error) => prop_assert!(names(&error, "group_by")),
+        match from_query::<BreakdownParams>(&pair("group_by", &text)) {
+            Ok(params) => prop_assert!(params.group_by.is_some_and(|group_by| (1..=2).contains(&group_by.0.len()))),
+            Err(error) => prop_assert!(names(&error, "group_by"), "{error}"),
         }
-        if let Err(error) = parse_bool("include_billing", Some(&text)) {
-            prop_assert!(names(&error, "include_billing"));
-        }
-        if let Err(error) = parse_status(Some(&text)) {
-            prop_assert!(names(&error, "status"));
+        for field in ["include_billing", "status", "format", "cursor"] {
+            if let Err(error) = from_query::<UsageParams>(&pair(field, &text)) {
+                prop_assert!(names(&error, field), "{error}");
+            }
         }
     }
 }

@@ -33,6 +33,10 @@ struct Cli {
     /// Log lines on standard error: `text` (coloured only on a terminal) or `json`.
     #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: telemetry::LogFormat,
+    /// Always mark the dashboard's session cookie `Secure` (implied by --tls-cert); else only
+    /// requests that say they came over HTTPS (`X-Forwarded-Proto: https`) get it marked.
+    #[arg(long, env = "TALLY_SECURE_COOKIES")]
+    secure_cookies: bool,
 }
 
 /// The demo tenant created on first run.
@@ -51,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let query_config = query::QueryConfig {
         addr: cli.query_addr,
         metrics: Some(metrics.clone()),
+        secure_cookies: cli.secure_cookies || cli.tls.tls_cert.is_some(),
         ..query::QueryConfig::new(cli.database_url.clone().unwrap_or_default())
     };
     let query_state = query::QueryState::with_backend(query_config, backend, None);

@@ -4,24 +4,22 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::Response;
 use rust_decimal::Decimal;
 use rust_decimal::prelude::{FromPrimitive, ToPrimitive};
 
+use super::cached;
+use super::params::{BreakdownParams, CompareParams, ErrorsParams, TopUsersParams, TrendsParams};
 use super::schema::{
     BreakdownBody, CompareBody, CompareRow, DataPoint, ErrorBody, ErrorsBody, GroupBody, RankedUser, Side,
     TopUsersBody, Totals, TrendsBody, change, key_map, quantities_of,
 };
+use super::tenant::Scoped;
 use super::usage::{range, rows_of, share, total_of};
-use super::{Params, cached, caller, scope};
 use crate::QueryState;
 use crate::backend::{AggregateQuery, AggregateRow, GroupKey, Measures, Stats};
 use crate::error::ApiError;
-use crate::params::{
-    self, BreakdownParams, CompareParams, Dimension, ErrorsParams, Metric, Period, TopUsersParams,
-    TrendsParams, parse_u32,
-};
+use crate::question::{Dimension, Metric, Period};
 use crate::stats::{self, Quantity};
 
 /// The value of `metric` for a group; `None` where it is undefined (rates and latencies of no
@@ -72,28 +70,10 @@ fn measures_for(metric: &Metric) -> Measures {
 )]
 pub async fn trends(
     State(state): State<Arc<QueryState>>,
-    headers: HeaderMap,
-    Params(params): Params<TrendsParams>,
+    Scoped { caller, scope, filter, params }: Scoped<TrendsParams>,
 ) -> Result<Response, ApiError> {
-    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
-    let metric = match params.metric.as_deref() {
-        Some(text) => Metric::parse("metric", text)?,
-        None => Metric::EventCount,
-    };
-    let period = match params.period.as_deref() {
-        Some(text) => Period::parse("period", text)?,
-        None => Period::Day,
-    };
-    let filter = params::filter(
-        &params.service_type,
-        &params.service_provider,
-        &params.user_id,
-        &params.model,
-        &None,
-    )?;
-    let edges = params::parse_edges(params.edges.as_deref())?;
-    let scope =
-        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
+    let metric = params.metric.unwrap_or(Metric::EventCount);
+    let period = params.period.unwrap_or(Period::Day);
     // One series, one dimension: every period sums over all services (or the one filtered).
     let query = AggregateQuery {
         scope,
@@ -151,28 +131,10 @@ pub async fn trends(
 )]
 pub async fn top_users(
     State(state): State<Arc<QueryState>>,
-    headers: HeaderMap,
-    Params(params): Params<TopUsersParams>,
+    Scoped { caller, scope, filter, params }: Scoped<TopUsersParams>,
 ) -> Result<Response, ApiError> {
-    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
-    let metric = match params.by.as_deref() {
-        Some(text) => Metric::parse("by", text)?,
-        None => Metric::TotalCost,
-    };
-    if !metric.is_summable() {
-        return Err(ApiError::parameter("by", "must be total_cost, event_count, error_count or a quantity"));
-    }
-    let limit = parse_u32("limit", params.limit.as_deref(), 10, 1, 1000)?;
-    let filter = params::filter(
-        &params.service_type,
-        &params.service_provider,
-        &None,
-        &params.model,
-        &params.event_type,
-    )?;
-    let edges = params::parse_edges(params.edges.as_deref())?;
-    let scope =
-        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
+    let metric = params.by.map_or(Metric::TotalCost, |by| by.0);
+    let limit = params.limit.0;
     let query = AggregateQuery {
         scope,
         filter,
@@ -222,25 +184,10 @@ pub async fn top_users(
 )]
 pub async fn breakdown(
     State(state): State<Arc<QueryState>>,
-    headers: HeaderMap,
-    Params(params): Params<BreakdownParams>,
+    Scoped { caller, scope, filter, params }: Scoped<BreakdownParams>,
 ) -> Result<Response, ApiError> {
-    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
-    let dimensions = match params.group_by.as_deref() {
-        Some(text) => Dimension::parse_list("group_by", text, 2)?,
-        None => vec![Dimension::ServiceType],
-    };
-    let limit = parse_u32("limit", params.limit.as_deref(), 100, 1, 1000)?;
-    let filter = params::filter(
-        &params.service_type,
-        &params.service_provider,
-        &params.user_id,
-        &params.model,
-        &params.event_type,
-    )?;
-    let edges = params::parse_edges(params.edges.as_deref())?;
-    let scope =
-        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
+    let dimensions = params.group_by.map_or_else(|| vec![Dimension::ServiceType], |group_by| group_by.0);
+    let limit = params.limit.0;
     let measures = Measures { unique_users: true, latency_histogram: false, custom_metric: None };
     let groups = AggregateQuery {
         scope,
@@ -297,19 +244,10 @@ pub async fn breakdown(
 )]
 pub async fn compare(
     State(state): State<Arc<QueryState>>,
-    headers: HeaderMap,
-    Params(params): Params<CompareParams>,
+    Scoped { caller, scope, filter, params }: Scoped<CompareParams>,
 ) -> Result<Response, ApiError> {
-    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
-    let dimension = match params.group_by.as_deref() {
-        Some(text) => Dimension::parse_list("group_by", text, 1)?.first().copied(),
-        None => None,
-    };
-    let limit = parse_u32("limit", params.limit.as_deref(), 100, 1, 1000)? as usize;
-    let filter = params::filter(&params.service_type, &params.service_provider, &None, &params.model, &None)?;
-    let edges = params::parse_edges(params.edges.as_deref())?;
-    let scope =
-        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
+    let dimension = params.group_by.and_then(|group_by| group_by.0.first().copied());
+    let limit = params.limit.0 as usize;
     let length = scope.end - scope.start;
     let mut sets = vec![vec![]];
     sets.extend(dimension.map(|dimension| vec![dimension]));
@@ -390,18 +328,12 @@ pub async fn compare(
 )]
 pub async fn errors(
     State(state): State<Arc<QueryState>>,
-    headers: HeaderMap,
-    Params(params): Params<ErrorsParams>,
+    Scoped { caller, scope, filter, params }: Scoped<ErrorsParams>,
 ) -> Result<Response, ApiError> {
-    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
-    let dimensions = match params.group_by.as_deref() {
-        Some(text) => Dimension::parse_list("group_by", text, 3)?,
-        None => vec![Dimension::ServiceType, Dimension::ServiceProvider, Dimension::Model],
-    };
-    let filter = params::filter(&params.service_type, &params.service_provider, &None, &params.model, &None)?;
-    let edges = params::parse_edges(params.edges.as_deref())?;
-    let scope =
-        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
+    let dimensions = params.group_by.map_or_else(
+        || vec![Dimension::ServiceType, Dimension::ServiceProvider, Dimension::Model],
+        |group_by| group_by.0,
+    );
     let query = AggregateQuery {
         scope,
         filter,

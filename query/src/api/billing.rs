@@ -23,22 +23,24 @@
 //!   (about 7.9e28) answers 422 `overflow` naming it (`usage_cost`, `projection.total_cost`, ...).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::str::FromStr;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::Response;
 use pricing::{COST_DECIMAL_PLACES, Decimal, MICROS_PER_HOUR, PriceBook, RuledUsage, UnitRef};
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 use uuid::Uuid;
 
+use super::cached;
+use super::params::BillingSummaryParams;
 use super::schema::{BillingProjection, BillingRuleLine, BillingServiceLine, BillingSummaryBody, ErrorBody};
-use super::{Params, cached, caller};
+use super::tenant::Tenant;
 use crate::QueryState;
 use crate::auth::Caller;
 use crate::backend::{AggregateQuery, AggregateRow, Filter, GroupKey, Measures, QUANTITY_NAMES, Scope};
 use crate::error::ApiError;
-use crate::params::{BillingSummaryParams, Dimension, Period};
+use crate::question::{Dimension, InvalidValue, Period};
 use crate::stats::{self, Quantity};
 
 /// The groups a month is billed in: one rule wins per unit in each.
@@ -67,12 +69,10 @@ const BILLING_GROUPING: [Dimension; 5] = [
 )]
 pub async fn summary(
     State(state): State<Arc<QueryState>>,
-    headers: HeaderMap,
-    Params(params): Params<BillingSummaryParams>,
+    Tenant { caller, params }: Tenant<BillingSummaryParams>,
 ) -> Result<Response, ApiError> {
-    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
     let now = OffsetDateTime::now_utc();
-    let (label, start, end) = month_bounds(&state, &caller, params.month.as_deref(), now).await?;
+    let (label, start, end) = month_bounds(&state, &caller, params.month, now).await?;
     if start > now {
         return Err(ApiError::parameter("month", format!("{label} has not started yet")));
     }
@@ -115,11 +115,11 @@ pub async fn summary(
 async fn month_bounds(
     state: &QueryState,
     caller: &Caller,
-    month: Option<&str>,
+    month: Option<BillingMonth>,
     now: OffsetDateTime,
 ) -> Result<(String, OffsetDateTime, OffsetDateTime), ApiError> {
     let (year, month) = match month {
-        Some(text) => parse_month(text)?,
+        Some(BillingMonth { year, month }) => (year, month),
         None => {
             let scope =
                 Scope::exact(caller.tenant_id, now, now + time::Duration::microseconds(1), &caller.time_zone);
@@ -142,8 +142,24 @@ async fn month_bounds(
     }
 }
 
-fn parse_month(text: &str) -> Result<(i32, Month), ApiError> {
-    let invalid = || ApiError::parameter("month", format!("{text:?} is not a month as YYYY-MM"));
+/// The `month` parameter: `YYYY-MM`, a year from 1970 to 9998.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BillingMonth {
+    pub year: i32,
+    pub month: Month,
+}
+
+impl FromStr for BillingMonth {
+    type Err = InvalidValue;
+
+    fn from_str(text: &str) -> Result<BillingMonth, InvalidValue> {
+        let (year, month) = parse_month(text)?;
+        Ok(BillingMonth { year, month })
+    }
+}
+
+fn parse_month(text: &str) -> Result<(i32, Month), InvalidValue> {
+    let invalid = || InvalidValue(format!("{text:?} is not a month as YYYY-MM"));
     let (year, month) = text.split_once('-').ok_or_else(invalid)?;
     if year.len() != 4 || month.len() != 2 {
         return Err(invalid());
@@ -151,7 +167,7 @@ fn parse_month(text: &str) -> Result<(i32, Month), ApiError> {
     let year: i32 = year.parse().map_err(|_| invalid())?;
     let month: u8 = month.parse().map_err(|_| invalid())?;
     if !(1970..=9998).contains(&year) {
-        return Err(ApiError::parameter("month", format!("{text:?}: the year must be from 1970 to 9998")));
+        return Err(InvalidValue(format!("{text:?}: the year must be from 1970 to 9998")));
     }
     Ok((year, Month::try_from(month).map_err(|_| invalid())?))
 }
@@ -538,6 +554,7 @@ mod properties {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::api::params::from_query;
 
     proptest! {
         #[test]
@@ -547,8 +564,11 @@ mod properties {
                 (-99_999i32..=99_999, 0u8..=99).prop_map(|(year, month)| format!("{year:04}-{month:02}")),
             ],
         ) {
-            match parse_month(&text) {
-                Ok((year, _)) => {
+            // Every byte percent-encoded: the text arrives as sent.
+            let encoded: String = text.bytes().map(|byte| format!("%{byte:02X}")).collect();
+            match from_query::<BillingSummaryParams>(&format!("month={encoded}")).map(|params| params.month) {
+                Ok(None) => prop_assert!(false, "{text:?}: a value was sent"),
+                Ok(Some(BillingMonth { year, .. })) => {
                     prop_assert!((1970..=9998).contains(&year));
                     prop_assert!(local_midnight(year, Month::December).is_ok());
                 }

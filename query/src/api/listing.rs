@@ -2,6 +2,7 @@
 //! as JSON or CSV, with offset or keyset (cursor) pagination.
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -14,16 +15,18 @@ use time::{OffsetDateTime, PrimitiveDateTime};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::params::{self, Format, RangeInput, RangeParams, TenantParams, UsageParams};
 use super::schema::{BillingInfo, ErrorBody, MetricValue, UsageEvent, UsageList};
-use super::{Params, caller, scope};
+use super::tenant::Scoped;
 use crate::QueryState;
 use crate::auth::Caller;
 use crate::backend::{
-    AggregateQuery, BackendError, Edges, EventRecord, EventStatus, ListQuery, Measures, QUANTITY_NAMES, Scope,
+    AggregateQuery, BackendError, Edges, EventRecord, EventStatus, Filter, ListQuery, Measures,
+    QUANTITY_NAMES, Scope,
 };
 use crate::cache::ResponseCache;
 use crate::error::ApiError;
-use crate::params::{self, UsageParams, parse_bool, parse_status, parse_u32};
+use crate::question::InvalidValue;
 use crate::stats::{self, Quantity};
 
 /// Bytes collected before a chunk of the body is sent.
@@ -47,29 +50,14 @@ const CHUNK_BYTES: usize = 32 * 1024;
 pub async fn list_usage(
     State(state): State<Arc<QueryState>>,
     headers: HeaderMap,
-    uri: Uri,
+    Scoped { caller, scope, filter, params }: Scoped<UsageParams>,
 ) -> Result<Response, ApiError> {
-    let (Params(params), metadata) = usage_params(&uri)?;
-    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
-    let csv = wants_csv(&params, &headers)?;
-    let limit = parse_u32("limit", params.limit.as_deref(), 1000, 1, 10_000)?;
-    let offset = params::parse_offset(params.offset.as_deref())?;
-    let include_billing = parse_bool("include_billing", params.include_billing.as_deref())?;
-    let status = parse_status(params.status.as_deref())?;
-    let cursor = params.cursor.as_deref().map(Cursor::decode).transpose()?;
+    let csv = wants_csv(&params, &headers);
+    let (limit, offset, include_billing) = (params.limit.0, params.offset.0, params.include_billing.0);
+    let (status, cursor, metadata) = (params.status, params.cursor, params.metadata);
     if cursor.is_some() && offset > 0 {
         return Err(ApiError::parameter("cursor", "cannot be combined with offset"));
     }
-    let filter = params::filter(
-        &params.service_type,
-        &params.service_provider,
-        &params.user_id,
-        &params.model,
-        &params.event_type,
-    )?;
-    let scope =
-        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), Edges::Exact)
-            .await?;
     let later_page = cursor.is_some();
     let query = ListQuery {
         scope: scope.clone(),
@@ -103,31 +91,54 @@ pub async fn list_usage(
 }
 
 /// A metadata key and the value it must have.
-type MetadataFilter = (String, String);
+pub type MetadataFilter = (String, String);
 
-/// The listing's parameters, and its one optional metadata filter `metadata.<key>=<value>`
-/// (e.g. `metadata.model_version=v2.1`, a non-numeric metric), which `UsageParams` cannot name.
-fn usage_params(uri: &Uri) -> Result<(Params<UsageParams>, Option<MetadataFilter>), ApiError> {
-    let query = uri.query().unwrap_or_default();
-    let (metadata, rest): (Vec<&str>, Vec<&str>) =
-        query.split('&').filter(|pair| !pair.is_empty()).partition(|pair| pair.starts_with("metadata."));
+impl TenantParams for UsageParams {
+    fn tenant_id(&self) -> Option<&str> {
+        self.tenant_id.as_deref()
+    }
+
+    /// The listing's parameters, and its one optional metadata filter `metadata.<key>=<value>`
+    /// (e.g. `metadata.model_version=v2.1`, a non-numeric metric), which a struct cannot name.
+    fn from_uri(uri: &Uri) -> Result<UsageParams, ApiError> {
+        let query = uri.query().unwrap_or_default();
+        let (metadata, rest): (Vec<&str>, Vec<&str>) =
+            query.split('&').filter(|pair| !pair.is_empty()).partition(|pair| pair.starts_with("metadata."));
+        let mut params: UsageParams = params::from_query(&rest.join("&"))?;
+        params.metadata = metadata_filter(&metadata)?;
+        Ok(params)
+    }
+}
+
+impl RangeParams for UsageParams {
+    /// Exact: a listing counts and lists raw events to the microsecond.
+    fn range(&self) -> RangeInput {
+        RangeInput { start: self.start_date, end: self.end_date, edges: Edges::Exact }
+    }
+
+    fn filter(&self) -> Filter {
+        let text = |value: &Option<params::FilterValue>| value.as_ref().map(|value| value.0.clone());
+        Filter {
+            service_type: text(&self.service_type),
+            service_provider: text(&self.service_provider),
+            user_id: text(&self.user_id),
+            model: self.model.as_ref().map(|model| model.0.clone()),
+            event_type: text(&self.event_type),
+        }
+    }
+}
+
+/// The `metadata.<key>=<value>` pairs of a query string: none, or one filter.
+fn metadata_filter(metadata: &[&str]) -> Result<Option<MetadataFilter>, ApiError> {
     let parse = |pairs: &[&str]| -> Result<Uri, ApiError> {
         format!("/?{}", pairs.join("&"))
             .parse()
             .map_err(|_| ApiError::parameter("query", "is not a valid query string"))
     };
-    let params = match Query::<UsageParams>::try_from_uri(&parse(&rest)?) {
-        Ok(Query(params)) => Params(params),
-        Err(rejection) => {
-            let text = rejection.body_text();
-            let detail = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text);
-            return Err(ApiError::InvalidParameter(detail.to_owned()));
-        }
-    };
-    let filter = match metadata.as_slice() {
+    let filter = match metadata {
         [] => None,
         [_] => {
-            let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(&parse(&metadata)?)
+            let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(&parse(metadata)?)
                 .map_err(|_| ApiError::parameter("metadata", "expected metadata.<key>=<value>"))?;
             let (name, value) = pairs.into_iter().next().unwrap_or_default();
             let key = name.strip_prefix("metadata.").unwrap_or_default().to_owned();
@@ -142,18 +153,16 @@ fn usage_params(uri: &Uri) -> Result<(Params<UsageParams>, Option<MetadataFilter
         }
         _ => return Err(ApiError::parameter("metadata", "one metadata.<key>=<value> filter at most")),
     };
-    Ok((params, filter))
+    Ok(filter)
 }
 
-fn wants_csv(params: &UsageParams, headers: &HeaderMap) -> Result<bool, ApiError> {
-    match params.format.as_deref() {
-        Some("csv") => Ok(true),
-        Some("json") => Ok(false),
-        Some(other) => Err(ApiError::parameter("format", format!("{other:?} is not json or csv"))),
-        None => Ok(headers
+fn wants_csv(params: &UsageParams, headers: &HeaderMap) -> bool {
+    match params.format {
+        Some(format) => format == Format::Csv,
+        None => headers
             .get(header::ACCEPT)
             .and_then(|accept| accept.to_str().ok())
-            .is_some_and(|accept| accept.contains("text/csv"))),
+            .is_some_and(|accept| accept.contains("text/csv")),
     }
 }
 
@@ -164,7 +173,7 @@ async fn count(
     state: &QueryState,
     caller: &Caller,
     scope: &Scope,
-    filter: &crate::backend::Filter,
+    filter: &Filter,
     status: Option<EventStatus>,
     reuse: bool,
 ) -> Result<i64, ApiError> {
@@ -201,6 +210,14 @@ async fn count(
 pub struct Cursor {
     pub occurred_at: OffsetDateTime,
     pub event_id: Uuid,
+}
+
+impl FromStr for Cursor {
+    type Err = InvalidValue;
+
+    fn from_str(text: &str) -> Result<Cursor, InvalidValue> {
+        Cursor::decode(text).map_err(|_| InvalidValue("is not a cursor this API returned".into()))
+    }
 }
 
 impl Cursor {

@@ -1,5 +1,5 @@
-//! The HTTP API: routes, the OpenAPI document, and what every handler shares (parameters,
-//! authentication, the time range, the response cache).
+//! The HTTP API: routes, the OpenAPI document, and what every handler shares: typed parameters
+//! ([`params`]), authentication and the time range ([`tenant`]), the response cache.
 //!
 //! Areas: [`usage`] (the older `/api/v1/usage*` endpoints), [`listing`] (the raw event listing
 //! and its JSON/CSV streaming), [`analytics`] (`/api/v1/analytics/*`), [`billing`]
@@ -9,7 +9,9 @@ pub mod analytics;
 pub mod billing;
 pub mod ingest_doc;
 pub mod listing;
+pub mod params;
 pub mod schema;
+pub mod tenant;
 pub mod usage;
 
 use std::future::Future;
@@ -17,25 +19,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, MatchedPath, Query, State};
-use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use axum::extract::{MatchedPath, State};
+use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 use utoipa::OpenApi;
 
 use crate::QueryState;
 use crate::auth::Caller;
-use crate::backend::{Edges, Scope};
 use crate::cache::{CacheLevel, ResponseCache};
 use crate::error::ApiError;
-use crate::params::{TimeInput, parse_time};
 
 /// Every endpoint: data, documentation, operations, and the dashboard ([`crate::ui`]) at
 /// `/ui/` (with `/` redirecting there).
@@ -136,92 +134,6 @@ impl utoipa::Modify for ApiKeySecurity {
     }
 }
 
-/// Query parameters, with unknown names and bad values refused as `invalid_parameter`.
-#[derive(Debug)]
-pub struct Params<T>(pub T);
-
-impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Params<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        match Query::<T>::try_from_uri(&parts.uri) {
-            Ok(Query(params)) => Ok(Params(params)),
-            Err(rejection) => {
-                let text = rejection.body_text();
-                let detail = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text);
-                Err(ApiError::InvalidParameter(detail.to_owned()))
-            }
-        }
-    }
-}
-
-/// Authenticates the request and checks its `tenant_id` parameter.
-pub async fn caller(
-    state: &QueryState,
-    headers: &HeaderMap,
-    tenant: Option<&str>,
-) -> Result<Caller, ApiError> {
-    let caller = state.auth.authenticate(headers).await?;
-    caller.check_tenant(tenant)?;
-    Ok(caller)
-}
-
-/// The time range of a request: defaults end now (rounded up to the minute, so repeated
-/// requests share cache entries) and start `default_range_days` earlier; times without an
-/// offset are read in the tenant's time zone; the range must be non-empty and within
-/// `max_range_days`.
-pub async fn scope(
-    state: &QueryState,
-    caller: &Caller,
-    start_date: Option<&str>,
-    end_date: Option<&str>,
-    edges: Edges,
-) -> Result<Scope, ApiError> {
-    let start = start_date.map(|text| parse_time("start_date", text)).transpose()?;
-    let end = end_date.map(|text| parse_time("end_date", text)).transpose()?;
-    let local: Vec<_> = [start, end]
-        .iter()
-        .flatten()
-        .filter_map(|time| match time {
-            TimeInput::Local(local) => Some(*local),
-            TimeInput::Instant(_) => None,
-        })
-        .collect();
-    let mut resolved = if local.is_empty() {
-        Vec::new()
-    } else {
-        state.backend.resolve_local_times(&caller.time_zone, &local).await?
-    }
-    .into_iter();
-    let mut instant = |time: TimeInput| match time {
-        TimeInput::Instant(instant) => Some(instant),
-        TimeInput::Local(_) => resolved.next(),
-    };
-    let start = start.and_then(&mut instant);
-    let end = end.and_then(&mut instant).unwrap_or_else(now_rounded_up);
-    let default_days = i64::from(state.config.default_range_days);
-    let start = start.unwrap_or(end - time::Duration::days(default_days));
-    if start >= end {
-        return Err(ApiError::parameter("start_date", "must be before end_date"));
-    }
-    let max_days = i64::from(state.config.max_range_days);
-    if end - start > time::Duration::days(max_days) {
-        return Err(ApiError::parameter(
-            "start_date",
-            format!("the range exceeds the maximum of {max_days} days; narrow start_date..end_date"),
-        ));
-    }
-    let mut scope = Scope::exact(caller.tenant_id, start, end, &caller.time_zone);
-    if edges == Edges::Hour {
-        scope.edges = Edges::Hour;
-        scope.start = hour_floor(start);
-        scope.end = hour_ceil(end).ok_or_else(|| {
-            ApiError::parameter("end_date", "is too late to round up to a whole hour; pass edges=exact")
-        })?;
-    }
-    Ok(scope)
-}
-
 /// The start of the UTC hour holding `at`.
 pub fn hour_floor(at: OffsetDateTime) -> OffsetDateTime {
     let at = at.to_offset(time::UtcOffset::UTC);
@@ -234,14 +146,6 @@ pub fn hour_floor(at: OffsetDateTime) -> OffsetDateTime {
 pub fn hour_ceil(at: OffsetDateTime) -> Option<OffsetDateTime> {
     let floor = hour_floor(at);
     if floor == at { Some(at) } else { floor.checked_add(time::Duration::HOUR) }
-}
-
-/// Now, rounded up to the next whole minute.
-fn now_rounded_up() -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc();
-    let seconds = now.unix_timestamp();
-    let rounded = (seconds.div_euclid(60) + 1) * 60;
-    OffsetDateTime::from_unix_timestamp(rounded).unwrap_or(now)
 }
 
 /// Serves `question` of `endpoint` from the cache, or computes, stores and serves it.

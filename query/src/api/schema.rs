@@ -468,7 +468,7 @@ pub struct HealthBody {
 }
 
 /// The dimension values of a group as a map, in the order asked for.
-pub fn key_map(key: &GroupKey, dimensions: &[crate::params::Dimension]) -> BTreeMap<String, String> {
+pub fn key_map(key: &GroupKey, dimensions: &[crate::question::Dimension]) -> BTreeMap<String, String> {
     dimensions
         .iter()
         .map(|dimension| (dimension.name().to_owned(), key.get(*dimension).unwrap_or_default().to_owned()))

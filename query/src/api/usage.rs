@@ -3,18 +3,19 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::Response;
 
+use super::cached;
+use super::params::{AggregateParams, ByServiceParams, CostsParams};
 use super::schema::{
     AggregateBody, AggregateRowBody, ByServiceBody, CostSlice, CostsBody, ErrorBody, Range, ServiceUsage,
     Totals, UserUsage, custom_of, quantities_of,
 };
-use super::{Params, cached, caller, scope};
+use super::tenant::Scoped;
 use crate::QueryState;
 use crate::backend::{AggregateQuery, AggregateRow, Filter, Measures, Scope, Stats};
 use crate::error::ApiError;
-use crate::params::{self, AggregateParams, ByServiceParams, CostsParams, Dimension, Period, parse_u32};
+use crate::question::{Dimension, Period};
 use crate::stats;
 
 pub(crate) fn range(scope: &Scope) -> Range {
@@ -52,29 +53,13 @@ pub(crate) fn total_of(rows: &[AggregateRow], set: usize) -> Stats {
 )]
 pub async fn aggregate(
     State(state): State<Arc<QueryState>>,
-    headers: HeaderMap,
-    Params(params): Params<AggregateParams>,
+    Scoped { caller, scope, filter, params }: Scoped<AggregateParams>,
 ) -> Result<Response, ApiError> {
-    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
-    let period = match params.period.as_deref() {
-        Some(text) => Period::parse("period", text)?,
-        None => Period::Day,
-    };
-    let dimensions = match params.group_by.as_deref() {
+    let period = params.period.unwrap_or(Period::Day);
+    let dimensions = match params.group_by {
+        Some(group_by) => group_by.0,
         None => vec![Dimension::ServiceType, Dimension::ServiceProvider],
-        Some("none") => Vec::new(),
-        Some(text) => Dimension::parse_list("group_by", text, 3)?,
     };
-    let filter = params::filter(
-        &params.service_type,
-        &params.service_provider,
-        &params.user_id,
-        &params.model,
-        &params.event_type,
-    )?;
-    let edges = params::parse_edges(params.edges.as_deref())?;
-    let scope =
-        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
     let mut set = vec![Dimension::Period];
     set.extend(&dimensions);
     let query = AggregateQuery {
@@ -155,15 +140,9 @@ pub async fn aggregate(
 )]
 pub async fn by_service(
     State(state): State<Arc<QueryState>>,
-    headers: HeaderMap,
-    Params(params): Params<ByServiceParams>,
+    Scoped { caller, scope, params, .. }: Scoped<ByServiceParams>,
 ) -> Result<Response, ApiError> {
-    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
-    let limit = parse_u32("limit", params.limit.as_deref(), 50, 1, 50)? as usize;
-    let top_users = parse_u32("top_users", params.top_users.as_deref(), 5, 1, 50)? as usize;
-    let edges = params::parse_edges(params.edges.as_deref())?;
-    let scope =
-        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
+    let (limit, top_users) = (params.limit.0 as usize, params.top_users.0 as usize);
     let service = vec![Dimension::ServiceType, Dimension::ServiceProvider];
     // Two questions, asked at once: totals and services (with distinct users), and sums per
     // user of each service for the top users (per-user rows, so kept as lean as possible).
@@ -247,24 +226,9 @@ pub(crate) fn share(part: i64, whole: i64) -> f64 {
 )]
 pub async fn costs(
     State(state): State<Arc<QueryState>>,
-    headers: HeaderMap,
-    Params(params): Params<CostsParams>,
+    Scoped { caller, scope, filter, params }: Scoped<CostsParams>,
 ) -> Result<Response, ApiError> {
-    let caller = caller(&state, &headers, params.tenant_id.as_deref()).await?;
-    let period = match params.group_by.as_deref() {
-        Some(text) => Period::parse("group_by", text)?,
-        None => Period::Day,
-    };
-    let filter = params::filter(
-        &params.service_type,
-        &params.service_provider,
-        &params.user_id,
-        &params.model,
-        &None,
-    )?;
-    let edges = params::parse_edges(params.edges.as_deref())?;
-    let scope =
-        scope(&state, &caller, params.start_date.as_deref(), params.end_date.as_deref(), edges).await?;
+    let period = params.group_by.unwrap_or(Period::Day);
     let query = AggregateQuery {
         scope,
         filter,

@@ -44,6 +44,10 @@ struct Cli {
     /// Log lines on standard error: `text` (coloured only on a terminal) or `json`.
     #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: telemetry::LogFormat,
+    /// Always mark the dashboard's session cookie `Secure` (implied by --tls-cert); else only
+    /// requests that say they came over HTTPS (`X-Forwarded-Proto: https`) get it marked.
+    #[arg(long, env = "TALLY_SECURE_COOKIES")]
+    secure_cookies: bool,
 }
 
 impl Cli {
@@ -64,6 +68,7 @@ impl Cli {
             cache_ttl: Duration::from_secs(self.cache_ttl_secs),
             cache_memory_bytes_max: self.cache_memory_mib * 1024 * 1024,
             key_cache_ttl: Duration::from_secs(self.key_cache_ttl_secs),
+            secure_cookies: self.secure_cookies || self.tls.tls_cert.is_some(),
             ..defaults
         })
     }

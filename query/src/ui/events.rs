@@ -50,7 +50,7 @@ fn filter_query(params: &HashMap<String, String>) -> String {
 fn local_time(chosen: &Chosen, text: &str) -> String {
     match OffsetDateTime::parse(text, &Rfc3339) {
         Ok(time) => {
-            let local = time.to_offset(chosen.offset);
+            let local = chosen.local(time);
             format!(
                 "{}-{:02}-{:02} {:02}:{:02}:{:02}",
                 local.year(),

@@ -335,8 +335,9 @@ async fn sign_in(
         Ok(_) => {
             let id = state.ui_sessions.open(key);
             let cookie = format!(
-                "{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/ui; Max-Age={}",
-                SESSION_LIFETIME.as_secs()
+                "{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/ui; Max-Age={}{}",
+                SESSION_LIFETIME.as_secs(),
+                secure_attribute(&state, &headers)
             );
             let mut response = Redirect::to("/ui/").into_response();
             if let Ok(value) = HeaderValue::from_str(&cookie) {
@@ -364,11 +365,40 @@ async fn sign_out(State(state): State<Arc<QueryState>>, headers: HeaderMap) -> R
         state.ui_sessions.close(&id);
     }
     let mut response = Redirect::to("/ui/sign-in").into_response();
-    let expired = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/ui; Max-Age=0");
+    let secure = secure_attribute(&state, &headers);
+    let expired = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/ui; Max-Age=0{secure}");
     if let Ok(value) = HeaderValue::from_str(&expired) {
         response.headers_mut().insert(header::SET_COOKIE, value);
     }
     response
+}
+
+/// `; Secure` when the session cookie must travel over HTTPS only: always with
+/// `secure_cookies`, else when the request came over HTTPS through a proxy that says so
+/// (`X-Forwarded-Proto: https`, or `proto=https` in `Forwarded`). Trusting the header cannot
+/// weaken the cookie: a client that sends it falsely over plain HTTP only gets a cookie its
+/// browser will not send back there.
+fn secure_attribute(state: &QueryState, headers: &HeaderMap) -> &'static str {
+    if state.config.secure_cookies || came_over_https(headers) { "; Secure" } else { "" }
+}
+
+fn came_over_https(headers: &HeaderMap) -> bool {
+    let values = |name| headers.get_all(name).into_iter().filter_map(|value| value.to_str().ok());
+    // The first proxy's word counts (the one the browser reached): the list's first entry.
+    let forwarded_proto = values("x-forwarded-proto")
+        .next()
+        .and_then(|value| value.split(',').next())
+        .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
+    let forwarded =
+        values("forwarded").next().and_then(|value| value.split(',').next()).is_some_and(|element| {
+            element.split(';').any(|pair| {
+                pair.split_once('=').is_some_and(|(name, value)| {
+                    name.trim().eq_ignore_ascii_case("proto")
+                        && value.trim().trim_matches('"').eq_ignore_ascii_case("https")
+                })
+            })
+        });
+    forwarded_proto || forwarded
 }
 
 /// A form post from this site: its `Origin`, when the browser sends one, names the `Host`. The
@@ -386,6 +416,8 @@ fn same_origin(headers: &HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::HeaderName;
+
     use super::*;
 
     #[test]
@@ -396,6 +428,26 @@ mod tests {
         assert_eq!(session_id(&headers), Some(id));
         headers.insert(header::COOKIE, format!("{COOKIE}=short").parse().expect("header"));
         assert_eq!(session_id(&headers), None);
+    }
+
+    #[test]
+    fn https_is_read_from_the_proxy_headers() {
+        let with = |name: &str, value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                value.parse().expect("value"),
+            );
+            came_over_https(&headers)
+        };
+        assert!(!came_over_https(&HeaderMap::new()));
+        assert!(with("x-forwarded-proto", "https"));
+        assert!(with("x-forwarded-proto", "HTTPS, http"));
+        assert!(!with("x-forwarded-proto", "http"));
+        assert!(!with("x-forwarded-proto", "http, https"), "the first proxy's word counts");
+        assert!(with("forwarded", "for=192.0.2.60;proto=https;by=203.0.113.43"));
+        assert!(with("forwarded", "proto=\"https\""));
+        assert!(!with("forwarded", "for=192.0.2.60;proto=http, proto=https"));
     }
 
     #[test]

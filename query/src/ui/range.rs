@@ -3,15 +3,16 @@
 
 use std::collections::HashMap;
 
+use jiff::tz::TimeZone;
 use time::format_description::well_known::Rfc3339;
-use time::{Date, OffsetDateTime, PrimitiveDateTime, UtcOffset};
+use time::{Date, OffsetDateTime};
 
 use super::UiError;
 use super::html::{esc, url};
 use crate::QueryState;
 use crate::auth::Caller;
 use crate::backend::{Edges, Scope};
-use crate::params::Period;
+use crate::question::Period;
 
 /// The choices, as named in the `range` parameter, and their labels.
 const CHOICES: [(&str, &str); 4] =
@@ -30,8 +31,9 @@ pub(crate) struct Chosen {
     pub end_date: String,
     /// The chart bucket: hours for the last 24 h, else days.
     pub period: Period,
-    /// The tenant's UTC offset now: for labels only.
-    pub offset: UtcOffset,
+    /// The tenant's time zone (UTC if the compiled-in database does not know it): for labels
+    /// only, each time with the offset of its own instant, DST changes included.
+    pub zone: TimeZone,
 }
 
 impl Chosen {
@@ -49,17 +51,22 @@ impl Chosen {
         format!("start_date={}&end_date={}", url(&self.start_date), url(&self.end_date))
     }
 
+    /// `at` in the tenant's local time.
+    pub fn local(&self, at: OffsetDateTime) -> OffsetDateTime {
+        crate::calendar::local_time(&self.zone, at)
+    }
+
     /// A period's label: its local date (`MM-DD`), or local time for hours.
     pub fn label(&self, start: OffsetDateTime, end: OffsetDateTime) -> String {
         match self.period {
             Period::Hour => {
-                let local = start.to_offset(self.offset);
+                let local = self.local(start);
                 format!("{:02}:{:02}", local.hour(), local.minute())
             }
             _ => {
                 // The middle of a day is well inside its local date whatever DST did since.
                 let half: time::Duration = (end - start) / 2;
-                let middle = (start + half).to_offset(self.offset);
+                let middle = self.local(start + half);
                 format!("{:02}-{:02}", middle.month() as u8, middle.day())
             }
         }
@@ -74,7 +81,7 @@ pub(crate) async fn resolve(
 ) -> Result<Chosen, UiError> {
     let name = params.get("range").map_or("7d", String::as_str);
     let now = now_rounded_up();
-    let offset = offset_now(state, caller, now).await;
+    let zone = crate::calendar::zone(&caller.time_zone).unwrap_or(TimeZone::UTC);
     let rfc3339 = |time: OffsetDateTime| time.format(&Rfc3339).unwrap_or_default();
     let mut chosen = Chosen {
         name: name.to_owned(),
@@ -83,7 +90,7 @@ pub(crate) async fn resolve(
         start_date: String::new(),
         end_date: rfc3339(now),
         period: Period::Day,
-        offset,
+        zone,
     };
     let scope = |start: OffsetDateTime| Scope::exact(caller.tenant_id, start, now, &caller.time_zone);
     let start = match name {
@@ -141,18 +148,6 @@ fn now_rounded_up() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     let rounded = (now.unix_timestamp().div_euclid(60) + 1) * 60;
     OffsetDateTime::from_unix_timestamp(rounded).unwrap_or(now)
-}
-
-/// The tenant's offset from UTC now, from the backend's time zone rules (UTC if it cannot tell).
-async fn offset_now(state: &QueryState, caller: &Caller, now: OffsetDateTime) -> UtcOffset {
-    let wall_clock = PrimitiveDateTime::new(now.date(), now.time());
-    match state.backend.resolve_local_times(&caller.time_zone, &[wall_clock]).await.as_deref() {
-        Ok([instant]) => {
-            let seconds = (wall_clock.assume_utc() - *instant).whole_seconds();
-            UtcOffset::from_whole_seconds(seconds as i32).unwrap_or(UtcOffset::UTC)
-        }
-        _ => UtcOffset::UTC,
-    }
 }
 
 /// The selector: a link per choice and a custom-dates form; `path` is the current view,
@@ -254,6 +249,43 @@ pub(crate) fn shown(range: &super::json::Json) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chosen(period: Period, time_zone: &str) -> Chosen {
+        Chosen {
+            name: "24h".into(),
+            from: String::new(),
+            to: String::new(),
+            start_date: String::new(),
+            end_date: String::new(),
+            period,
+            zone: crate::calendar::zone(time_zone).expect("a known zone"),
+        }
+    }
+
+    #[test]
+    fn hour_labels_follow_dst_changes() {
+        use time::macros::datetime;
+        let hour = time::Duration::HOUR;
+        let berlin = chosen(Period::Hour, "Europe/Berlin");
+        // Clocks went from 02:00 CET to 03:00 CEST at 01:00 UTC on 2024-03-31.
+        let spring: Vec<String> = (0..4)
+            .map(|index| datetime!(2024-03-30 23:00 UTC) + hour * index)
+            .map(|start| berlin.label(start, start + hour))
+            .collect();
+        assert_eq!(spring, ["00:00", "01:00", "03:00", "04:00"]);
+        // And back from 03:00 CEST to 02:00 CET at 01:00 UTC on 2024-10-27: 02:00 twice.
+        let autumn: Vec<String> = (0..4)
+            .map(|index| datetime!(2024-10-26 23:00 UTC) + hour * index)
+            .map(|start| berlin.label(start, start + hour))
+            .collect();
+        assert_eq!(autumn, ["01:00", "02:00", "02:00", "03:00"]);
+        // A half-hour zone, and days across a change.
+        let kolkata = chosen(Period::Hour, "Asia/Kolkata");
+        assert_eq!(kolkata.label(datetime!(2024-03-31 00:00 UTC), datetime!(2024-03-31 01:00 UTC)), "05:30");
+        let days = chosen(Period::Day, "Europe/Berlin");
+        let (start, end) = (datetime!(2024-03-30 23:00 UTC), datetime!(2024-03-31 22:00 UTC));
+        assert_eq!(days.label(start, end), "03-31");
+    }
 
     #[test]
     fn query_values_decode() {

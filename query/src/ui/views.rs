@@ -111,7 +111,7 @@ pub(crate) async fn overview(
             })
             .collect()
     };
-    let unit = if chosen.period == crate::params::Period::Hour { "hour" } else { "day" };
+    let unit = if chosen.period == crate::question::Period::Hour { "hour" } else { "day" };
     let _ = write!(
         body,
         "<section class=\"charts\"><figure><figcaption>Events per {unit}</figcaption>{}</figure>\

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use query::backend::Scope;
-use query::params::Period;
+use query::question::Period;
 use serde_json::Value;
 use sink::EventRow;
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset, Weekday};

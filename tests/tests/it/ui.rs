@@ -169,8 +169,9 @@ async fn serve_query(edge: &TestEdge, stop: &CancellationToken) -> Result<Socket
 }
 
 /// What the browser does not show: every page carries the strict Content-Security-Policy, the
-/// session cookie is `HttpOnly; SameSite=Strict; Path=/ui` and holds no key, `/` leads to the
-/// dashboard, and unknown paths still answer the API's JSON 404.
+/// session cookie is `HttpOnly; SameSite=Strict; Path=/ui`, holds no key and is `Secure` when
+/// the request came over HTTPS (or `secure_cookies` is set), `/` leads to the dashboard, and
+/// unknown paths still answer the API's JSON 404.
 async fn headers_cookie_and_fallback(state: &std::sync::Arc<query::QueryState>, key: &str) -> Result<()> {
     use axum::body::Body;
     use axum::http::{Request, StatusCode, header};
@@ -182,15 +183,33 @@ async fn headers_cookie_and_fallback(state: &std::sync::Arc<query::QueryState>, 
     ensure!(policy == query::ui::CONTENT_SECURITY_POLICY, "{policy:?}");
     let root = send(Request::get("/").body(Body::empty())?).await?;
     ensure!(root.headers().get(header::LOCATION).is_some_and(|to| to == "/ui/"), "/ redirects to /ui/");
-    let form = Request::post("/ui/sign-in")
-        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .body(Body::from(format!("api_key={key}")))?;
-    let signed_in = send(form).await?;
-    let cookie = signed_in.headers().get(header::SET_COOKIE).context("a session cookie")?.to_str()?;
+    let form = |proto: Option<(&str, &str)>| {
+        let mut form =
+            Request::post("/ui/sign-in").header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if let Some((name, value)) = proto {
+            form = form.header(name, value);
+        }
+        form.body(Body::from(format!("api_key={key}")))
+    };
+    let cookie_of = |response: axum::response::Response| -> Result<String> {
+        Ok(response.headers().get(header::SET_COOKIE).context("a session cookie")?.to_str()?.to_owned())
+    };
+    let cookie = cookie_of(send(form(None)?).await?)?;
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
         ensure!(cookie.contains(attribute), "{cookie} lacks {attribute}");
     }
     ensure!(!cookie.contains(key), "the cookie holds no key");
+    ensure!(!cookie.contains("Secure"), "{cookie}: plain HTTP could not send a Secure cookie back");
+    for proxy in [("x-forwarded-proto", "https"), ("forwarded", "for=192.0.2.1;proto=https")] {
+        let cookie = cookie_of(send(form(Some(proxy))?).await?)?;
+        ensure!(cookie.ends_with("; Secure"), "{proxy:?}: {cookie}");
+    }
+    let cookie = cookie_of(send(form(Some(("x-forwarded-proto", "http")))?).await?)?;
+    ensure!(!cookie.contains("Secure"), "{cookie}");
+    let always = query::QueryConfig { secure_cookies: true, ..state.config.clone() };
+    let always = query::QueryState::with_backend(always, state.backend.clone(), None);
+    let cookie = cookie_of(query::router(always).oneshot(form(None)?).await?)?;
+    ensure!(cookie.ends_with("; Secure"), "secure_cookies: {cookie}");
     let unknown = send(Request::get("/no/such/path").body(Body::empty())?).await?;
     ensure!(unknown.status() == StatusCode::NOT_FOUND, "unknown path: {}", unknown.status());
     let body = axum::body::to_bytes(unknown.into_body(), 1 << 16).await?;
