@@ -157,19 +157,23 @@ pub fn aggregate<'a>(
 ) -> Result<BTreeMap<RollupKey<'a>, RollupDelta>, RollupOverflow> {
     let mut deltas: BTreeMap<RollupKey<'a>, RollupDelta> = BTreeMap::new();
     for row in rows {
-        let event = &row.event;
-        let key = RollupKey {
-            tenant_id: row.tenant_id,
-            hour_us: hour_start_us(event.timestamp_us),
-            service_type: &event.service_type,
-            service_provider: &event.service_provider,
-            model: event.model.as_deref().unwrap_or(""),
-            user_id: &event.user_id,
-            event_type: &event.event_type,
-        };
-        deltas.entry(key).or_default().add(row)?;
+        deltas.entry(key_of(row)).or_default().add(row)?;
     }
     Ok(deltas)
+}
+
+/// The per-user rollup key of a row.
+pub fn key_of(row: &EventRow) -> RollupKey<'_> {
+    let event = &row.event;
+    RollupKey {
+        tenant_id: row.tenant_id,
+        hour_us: hour_start_us(event.timestamp_us),
+        service_type: &event.service_type,
+        service_provider: &event.service_provider,
+        model: event.model.as_deref().unwrap_or(""),
+        user_id: &event.user_id,
+        event_type: &event.event_type,
+    }
 }
 
 /// The same sums without the user: per-user deltas merged by every other key field, with
