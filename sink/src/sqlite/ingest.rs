@@ -9,7 +9,7 @@
 //! [`ROWS_PER_STATEMENT_MAX`] rows and no savepoints. A chunk that inserts every row is done.
 //! One that inserts fewer (a resend of a stored event) is asked which of its keys were stored
 //! before this commit: every commit stamps its rows with its own `ingested_at` (strictly
-//! increasing per store, see [`SqliteStore::ingested_at_us`]), and the batch holds no repeats,
+//! increasing per store, see `SqliteStore::ingested_at_us`), and the batch holds no repeats,
 //! so a key of the chunk whose stored `ingested_at` differs is a duplicate and every other key
 //! was inserted by this chunk. Only the rollup keys of duplicates are summed again.
 //!
@@ -223,8 +223,9 @@ impl SqliteStore {
         }
         let inserted = chunk.iter().filter(|&&index| !before.contains(&rows[index].dedup_key())).count();
         if inserted as u64 != result.rows_affected() {
-            // Only possible if another writer stamped rows with this commit's `ingested_at`.
-            return Err(StoreError::internal(format!(
+            // Only possible if another writer stamped rows with this commit's `ingested_at`: the
+            // batch is refused (and retried with a new stamp) rather than counted wrong.
+            return Err(StoreError::conflict(format!(
                 "a chunk inserted {} rows but {inserted} keys are new",
                 result.rows_affected()
             )));
@@ -238,8 +239,8 @@ impl SqliteStore {
     }
 
     /// This commit's `ingested_at`: now, but strictly after the previous commit's, so that no
-    /// two commits of this store stamp their rows alike (the writer tells its rows from rows
-    /// stored before by it).
+    /// two commits of this store stamp their rows alike (a chunk tells the rows it inserted from
+    /// rows stored before by this stamp).
     fn ingested_at_us(&self) -> i64 {
         let now_us = values::now_us();
         let previous = self
