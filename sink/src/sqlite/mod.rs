@@ -102,6 +102,8 @@ pub struct SqliteStore {
     path: PathBuf,
     statements: std::sync::Arc<ingest::Statements>,
     rollup_cache: std::sync::Arc<rollups::RollupCache>,
+    /// The `ingested_at` of the last commit (see `ingest.rs`).
+    last_ingested_at_us: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// Creates the database file readable and writable by this user only (0600), like the key file
@@ -176,6 +178,7 @@ impl SqliteStore {
             path,
             statements: std::sync::Arc::new(ingest::Statements::new()),
             rollup_cache: std::sync::Arc::new(rollups::RollupCache::new(options.rollup_cache_rows)),
+            last_ingested_at_us: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
         };
         store.migrate().await?;
         Ok(store)

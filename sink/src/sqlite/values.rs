@@ -58,19 +58,10 @@ pub(super) fn quantities_json<'a>(quantities: impl IntoIterator<Item = (&'a Stri
     String::from_utf8(json).unwrap_or_default()
 }
 
-/// A latency histogram as a JSON array of `LATENCY_BUCKETS` counts.
+/// A latency histogram as a JSON array of `LATENCY_BUCKETS` counts. Written for every rollup
+/// row a batch touches, so through serde_json's integer formatting rather than `fmt`.
 pub(super) fn buckets_json(buckets: &[i64; LATENCY_BUCKETS]) -> String {
-    use std::fmt::Write;
-    let mut json = String::with_capacity(2 * LATENCY_BUCKETS + 2);
-    json.push('[');
-    for (index, count) in buckets.iter().enumerate() {
-        if index > 0 {
-            json.push(',');
-        }
-        let _ = write!(json, "{count}");
-    }
-    json.push(']');
-    json
+    serde_json::to_string(buckets.as_slice()).unwrap_or_default()
 }
 
 pub(super) fn parse_buckets(text: &str) -> Result<[i64; LATENCY_BUCKETS], StoreError> {
