@@ -65,6 +65,11 @@ pub struct RunArgs {
     /// Skip verification.
     #[arg(long)]
     pub no_verify: bool,
+    /// Verify only after the run, not also halfway through it. The midway check reads every raw
+    /// event of the run in one snapshot while events still arrive; a latency measurement would
+    /// see that read in its tail.
+    #[arg(long)]
+    pub no_midway_check: bool,
     /// Exit non-zero if the achieved rate is below this many events/s.
     #[arg(long)]
     pub fail_under: Option<f64>,

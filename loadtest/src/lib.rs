@@ -93,6 +93,8 @@ pub struct RunPlan {
     pub database: Option<Database>,
     pub scope: Scope,
     pub verify: bool,
+    /// Also check rollups against raw events halfway through a timed run.
+    pub midway_check: bool,
     /// The processes whose CPU time the report splits.
     pub cpu: Option<CpuProbe>,
     pub fail_under: Option<f64>,
@@ -114,7 +116,7 @@ pub async fn run_and_report(plan: &RunPlan, progress: &Progress) -> Result<RunRe
     let mark = plan.cpu.map(|probe| probe.mark());
     // Halfway through a timed run, rollups are checked against raw events while events are
     // still arriving and rows wait to be folded.
-    let midway = match (&plan.database, plan.load.duration, plan.verify) {
+    let midway = match (&plan.database, plan.load.duration, plan.verify && plan.midway_check) {
         (Some(database), Some(duration), true) => {
             let (database, keys) = (database.clone(), plan.target.api_keys.clone());
             Some(tokio::spawn(async move {
@@ -186,6 +188,7 @@ async fn run_command(args: RunArgs, database_url_on_command_line: bool) -> Resul
             database: Some(environment.storage.database()),
             scope: Scope::Exclusive,
             verify: !args.no_verify,
+            midway_check: !args.no_midway_check,
             cpu: Some(CpuProbe {
                 edge_pid: Some(environment.edge.pid()),
                 postmaster_pid: environment.postmaster_pid()?,
@@ -219,6 +222,7 @@ async fn run_command(args: RunArgs, database_url_on_command_line: bool) -> Resul
         database: args.target.database_url.clone().map(Database::Postgres),
         scope: Scope::Shared,
         verify,
+        midway_check: !args.no_midway_check,
         cpu: None,
         fail_under: args.fail_under,
     };

@@ -69,6 +69,7 @@ impl EmbeddedEdge {
             database: Some(self.database.clone()),
             scope: Scope::Exclusive,
             verify: true,
+            midway_check: true,
             cpu: None,
             fail_under: None,
         }

@@ -61,6 +61,7 @@ impl InProcessEdge {
             database: Some(Database::Postgres(self.database.url.clone())),
             scope: Scope::Exclusive,
             verify: true,
+            midway_check: true,
             cpu: None,
             fail_under: None,
         }

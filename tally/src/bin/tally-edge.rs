@@ -107,6 +107,14 @@ struct ServeArgs {
     /// Events per commit at most.
     #[arg(long, env = "TALLY_BATCH_EVENTS_MAX", default_value_t = 10_000)]
     batch_events_max: usize,
+    /// Milliseconds between rollup folds while less than a full fold is waiting. Longer folds
+    /// sum more commits into each rollup row (fewer upserts per event); readers stay exact either
+    /// way, since they add the rows not folded yet.
+    #[arg(long, env = "TALLY_FOLD_INTERVAL_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    fold_interval_ms: u64,
+    /// Pending rollup entries folded in one transaction at most.
+    #[arg(long, env = "TALLY_FOLD_ENTRIES_MAX", default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    fold_entries_max: u64,
     /// Binary protocol connections at once.
     #[arg(long, env = "TALLY_WIRE_CONNECTIONS_MAX", default_value_t = 1024)]
     wire_connections_max: usize,
@@ -187,6 +195,10 @@ impl ServeArgs {
                 aggregate_retention_days: self.aggregate_retention_days,
                 event_compress_after_days: Some(self.event_compress_after_days).filter(|days| *days > 0),
                 ..defaults.retention
+            },
+            fold: sink::FoldLimits {
+                interval: Duration::from_millis(self.fold_interval_ms),
+                entries_max: self.fold_entries_max as usize,
             },
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             operator_key: self.operator_key.clone(),
