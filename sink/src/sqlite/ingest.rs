@@ -275,8 +275,9 @@ fn without_duplicates<'a>(
     for key in &touched {
         deltas.remove(key);
     }
-    let stored = rows_and_outcomes()
-        .filter(|(row, outcome)| **outcome == Outcome::Stored && touched.contains(&rollup::RollupKey::of(row)));
+    let stored = rows_and_outcomes().filter(|(row, outcome)| {
+        **outcome == Outcome::Stored && touched.contains(&rollup::RollupKey::of(row))
+    });
     deltas.extend(rollup::aggregate(stored.map(|(row, _)| row)).map_err(rollups::overflow)?);
     Ok(deltas)
 }
