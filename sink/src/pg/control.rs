@@ -27,10 +27,12 @@ impl PgStore {
         disabled: bool,
     ) -> Result<bool, StoreError> {
         let result = sqlx::query(
-            "UPDATE tenants SET disabled_at = CASE WHEN $2 THEN coalesce(disabled_at, now()) END WHERE id = $1",
+            "UPDATE tenants SET disabled_at = CASE WHEN $2 THEN coalesce(disabled_at, tally_timestamptz($3)) END
+             WHERE id = $1",
         )
         .bind(tenant_id)
         .bind(disabled)
+        .bind(now_us())
         .execute(self.pool())
         .await
         .map_err(classify)?;
@@ -139,10 +141,12 @@ impl PgStore {
 
     pub(crate) async fn revoke_api_key(&self, tenant_id: Uuid, key_id: Uuid) -> Result<bool, StoreError> {
         let result = sqlx::query(
-            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE tenant_id = $1 AND id = $2",
+            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, tally_timestamptz($3))
+             WHERE tenant_id = $1 AND id = $2",
         )
         .bind(tenant_id)
         .bind(key_id)
+        .bind(now_us())
         .execute(self.pool())
         .await
         .map_err(classify)?;
@@ -186,7 +190,7 @@ impl PgStore {
                service_name = excluded.service_name, description = excluded.description,
                providers = excluded.providers, required_fields = excluded.required_fields,
                optional_fields = excluded.optional_fields, billing_config = excluded.billing_config,
-               updated_at = now()
+               updated_at = excluded.updated_at
              RETURNING xmax = 0",
         )
         .bind(tenant_id)
@@ -384,7 +388,7 @@ fn insert_rule(rule: &StoredPriceRule) -> PgQuery<'_> {
 
 fn retire_rule(tenant_id: Uuid, rule_id: Uuid, at_us: i64) -> PgQuery<'static> {
     sqlx::query(
-        "UPDATE price_rules SET retired_at = coalesce(retired_at, now()),
+        "UPDATE price_rules SET retired_at = coalesce(retired_at, tally_timestamptz($4)),
                 effective_until = CASE WHEN tally_timestamptz($3) <= effective_from THEN NULL
                                        ELSE least(coalesce(effective_until, 'infinity'), tally_timestamptz($3)) END
          WHERE tenant_id = $1 AND id = $2",
@@ -392,4 +396,13 @@ fn retire_rule(tenant_id: Uuid, rule_id: Uuid, at_us: i64) -> PgQuery<'static> {
     .bind(tenant_id)
     .bind(rule_id)
     .bind(at_us)
+    .bind(now_us())
+}
+
+/// The time now in microseconds since the epoch, for the control plane's time stamps. Written
+/// as a parameter, not as `now()`: Citus refuses a non-IMMUTABLE function inside an UPDATE's
+/// COALESCE or CASE, and those columns are only tested for NULL.
+pub(super) fn now_us() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    since_epoch.as_micros() as i64
 }

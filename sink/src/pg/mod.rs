@@ -534,7 +534,21 @@ fn overflow_error(error: rollup::RollupOverflow) -> sqlx::Error {
 }
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+    match error {
+        sqlx::Error::Database(db) => unique_violation(db.code().as_deref(), db.message()),
+        _ => false,
+    }
+}
+
+/// Whether an error's SQLSTATE and message say a unique index refused a row. PostgreSQL says so
+/// with `23505`; Citus, when a shard's COPY hits the index, re-raises the shard's error as an
+/// internal error (`XX000`) that keeps only the message, so that one is recognised by both.
+fn unique_violation(code: Option<&str>, message: &str) -> bool {
+    match code {
+        Some("23505") => true,
+        Some("XX000") => message.contains("duplicate key value violates unique constraint"),
+        _ => false,
+    }
 }
 
 /// Whether a database error is worth retrying. Decided here for every PostgreSQL call. The
@@ -728,5 +742,22 @@ impl ApiKeyRow {
             expires_at_us: self.expires_at_us,
             revoked: self.revoked,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unique_violation;
+
+    #[test]
+    fn unique_violations_are_recognised_from_postgres_and_from_citus() {
+        let duplicate = "duplicate key value violates unique constraint \"usage_events_pkey_102008\"";
+        assert!(unique_violation(Some("23505"), duplicate));
+        assert!(unique_violation(Some("23505"), ""));
+        // Citus re-raises a shard's error from COPY as an internal error with the shard's message.
+        assert!(unique_violation(Some("XX000"), duplicate));
+        assert!(!unique_violation(Some("XX000"), "could not connect to worker"));
+        assert!(!unique_violation(Some("23503"), duplicate));
+        assert!(!unique_violation(None, duplicate));
     }
 }

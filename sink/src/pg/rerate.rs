@@ -109,15 +109,21 @@ impl Changes {
         };
         let tenant_id = self.rollups.keys().next().map(|key| key.0).unwrap_or_default();
         // The constant time range (and a custom plan for it, `persistent(false)`) lets TimescaleDB
-        // decompress only the compressed batches of this range, not all of the tenant's.
+        // decompress only the compressed batches of this range, not all of the tenant's. The rule
+        // arrays are cast from text inside a subquery kept apart by `OFFSET 0`: the cast is STABLE, and
+        // Citus refuses a STABLE function applied to a column of an UPDATE, also once PostgreSQL
+        // has pulled a plain subquery up into the UPDATE.
         let updated = sqlx::query(
-            "UPDATE usage_events e SET cost = c.cost, price_rule_ids = nullif(c.rules, '{}')::uuid[]
-             FROM unnest($2::uuid[], $3::bigint[], $4::numeric[], $5::text[], $6::numeric[], $7::text[])
-                  AS c(event_id, at_us, cost, rules, cost_before, rules_before)
+            "UPDATE usage_events e SET cost = c.cost, price_rule_ids = c.rules
+             FROM (SELECT u.event_id, u.at_us, u.cost, nullif(u.rules, '{}')::uuid[] AS rules, u.cost_before,
+                          u.rules_before::uuid[] AS rules_before
+                   FROM unnest($2::uuid[], $3::bigint[], $4::numeric[], $5::text[], $6::numeric[], $7::text[])
+                        AS u(event_id, at_us, cost, rules, cost_before, rules_before)
+                   OFFSET 0) AS c
              WHERE e.tenant_id = $1 AND e.event_id = c.event_id AND e.occurred_at = tally_timestamptz(c.at_us)
                AND e.occurred_at >= tally_timestamptz($8) AND e.occurred_at <= tally_timestamptz($9)
                AND e.cost IS NOT DISTINCT FROM c.cost_before
-               AND coalesce(e.price_rule_ids, '{}') = c.rules_before::uuid[]",
+               AND coalesce(e.price_rule_ids, '{}') = c.rules_before",
         )
         .persistent(false)
         .bind(tenant_id)

@@ -74,8 +74,8 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE rerate_runs SET events_scanned = $3, events_changed = $4, cost_before = $5, cost_after = $6,
-                    status = $7, error = $8, updated_at = now(),
-                    finished_at = CASE WHEN $7 = 'running' THEN NULL ELSE now() END
+                    status = $7, error = $8, updated_at = tally_timestamptz($9),
+                    finished_at = CASE WHEN $7 = 'running' THEN NULL ELSE tally_timestamptz($9) END
              WHERE id = $1 AND tenant_id = $2",
         )
         .bind(run.id)
@@ -86,6 +86,8 @@ impl PgStore {
         .bind(run.cost_after)
         .bind(status.as_str())
         .bind(error)
+        // The time as a parameter, not `now()`: Citus refuses a non-IMMUTABLE function in a CASE.
+        .bind(super::control::now_us())
         .execute(self.pool())
         .await
         .map_err(classify)?;
