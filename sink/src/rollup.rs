@@ -151,9 +151,6 @@ impl RollupDelta {
     }
 }
 
-/// Rollup deltas with their keys, in key order (the order every writer uses).
-pub type SortedDeltas<'a> = Vec<(RollupKey<'a>, RollupDelta)>;
-
 impl<'a> RollupKey<'a> {
     /// The per-user rollup key of a row.
     pub fn of(row: &'a EventRow) -> RollupKey<'a> {
@@ -180,6 +177,14 @@ pub struct Deltas<'a> {
 }
 
 impl<'a> Deltas<'a> {
+    fn with_capacity(keys: usize) -> Self {
+        Deltas {
+            slots: HashMap::with_capacity_and_hasher(keys, Default::default()),
+            keys: Vec::with_capacity(keys),
+            deltas: Vec::with_capacity(keys),
+        }
+    }
+
     fn delta(&mut self, key: RollupKey<'a>) -> &mut RollupDelta {
         let next = self.keys.len();
         let slot = *self.slots.entry(key.clone()).or_insert(next);
@@ -201,28 +206,10 @@ impl<'a> Deltas<'a> {
     pub fn iter(&self) -> impl Iterator<Item = (&RollupKey<'a>, &RollupDelta)> {
         self.keys.iter().zip(&self.deltas)
     }
-
-    /// The deltas in key order, the order of every rollup upsert.
-    fn sorted(self) -> SortedDeltas<'a> {
-        let Deltas { keys, mut deltas, .. } = self;
-        let mut order: Vec<usize> = (0..keys.len()).collect();
-        order.sort_unstable_by(|&a, &b| keys[a].cmp(&keys[b]));
-        order.into_iter().map(|slot| (keys[slot].clone(), std::mem::take(&mut deltas[slot]))).collect()
-    }
-}
-
-impl Deltas<'_> {
-    fn with_capacity(keys: usize) -> Self {
-        Deltas {
-            slots: HashMap::with_capacity_and_hasher(keys, Default::default()),
-            keys: Vec::with_capacity(keys),
-            deltas: Vec::with_capacity(keys),
-        }
-    }
 }
 
 /// Sums rows into rollup deltas, one per key, in no particular order.
-pub fn aggregate_unordered<'a>(
+fn aggregate_unordered<'a>(
     rows: impl IntoIterator<Item = &'a EventRow>,
 ) -> Result<Deltas<'a>, RollupOverflow> {
     let rows = rows.into_iter();
@@ -249,18 +236,12 @@ pub fn aggregate_both<'a>(
     Ok((users, services))
 }
 
-/// Sums rows into rollup deltas, one per key, in key order.
-pub fn aggregate_sorted<'a>(
-    rows: impl IntoIterator<Item = &'a EventRow>,
-) -> Result<SortedDeltas<'a>, RollupOverflow> {
-    Ok(aggregate_unordered(rows)?.sorted())
-}
-
-/// [`aggregate_sorted`] as a map.
+/// Sums rows into rollup deltas, one per key, in key order (the order of every rollup upsert).
 pub fn aggregate<'a>(
     rows: impl IntoIterator<Item = &'a EventRow>,
 ) -> Result<BTreeMap<RollupKey<'a>, RollupDelta>, RollupOverflow> {
-    Ok(aggregate_sorted(rows)?.into_iter().collect())
+    let Deltas { keys, deltas, .. } = aggregate_unordered(rows)?;
+    Ok(keys.into_iter().zip(deltas).collect())
 }
 
 #[cfg(test)]
