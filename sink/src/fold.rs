@@ -47,6 +47,9 @@ pub async fn run_folder(store: Arc<Store>, limits: FoldLimits) {
 }
 
 fn record(report: &FoldReport) {
+    if report.skipped {
+        return;
+    }
     metrics::counter!("tally_rollup_folded_total").increment(report.folded);
     metrics::gauge!("tally_rollup_unfolded_entries").set(report.pending as f64);
     let lag = report.oldest_pending_us.map_or(0.0, |oldest_us| {

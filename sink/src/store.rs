@@ -42,10 +42,14 @@ impl From<SqliteStore> for Store {
 pub struct FoldReport {
     /// Entries folded and removed.
     pub folded: u64,
-    /// Entries still waiting after this fold.
+    /// Entries still waiting after this fold, as of the fold's snapshot: entries committed while
+    /// it ran are not counted (the next fold takes them).
     pub pending: u64,
-    /// Commit time (microseconds since the Unix epoch) of the oldest entry still waiting.
+    /// Commit time (microseconds since the Unix epoch) of the oldest entry still waiting, as of
+    /// the fold's snapshot.
     pub oldest_pending_us: Option<i64>,
+    /// Another process was folding, so this one neither folded nor measured anything.
+    pub skipped: bool,
 }
 
 /// A tenant's settings.

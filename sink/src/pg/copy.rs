@@ -168,7 +168,9 @@ pub fn pending_columns(per_user: bool) -> String {
     )
 }
 
-/// Appends one pending rollup row in the order of [`pending_columns`].
+/// Appends one pending rollup row in the order of [`pending_columns`]. A sum that is zero (and a
+/// histogram without latencies) is written as NULL: most of a row's sums are, and NULL costs
+/// PostgreSQL nothing to parse, store or add. The fold and the `_live` views read NULL as zero.
 pub fn encode_pending(buffer: &mut CopyBuffer, key: &RollupKey<'_>, delta: &RollupDelta, per_user: bool) {
     let fields = 14 + crate::row::QUANTITY_KINDS + usize::from(per_user) + usize::from(!per_user);
     buffer.row(fields as i16);
@@ -182,19 +184,31 @@ pub fn encode_pending(buffer: &mut CopyBuffer, key: &RollupKey<'_>, delta: &Roll
     }
     buffer.text(key.event_type);
     buffer.optional_int8(Some(delta.event_count));
-    buffer.optional_int8(Some(delta.error_count));
+    buffer.optional_int8(nonzero(delta.error_count));
     for quantity in &delta.quantities {
-        buffer.optional_numeric(Some(quantity));
+        buffer.optional_numeric(Some(quantity).filter(|quantity| !quantity.is_zero()));
     }
-    buffer.jsonb(|out| write_quantities_json(&delta.custom_quantities, out));
-    buffer.optional_numeric(Some(&delta.cost));
-    buffer.optional_int8(Some(delta.unpriced_count));
-    buffer.optional_int8(Some(delta.latency_count));
-    buffer.optional_int8(Some(delta.latency_sum_us));
-    buffer.optional_int8(Some(delta.latency_max_us));
+    if delta.custom_quantities.is_empty() {
+        buffer.null();
+    } else {
+        buffer.jsonb(|out| write_quantities_json(&delta.custom_quantities, out));
+    }
+    buffer.optional_numeric(Some(&delta.cost).filter(|cost| !cost.is_zero()));
+    buffer.optional_int8(nonzero(delta.unpriced_count));
+    buffer.optional_int8(nonzero(delta.latency_count));
+    buffer.optional_int8(nonzero(delta.latency_sum_us));
+    buffer.optional_int8(nonzero(delta.latency_max_us));
     if !per_user {
-        buffer.int8_array(&delta.latency_buckets);
+        if delta.latency_count == 0 {
+            buffer.null();
+        } else {
+            buffer.int8_array(&delta.latency_buckets);
+        }
     }
+}
+
+fn nonzero(value: i64) -> Option<i64> {
+    (value != 0).then_some(value)
 }
 
 /// Appends one event row in the order of [`event_columns`].

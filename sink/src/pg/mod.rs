@@ -353,6 +353,7 @@ impl PgStore {
                             total.folded += report.folded;
                             total.pending = report.pending;
                             total.oldest_pending_us = report.oldest_pending_us;
+                            total.skipped = report.skipped;
                         }
                         Err(error) => {
                             metrics::counter!("tally_rollup_fold_failures_total").increment(1);
@@ -372,29 +373,39 @@ impl PgStore {
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('tally_fold'))")
             .fetch_one(&mut *tx)
             .await?;
-        let folded = if locked {
-            let statement = if tenant.is_some() { &self.fold_tenant } else { &self.fold_all };
-            let folded: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(statement.clone()))
-                .bind(limit)
-                .bind(tenant)
-                .fetch_one(&mut *tx)
-                .await?;
-            folded
+        if !locked {
+            // Another process is folding (and reports what waits).
+            tx.commit().await?;
+            return Ok(FoldReport { skipped: true, ..FoldReport::default() });
+        }
+        let statement = if tenant.is_some() { &self.fold_tenant } else { &self.fold_all };
+        let (users, services): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(statement.clone()))
+            .bind(limit)
+            .bind(tenant)
+            .fetch_one(&mut *tx)
+            .await?;
+        // A fold of every tenant that took less than its limit from each table took every entry
+        // its snapshot saw: nothing it could count is left. Only a backlog (or a fold of one
+        // tenant) is counted: a scan of the pending tables, which cost about 0.2 us per event at
+        // 150,000 events/s when done every round.
+        let everything = tenant.is_none() && users < limit && services < limit;
+        let (pending, oldest_us): (i64, Option<i64>) = if everything {
+            (0, None)
         } else {
-            0
+            sqlx::query_as(
+                "SELECT count(*), (extract(epoch FROM min(committed_at)) * 1000000)::bigint FROM \
+                 (SELECT committed_at FROM usage_rollup_pending UNION ALL \
+                  SELECT committed_at FROM usage_rollup_service_pending) p",
+            )
+            .fetch_one(&mut *tx)
+            .await?
         };
-        let (pending, oldest_us): (i64, Option<i64>) = sqlx::query_as(
-            "SELECT count(*), (extract(epoch FROM min(committed_at)) * 1000000)::bigint FROM \
-             (SELECT committed_at FROM usage_rollup_pending UNION ALL \
-              SELECT committed_at FROM usage_rollup_service_pending) p",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
         tx.commit().await?;
         Ok(FoldReport {
-            folded: u64::try_from(folded).unwrap_or(0),
+            folded: u64::try_from(users + services).unwrap_or(0),
             pending: u64::try_from(pending).unwrap_or(0),
             oldest_pending_us: oldest_us,
+            skipped: false,
         })
     }
 }
@@ -431,7 +442,7 @@ fn quantity_names() -> Vec<&'static str> {
 
 /// One fold: deletes up to `$1` rows of each pending table (only tenant `$2`'s when
 /// `per_tenant`) and adds their sums, grouped by key, to its rollup table in key order. Returns
-/// the rows folded.
+/// the rows folded from each table. Pending rows hold NULL for a zero sum (read as zero here).
 ///
 /// Custom quantities are summed set-wise (each pending object's pairs by `jsonb_each_text`,
 /// summed by key and name, then one object per key), not by folding objects pairwise: the
@@ -441,20 +452,22 @@ fn fold_sql(per_tenant: bool) -> String {
     let quantity_names = quantity_names();
     let quantities = quantity_names.join(", ");
     let quantity_sums: Vec<String> =
-        quantity_names.iter().map(|name| format!("sum({name}) AS {name}")).collect();
+        quantity_names.iter().map(|name| format!("coalesce(sum({name}), 0) AS {name}")).collect();
     let quantity_updates: Vec<String> =
         quantity_names.iter().map(|name| format!("{name} = r.{name} + excluded.{name}")).collect();
     let bucket_sums: Vec<String> =
-        (1..=LATENCY_BUCKETS).map(|i| format!("sum(latency_buckets[{i}])::bigint")).collect();
+        (1..=LATENCY_BUCKETS).map(|i| format!("coalesce(sum(latency_buckets[{i}]), 0)::bigint")).collect();
     let bucket_adds: Vec<String> = (1..=LATENCY_BUCKETS)
         .map(|i| format!("r.latency_buckets[{i}] + excluded.latency_buckets[{i}]"))
         .collect();
     // Every sum but the custom quantities, named after their columns.
     let sums = format!(
-        "sum(event_count)::bigint AS event_count, sum(error_count)::bigint AS error_count, {quantity_sums}, \
-         sum(cost) AS cost, sum(unpriced_count)::bigint AS unpriced_count, \
-         sum(latency_count)::bigint AS latency_count, sum(latency_sum_us)::bigint AS latency_sum_us, \
-         max(latency_max_us) AS latency_max_us",
+        "sum(event_count)::bigint AS event_count, coalesce(sum(error_count), 0)::bigint AS error_count, \
+         {quantity_sums}, coalesce(sum(cost), 0) AS cost, \
+         coalesce(sum(unpriced_count), 0)::bigint AS unpriced_count, \
+         coalesce(sum(latency_count), 0)::bigint AS latency_count, \
+         coalesce(sum(latency_sum_us), 0)::bigint AS latency_sum_us, \
+         coalesce(max(latency_max_us), 0) AS latency_max_us",
         quantity_sums = quantity_sums.join(", "),
     );
     let updates = format!(
@@ -514,7 +527,7 @@ fn fold_sql(per_tenant: bool) -> String {
            {service_additions} \
            ON CONFLICT ({service_key}) DO UPDATE SET {updates}, latency_buckets = ARRAY[{bucket_adds}] \
            RETURNING 1) \
-         SELECT (SELECT count(*) FROM moved) + (SELECT count(*) FROM moved_services)",
+         SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM moved_services)",
         take_users = take("usage_rollup_pending"),
         take_services = take("usage_rollup_service_pending"),
         user_additions = additions("moved", user_key, ""),

@@ -82,6 +82,15 @@ async fn readers_are_exact_while_rows_wait_and_partial_folds_take_each_row_once(
     // A resent batch adds nothing, pending or folded.
     edge.store.commit(&batch(edge.tenant.id, base_us, 1, 150)).await?;
     ensure!(pending_rows(&mut conn).await? > 0);
+    // Zero sums wait as NULL (no errors and no pages here), others as they are; the exact
+    // reads and folds below read NULL as zero.
+    let (rows, errors, pages, latencies): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(error_count), count(pages), count(latency_count) FROM usage_rollup_pending",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    ensure!(errors == 0 && pages == 0, "zero sums are NULL: {errors} error counts, {pages} page sums");
+    ensure!(latencies == rows, "{latencies} of {rows} rows keep their latency count");
     let folded: i64 =
         sqlx::query_scalar("SELECT count(*) FROM usage_rollup_hourly").fetch_one(&mut conn).await?;
     ensure!(folded == 0, "nothing folded yet");
