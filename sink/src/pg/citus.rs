@@ -202,16 +202,23 @@ pub(super) async fn find_stored(
     rows: &[EventRow],
     order: &[usize],
 ) -> Result<Vec<i64>, sqlx::Error> {
-    let mut by_tenant: HashMap<Uuid, (Vec<i64>, Vec<i64>, Vec<Uuid>)> = HashMap::new();
+    /// One tenant's keys: positions in `order`, timestamps, event ids.
+    #[derive(Default)]
+    struct Keys {
+        positions: Vec<i64>,
+        times: Vec<i64>,
+        ids: Vec<Uuid>,
+    }
+    let mut by_tenant: HashMap<Uuid, Keys> = HashMap::new();
     for (position, &index) in (1_i64..).zip(order) {
         let (tenant, id, at_us) = rows[index].dedup_key();
-        let (positions, times, ids) = by_tenant.entry(tenant).or_default();
-        positions.push(position);
-        times.push(at_us);
-        ids.push(Uuid::from_bytes(id));
+        let keys = by_tenant.entry(tenant).or_default();
+        keys.positions.push(position);
+        keys.times.push(at_us);
+        keys.ids.push(Uuid::from_bytes(id));
     }
     let mut stored = Vec::new();
-    for (tenant, (positions, times, ids)) in by_tenant {
+    for (tenant, Keys { positions, times, ids }) in by_tenant {
         let found: Vec<i64> = sqlx::query_scalar(
             "SELECT k.i FROM unnest($2::bigint[], $3::uuid[]) WITH ORDINALITY AS k(at_us, e, i) \
              CROSS JOIN LATERAL (SELECT 1 FROM usage_events u WHERE u.tenant_id = $1 \
