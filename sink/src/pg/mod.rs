@@ -1,6 +1,7 @@
 //! The PostgreSQL backend: binary `COPY` into `usage_events`, dedup, and rollup upserts, one
 //! transaction per batch.
 
+mod citus;
 mod control;
 mod copy;
 mod nodelay;
@@ -16,6 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
+pub use citus::Distribution;
 pub use copy::{CopyBuffer, encode_event, encode_numeric, event_columns, write_quantities_json};
 pub use nodelay::set_nodelay;
 
@@ -49,6 +51,9 @@ pub struct PgStore {
     fold_all: std::sync::Arc<str>,
     fold_tenant: std::sync::Arc<str>,
     recent: std::sync::Arc<recent::RecentKeys>,
+    /// Whether the database has Citus, detected once (see `citus`).
+    citus: std::sync::Arc<tokio::sync::OnceCell<bool>>,
+    citus_fold: std::sync::Arc<citus::FoldStatements>,
 }
 
 impl PgStore {
@@ -85,6 +90,8 @@ impl PgStore {
             fold_all: fold_sql(false).into(),
             fold_tenant: fold_sql(true).into(),
             recent: Default::default(),
+            citus: Default::default(),
+            citus_fold: Default::default(),
         })
     }
 
@@ -94,7 +101,11 @@ impl PgStore {
         sqlx::migrate!("../migrations/postgres")
             .run(&self.pool)
             .await
-            .map_err(|error| StoreError::internal("migrate the database").with_source(error))
+            .map_err(|error| StoreError::internal("migrate the database").with_source(error))?;
+        if self.citus().await.map_err(classify)? {
+            tracing::info!("citus detected: commits, resend probes and folds run per tenant");
+        }
+        Ok(())
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -102,6 +113,14 @@ impl PgStore {
     }
 
     pub(crate) async fn commit_rows(&self, rows: &[EventRow]) -> Result<Vec<Outcome>, StoreError> {
+        if self.citus().await.map_err(classify)? {
+            return self.commit_by_tenant(rows).await;
+        }
+        self.commit_together(rows).await
+    }
+
+    /// Commits the rows in one transaction (see [`crate::Store::commit`]).
+    async fn commit_together(&self, rows: &[EventRow]) -> Result<Vec<Outcome>, StoreError> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -192,25 +211,11 @@ impl PgStore {
         order: &mut Vec<usize>,
         outcomes: &mut [Outcome],
     ) -> Result<(), sqlx::Error> {
-        let (mut tenants, mut times, mut ids) = (Vec::new(), Vec::new(), Vec::new());
-        for &index in order.iter() {
-            let (tenant, id, at_us) = rows[index].dedup_key();
-            tenants.push(tenant);
-            times.push(at_us);
-            ids.push(Uuid::from_bytes(id));
-        }
-        // LATERAL with LIMIT keeps this a nested loop of index probes, each pruned to the
-        // partition of its timestamp.
-        let stored: Vec<i64> = sqlx::query_scalar(
-            "SELECT k.i FROM unnest($1::uuid[], $2::bigint[], $3::uuid[]) WITH ORDINALITY AS k(t, at_us, e, i) \
-             CROSS JOIN LATERAL (SELECT 1 FROM usage_events u WHERE u.tenant_id = k.t \
-               AND u.occurred_at = tally_timestamptz(k.at_us) AND u.event_id = k.e LIMIT 1) hit",
-        )
-        .bind(tenants)
-        .bind(times)
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
+        let stored = if self.citus_detected() {
+            citus::find_stored(&self.pool, rows, order).await?
+        } else {
+            self.find_stored(rows, order).await?
+        };
         if stored.is_empty() {
             return Ok(());
         }
@@ -228,6 +233,29 @@ impl PgStore {
             !stored
         });
         Ok(())
+    }
+
+    /// The rows of `order` whose keys are stored already, as 1-based positions in `order`.
+    async fn find_stored(&self, rows: &[EventRow], order: &[usize]) -> Result<Vec<i64>, sqlx::Error> {
+        let (mut tenants, mut times, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for &index in order {
+            let (tenant, id, at_us) = rows[index].dedup_key();
+            tenants.push(tenant);
+            times.push(at_us);
+            ids.push(Uuid::from_bytes(id));
+        }
+        // LATERAL with LIMIT keeps this a nested loop of index probes, each pruned to the
+        // partition of its timestamp.
+        sqlx::query_scalar(
+            "SELECT k.i FROM unnest($1::uuid[], $2::bigint[], $3::uuid[]) WITH ORDINALITY AS k(t, at_us, e, i) \
+             CROSS JOIN LATERAL (SELECT 1 FROM usage_events u WHERE u.tenant_id = k.t \
+               AND u.occurred_at = tally_timestamptz(k.at_us) AND u.event_id = k.e LIMIT 1) hit",
+        )
+        .bind(tenants)
+        .bind(times)
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
     }
 
     /// One transaction: `COPY` the rows (in `order`) into `usage_events` and append what they
@@ -334,6 +362,9 @@ impl PgStore {
     /// can only keep that tenant's own rows pending (readers stay exact meanwhile).
     pub(crate) async fn fold(&self, max_entries: usize) -> Result<FoldReport, StoreError> {
         let limit = i64::try_from(max_entries).unwrap_or(i64::MAX);
+        if self.citus().await.map_err(classify)? {
+            return self.fold_by_tenant(limit).await;
+        }
         match self.fold_where(limit, None).await {
             Ok(report) => Ok(report),
             Err(error) if classify_ref(&error).is_retryable() => Err(classify(error)),

@@ -46,6 +46,10 @@ struct Cli {
 enum Command {
     /// Applies database migrations and creates partitions, then exits.
     Migrate,
+    /// Citus only: migrates, then distributes the tables by tenant over the cluster's workers
+    /// (tenants and API keys become reference tables). Tables distributed already are left
+    /// alone, so it can run again after an upgrade.
+    Distribute,
     /// Tenant administration.
     Tenant {
         #[command(subcommand)]
@@ -239,6 +243,27 @@ async fn run(cli: &Cli, storage: &Storage) -> anyhow::Result<()> {
             storage.migrate().await?;
             storage.store.maintain(&cli.serve.config().retention_with_window()).await?;
             println!("database migrated");
+            Ok(())
+        }
+        Some(Command::Distribute) => {
+            storage.migrate().await?;
+            let Store::Postgres(store) = &*storage.store else {
+                anyhow::bail!("distribute needs PostgreSQL with the citus extension (set DATABASE_URL)");
+            };
+            let done = store
+                .distribute()
+                .await
+                .with_context(|| format!("failed to distribute {}", storage.location))?;
+            storage.store.maintain(&cli.serve.config().retention_with_window()).await?;
+            if done.reference.is_empty() && done.distributed.is_empty() {
+                println!("every table was distributed already");
+            }
+            for table in &done.reference {
+                println!("{table}: reference table");
+            }
+            for table in &done.distributed {
+                println!("{table}: distributed by tenant_id");
+            }
             Ok(())
         }
         Some(Command::Tenant { command: TenantCommand::Create { name } }) => {

@@ -2,6 +2,7 @@
 //! and most of them run on the embedded SQLite backend too (`support::both_backends!`).
 
 mod billing;
+mod citus;
 mod compat;
 mod control;
 mod deploy;

@@ -124,7 +124,11 @@ impl TestEdge {
         Self::serve(db, Arc::new(Store::from(store)), config).await
     }
 
-    async fn serve(db: TestDatabase, store: Arc<Store>, mut config: edge::EdgeConfig) -> Result<TestEdge> {
+    pub(crate) async fn serve(
+        db: TestDatabase,
+        store: Arc<Store>,
+        mut config: edge::EdgeConfig,
+    ) -> Result<TestEdge> {
         config.wire_addr = "127.0.0.1:0".parse()?;
         config.http_addr = "127.0.0.1:0".parse()?;
         config.metrics = Some(metrics_handle());
