@@ -160,6 +160,7 @@ impl PgStore {
             folded: u64::try_from(folded).unwrap_or(0),
             pending: u64::try_from(pending).unwrap_or(0),
             oldest_pending_us: oldest_us,
+            skipped: false,
         })
     }
 
@@ -272,24 +273,24 @@ fn fold_insert(table: RollupTable) -> String {
     let add = |column: &str| format!("{column} = r.{column} + excluded.{column}");
     // (column, its sum over pending rows, its update on conflict); custom quantities apart.
     let mut columns: Vec<(String, String, String)> = Vec::new();
-    for column in ["event_count", "error_count"] {
-        columns.push((column.into(), format!("sum({column})::bigint"), add(column)));
-    }
+    // Pending rows hold NULL for a zero sum (migration 0011): read as zero.
+    columns.push(("event_count".into(), "sum(event_count)::bigint".into(), add("event_count")));
+    columns.push(("error_count".into(), "coalesce(sum(error_count), 0)::bigint".into(), add("error_count")));
     for column in quantity_names() {
-        columns.push((column.into(), format!("sum({column})"), add(column)));
+        columns.push((column.into(), format!("coalesce(sum({column}), 0)"), add(column)));
     }
-    columns.push(("cost".into(), "sum(cost)".into(), add("cost")));
+    columns.push(("cost".into(), "coalesce(sum(cost), 0)".into(), add("cost")));
     for column in ["unpriced_count", "latency_count", "latency_sum_us"] {
-        columns.push((column.into(), format!("sum({column})::bigint"), add(column)));
+        columns.push((column.into(), format!("coalesce(sum({column}), 0)::bigint"), add(column)));
     }
     columns.push((
         "latency_max_us".into(),
-        "max(latency_max_us)".into(),
+        "coalesce(max(latency_max_us), 0)".into(),
         "latency_max_us = greatest(r.latency_max_us, excluded.latency_max_us)".into(),
     ));
     if table == RollupTable::PerService {
         let sums: Vec<String> =
-            (1..=LATENCY_BUCKETS).map(|i| format!("sum(latency_buckets[{i}])::bigint")).collect();
+            (1..=LATENCY_BUCKETS).map(|i| format!("coalesce(sum(latency_buckets[{i}]), 0)::bigint")).collect();
         let adds: Vec<String> = (1..=LATENCY_BUCKETS)
             .map(|i| format!("r.latency_buckets[{i}] + excluded.latency_buckets[{i}]"))
             .collect();
