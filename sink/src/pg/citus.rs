@@ -289,8 +289,9 @@ fn fold_insert(table: RollupTable) -> String {
         "latency_max_us = greatest(r.latency_max_us, excluded.latency_max_us)".into(),
     ));
     if table == RollupTable::PerService {
-        let sums: Vec<String> =
-            (1..=LATENCY_BUCKETS).map(|i| format!("coalesce(sum(latency_buckets[{i}]), 0)::bigint")).collect();
+        let sums: Vec<String> = (1..=LATENCY_BUCKETS)
+            .map(|i| format!("coalesce(sum(latency_buckets[{i}]), 0)::bigint"))
+            .collect();
         let adds: Vec<String> = (1..=LATENCY_BUCKETS)
             .map(|i| format!("r.latency_buckets[{i}] + excluded.latency_buckets[{i}]"))
             .collect();
