@@ -116,6 +116,103 @@ impl PgBackend {
     }
 }
 
+impl PgBackend {
+    /// How a per-user question reads its whole hours ([`DaySplit`]). Whole UTC days of the scope
+    /// come from the daily rollups when every hour of the day falls in one bucket: always without
+    /// periods; for days, weeks and months when no local boundary lies inside the day (asked of
+    /// PostgreSQL, which bounds the buckets, unless the zone is UTC); never for hours.
+    async fn day_split(&self, query: &AggregateQuery) -> Result<DaySplit, BackendError> {
+        let (whole_start, whole_end) = whole_hours(query.scope.start, query.scope.end);
+        if whole_start >= whole_end {
+            return Ok(DaySplit::default());
+        }
+        let (first_day, end_day) = whole_days(whole_start, whole_end);
+        let by_period = query.grouping_sets.iter().flatten().any(|dimension| *dimension == Dimension::Period);
+        let days: Vec<OffsetDateTime> = match query.period.filter(|_| by_period) {
+            _ if first_day >= end_day => Vec::new(),
+            Some(Period::Hour) => Vec::new(),
+            Some(period) if !matches!(query.scope.time_zone.as_str(), "UTC" | "Etc/UTC") => {
+                // The hours of a day are bucketed by their middle (`Edges::Hour`) or their start
+                // (`Edges::Exact`, where a cut hour is read from raw events): the day fits one
+                // bucket when its first and last instants so placed share it.
+                let (first, last) = match query.scope.edges {
+                    Edges::Hour => ("interval '30 minutes'", "interval '23 hours 30 minutes'"),
+                    Edges::Exact => ("interval '0'", "interval '23:59:59.999999'"),
+                };
+                let sql = format!(
+                    "SELECT d FROM generate_series($1::timestamptz, $2::timestamptz - interval '24 hours', \
+                       interval '24 hours') AS s(d) \
+                     WHERE date_trunc('{unit}', d + {first}, $3::text) = date_trunc('{unit}', d + {last}, $3::text) \
+                     ORDER BY d",
+                    unit = period.sql_unit(),
+                );
+                sqlx::query_scalar(AssertSqlSafe(sql))
+                    .bind(first_day)
+                    .bind(end_day)
+                    .bind(&query.scope.time_zone)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(classify)?
+            }
+            _ => {
+                let count = (end_day - first_day).whole_days();
+                (0..count).map(|day| first_day + time::Duration::days(day)).collect()
+            }
+        };
+        Ok(DaySplit::new(whole_start, whole_end, &days))
+    }
+}
+
+/// The whole UTC days inside `[start, end)`, as `[first, end)` (empty when `first >= end`).
+fn whole_days(start: OffsetDateTime, end: OffsetDateTime) -> (OffsetDateTime, OffsetDateTime) {
+    let midnight = |t: OffsetDateTime| t.replace_time(time::Time::MIDNIGHT);
+    let start = start.to_offset(time::UtcOffset::UTC);
+    let end = end.to_offset(time::UtcOffset::UTC);
+    let first = if midnight(start) == start { start } else { midnight(start) + time::Duration::days(1) };
+    (first, midnight(end))
+}
+
+/// The whole hours `[whole_start, whole_end)` of a per-user question, split into ranges read
+/// from `usage_rollup_hourly_live` (`$15`/`$16`: starts and ends) and whole UTC days read from
+/// `usage_rollup_user_daily` plus their pending rows (`$17`/`$18`). Together they cover the
+/// whole hours exactly once.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct DaySplit {
+    hour_starts: Vec<OffsetDateTime>,
+    hour_ends: Vec<OffsetDateTime>,
+    day_starts: Vec<OffsetDateTime>,
+    day_ends: Vec<OffsetDateTime>,
+}
+
+impl DaySplit {
+    /// From the UTC midnights (ascending, inside the whole hours) of the days to read daily.
+    fn new(whole_start: OffsetDateTime, whole_end: OffsetDateTime, days: &[OffsetDateTime]) -> DaySplit {
+        let mut split = DaySplit::default();
+        for &day in days {
+            match split.day_ends.last_mut() {
+                Some(end) if *end == day => *end = day + time::Duration::days(1),
+                _ => {
+                    split.day_starts.push(day);
+                    split.day_ends.push(day + time::Duration::days(1));
+                }
+            }
+        }
+        let mut at = whole_start;
+        for (&start, &end) in split.day_starts.iter().zip(&split.day_ends) {
+            if at < start {
+                split.hour_starts.push(at);
+                split.hour_ends.push(start);
+            }
+            at = end;
+        }
+        if at < whole_end {
+            split.hour_starts.push(at);
+            split.hour_ends.push(whole_end);
+        }
+        split
+    }
+}
+
 /// Whether a database error is worth retrying, decided here for every statement.
 fn classify(error: sqlx::Error) -> BackendError {
     match &error {
@@ -291,13 +388,18 @@ impl Backend for PgBackend {
         Box::pin(async move {
             let plan = GroupingPlan::new(query);
             let straddled = self.straddled_hours(query).await?;
-            let sql = aggregate_sql(query, &plan, !straddled.is_empty());
-            let sums = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled).fetch_all(&self.pool);
             let count_apart = query.measures.unique_users && !groups_by_users(query);
+            let split = match groups_by_users(query) || count_apart {
+                true => self.day_split(query).await?,
+                false => DaySplit::default(),
+            };
+            let sql = aggregate_sql(query, &plan, !straddled.is_empty());
+            let sums =
+                bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled, &split).fetch_all(&self.pool);
             let (rows, user_counts) = if count_apart {
                 let sql = unique_users_sql(query, &plan, !straddled.is_empty());
-                let counts =
-                    bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled).fetch_all(&self.pool);
+                let counts = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled, &split)
+                    .fetch_all(&self.pool);
                 tokio::try_join!(sums, counts).map_err(classify)?
             } else {
                 (sums.await.map_err(classify)?, Vec::new())
@@ -328,8 +430,12 @@ impl Backend for PgBackend {
         Box::pin(async move {
             let plan = GroupingPlan::new(query);
             let straddled = self.straddled_hours(query).await?;
+            let split = match groups_by_users(query) {
+                true => self.day_split(query).await?,
+                false => DaySplit::default(),
+            };
             let sql = custom_sql(query, &plan, !straddled.is_empty());
-            let rows = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled)
+            let rows = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled, &split)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(classify)?;
@@ -349,11 +455,12 @@ impl Backend for PgBackend {
     }
 }
 
-/// Binds `$1`..`$14`, the parameters every aggregate statement declares (see [`source_sql`]).
+/// Binds `$1`..`$18`, the parameters every aggregate statement declares (see [`source_sql`]).
 fn bind_scope<'q>(
     statement: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     query: &'q AggregateQuery,
     straddled: &'q [OffsetDateTime],
+    split: &'q DaySplit,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let (whole_start, whole_end) = whole_hours(query.scope.start, query.scope.end);
     let filter = &query.filter;
@@ -372,6 +479,10 @@ fn bind_scope<'q>(
         .bind(&query.measures.custom_metric)
         .bind(query.top.as_ref().map(|(_, limit)| i64::from(*limit)))
         .bind(straddled)
+        .bind(&split.hour_starts)
+        .bind(&split.hour_ends)
+        .bind(&split.day_starts)
+        .bind(&split.day_ends)
 }
 
 /// The whole UTC hours inside `[start, end)`, as `[whole_start, whole_end)`; empty (both `end`)
@@ -422,8 +533,9 @@ const RAW_BUCKET_SQL: &str = "CASE WHEN e.latency_us IS NULL THEN NULL WHEN e.la
 /// from raw events for the rest (the partial hours before `$4` and after `$5`, and straddled
 /// hours), in one shape. Parameters: `$1` tenant, `$2`/`$3` range,
 /// `$4`/`$5` whole hours, `$6` time zone, `$7`..`$11` filters, `$12` custom metric name,
-/// `$13` limit, `$14` straddled hours. [`Source::UserKeys`] selects only the key columns, so
-/// the per-user rollups are read by an index-only scan of their primary key.
+/// `$13` limit, `$14` straddled hours, `$15`..`$18` the per-user split of the whole hours
+/// ([`DaySplit`]; per-user sources only). [`Source::UserKeys`] selects only the key columns, so
+/// the per-user rollups are read by index-only scans of their primary keys.
 fn source_sql(histogram: bool, straddled: bool, source: Source, edges: Edges) -> String {
     let users = source != Source::PerService;
     let quantities = QUANTITY_NAMES.join(", ");
@@ -481,16 +593,51 @@ fn source_sql(histogram: bool, straddled: bool, source: Source, edges: Edges) ->
             ),
         ),
     };
+    let rollup_filter = |alias: &str, user: &str| {
+        format!(
+            "($7::text IS NULL OR {alias}.service_type = $7::text) AND ($8::text IS NULL OR {alias}.service_provider = $8::text) \
+             AND ($9::text IS NULL OR {user} = $9::text) AND ($10::text IS NULL OR {alias}.model = $10::text) \
+             AND ($11::text IS NULL OR {alias}.event_type = $11::text)"
+        )
+    };
+    let straddle_filter = if straddled { " AND NOT (r.hour = ANY ($14::timestamptz[]))" } else { "" };
+    // Per user, whole hours are read by ranges (`DaySplit`): the hourly ranges from the hourly
+    // rollups, the whole UTC days from the daily ones plus the pending rows of those days (read
+    // from `usage_rollup_pending` directly: the daily table holds only folded rows). A day's
+    // rows are placed at its first hour, in the bucket every hour of it falls in.
+    let rollup_part = if users {
+        let day_at = match edges {
+            Edges::Hour => "(d.day::timestamp AT TIME ZONE 'UTC') + interval '30 minutes'",
+            Edges::Exact => "(d.day::timestamp AT TIME ZONE 'UTC')",
+        };
+        format!(
+            "SELECT x.* FROM unnest($15::timestamptz[], $16::timestamptz[]) AS hr(lo, hi) CROSS JOIN LATERAL ( \
+               SELECT {rollup_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
+               FROM usage_rollup_hourly_live r \
+               WHERE r.tenant_id = $1 AND r.hour >= hr.lo AND r.hour < hr.hi{straddle_filter} AND {hourly_filter}) x \
+             UNION ALL SELECT x.* FROM unnest($17::timestamptz[], $18::timestamptz[]) AS dr(lo, hi) CROSS JOIN LATERAL ( \
+               SELECT {day_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
+               FROM usage_rollup_user_daily d \
+               WHERE d.tenant_id = $1 AND d.day >= (dr.lo AT TIME ZONE 'UTC')::date \
+                 AND d.day < (dr.hi AT TIME ZONE 'UTC')::date AND {daily_filter} \
+               UNION ALL \
+               SELECT {rollup_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
+               FROM usage_rollup_pending r \
+               WHERE r.tenant_id = $1 AND r.hour >= dr.lo AND r.hour < dr.hi AND {hourly_filter}) x",
+            hourly_filter = rollup_filter("r", "r.user_id"),
+            daily_filter = rollup_filter("d", "d.user_id"),
+        )
+    } else {
+        format!(
+            "SELECT {rollup_at} AS at, service_type, service_provider, model, ''::text AS user_id, event_type{rollup_values} \
+             FROM usage_rollup_service_hourly_live r \
+             WHERE r.tenant_id = $1 AND r.hour >= $4::timestamptz AND r.hour < $5::timestamptz{straddle_filter} AND {filter}",
+            filter = rollup_filter("r", "''::text"),
+        )
+    };
     let _ = write!(
         sql,
-        "src AS ( \
-           SELECT {rollup_at} AS at, service_type, service_provider, model, {rollup_user} AS user_id, event_type{rollup_values} \
-           FROM {rollup_table} r \
-           WHERE r.tenant_id = $1 AND r.hour >= $4::timestamptz AND r.hour < $5::timestamptz{straddle_filter} \
-             AND ($7::text IS NULL OR r.service_type = $7::text) AND ($8::text IS NULL OR r.service_provider = $8::text) \
-             AND ($9::text IS NULL OR {rollup_user} = $9::text) AND ($10::text IS NULL OR r.model = $10::text) \
-             AND ($11::text IS NULL OR r.event_type = $11::text)\
-           {raw_parts}{straddle_part}) ",
+        "src AS ({rollup_part}{raw_parts}{straddle_part}) ",
         // LATERAL makes each straddled hour drive its own index range scan.
         straddle_part = if straddled {
             format!(
@@ -501,9 +648,6 @@ fn source_sql(histogram: bool, straddled: bool, source: Source, edges: Edges) ->
         } else {
             String::new()
         },
-        straddle_filter = if straddled { " AND NOT (r.hour = ANY ($14::timestamptz[]))" } else { "" },
-        rollup_table = if users { "usage_rollup_hourly_live" } else { "usage_rollup_service_hourly_live" },
-        rollup_user = if users { "r.user_id" } else { "''::text" },
     );
     sql
 }
