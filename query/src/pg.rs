@@ -173,9 +173,11 @@ fn whole_days(start: OffsetDateTime, end: OffsetDateTime) -> (OffsetDateTime, Of
 }
 
 /// The whole hours `[whole_start, whole_end)` of a per-user question, split into ranges read
-/// from `usage_rollup_hourly_live` (`$15`/`$16`: starts and ends) and whole UTC days read from
-/// `usage_rollup_user_daily` plus their pending rows (`$17`/`$18`). Together they cover the
-/// whole hours exactly once.
+/// from `usage_rollup_hourly_live` and whole UTC days read from `usage_rollup_user_daily` plus
+/// their pending rows. Together they cover the whole hours exactly once. Each range is its own
+/// branch of the statement with its bounds as scalar parameters (`$15` on: the hourly ranges,
+/// then the daily ones), so that the planner sees each range's size and reads it by index
+/// (over `unnest` of arrays it guessed, and scanned a tenant's whole hourly rollups).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct DaySplit {
     hour_starts: Vec<OffsetDateTime>,
@@ -185,6 +187,13 @@ struct DaySplit {
 }
 
 impl DaySplit {
+    /// The parameter numbers of the hourly and the daily ranges' bounds, `(start, end)`.
+    fn parameters(&self) -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
+        let hourly = self.hour_starts.len();
+        let pair = |i: usize| (15 + 2 * i, 16 + 2 * i);
+        ((0..hourly).map(pair).collect(), (hourly..hourly + self.day_starts.len()).map(pair).collect())
+    }
+
     /// From the UTC midnights (ascending, inside the whole hours) of the days to read daily.
     fn new(whole_start: OffsetDateTime, whole_end: OffsetDateTime, days: &[OffsetDateTime]) -> DaySplit {
         let mut split = DaySplit::default();
@@ -393,11 +402,16 @@ impl Backend for PgBackend {
                 true => self.day_split(query).await?,
                 false => DaySplit::default(),
             };
-            let sql = aggregate_sql(query, &plan, !straddled.is_empty());
-            let sums =
-                bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled, &split).fetch_all(&self.pool);
+            // A statement binds the split's ranges only if it reads per-user rows: the others'
+            // text does not change with the split, and sqlx prepares each text once, with the
+            // parameter count of its first use.
+            let no_split = DaySplit::default();
+            let sums_split = if groups_by_users(query) { &split } else { &no_split };
+            let sql = aggregate_sql(query, &plan, !straddled.is_empty(), sums_split);
+            let sums = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled, sums_split)
+                .fetch_all(&self.pool);
             let (rows, user_counts) = if count_apart {
-                let sql = unique_users_sql(query, &plan, !straddled.is_empty());
+                let sql = unique_users_sql(query, &plan, !straddled.is_empty(), &split);
                 let counts = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled, &split)
                     .fetch_all(&self.pool);
                 tokio::try_join!(sums, counts).map_err(classify)?
@@ -434,7 +448,7 @@ impl Backend for PgBackend {
                 true => self.day_split(query).await?,
                 false => DaySplit::default(),
             };
-            let sql = custom_sql(query, &plan, !straddled.is_empty());
+            let sql = custom_sql(query, &plan, !straddled.is_empty(), &split);
             let rows = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled, &split)
                 .fetch_all(&self.pool)
                 .await
@@ -455,7 +469,8 @@ impl Backend for PgBackend {
     }
 }
 
-/// Binds `$1`..`$18`, the parameters every aggregate statement declares (see [`source_sql`]).
+/// Binds `$1`..`$14`, the parameters every aggregate statement declares (see [`source_sql`]),
+/// then the bounds of each range of the per-user split (`$15` on, [`DaySplit::ranges_sql`]).
 fn bind_scope<'q>(
     statement: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     query: &'q AggregateQuery,
@@ -464,7 +479,7 @@ fn bind_scope<'q>(
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let (whole_start, whole_end) = whole_hours(query.scope.start, query.scope.end);
     let filter = &query.filter;
-    statement
+    let statement = statement
         .bind(query.scope.tenant_id)
         .bind(query.scope.start)
         .bind(query.scope.end)
@@ -478,11 +493,10 @@ fn bind_scope<'q>(
         .bind(&filter.event_type)
         .bind(&query.measures.custom_metric)
         .bind(query.top.as_ref().map(|(_, limit)| i64::from(*limit)))
-        .bind(straddled)
-        .bind(&split.hour_starts)
-        .bind(&split.hour_ends)
-        .bind(&split.day_starts)
-        .bind(&split.day_ends)
+        .bind(straddled);
+    let ranges =
+        split.hour_starts.iter().zip(&split.hour_ends).chain(split.day_starts.iter().zip(&split.day_ends));
+    ranges.fold(statement, |statement, (start, end)| statement.bind(*start).bind(*end))
 }
 
 /// The whole UTC hours inside `[start, end)`, as `[whole_start, whole_end)`; empty (both `end`)
@@ -536,7 +550,7 @@ const RAW_BUCKET_SQL: &str = "CASE WHEN e.latency_us IS NULL THEN NULL WHEN e.la
 /// `$13` limit, `$14` straddled hours, `$15`..`$18` the per-user split of the whole hours
 /// ([`DaySplit`]; per-user sources only). [`Source::UserKeys`] selects only the key columns, so
 /// the per-user rollups are read by index-only scans of their primary keys.
-fn source_sql(histogram: bool, straddled: bool, source: Source, edges: Edges) -> String {
+fn source_sql(histogram: bool, straddled: bool, source: Source, edges: Edges, split: &DaySplit) -> String {
     let users = source != Source::PerService;
     let quantities = QUANTITY_NAMES.join(", ");
     let raw_quantities: Vec<String> =
@@ -610,23 +624,42 @@ fn source_sql(histogram: bool, straddled: bool, source: Source, edges: Edges) ->
             Edges::Hour => "(d.day::timestamp AT TIME ZONE 'UTC') + interval '30 minutes'",
             Edges::Exact => "(d.day::timestamp AT TIME ZONE 'UTC')",
         };
-        format!(
-            "SELECT x.* FROM unnest($15::timestamptz[], $16::timestamptz[]) AS hr(lo, hi) CROSS JOIN LATERAL ( \
-               SELECT {rollup_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
-               FROM usage_rollup_hourly_live r \
-               WHERE r.tenant_id = $1 AND r.hour >= hr.lo AND r.hour < hr.hi{straddle_filter} AND {hourly_filter}) x \
-             UNION ALL SELECT x.* FROM unnest($17::timestamptz[], $18::timestamptz[]) AS dr(lo, hi) CROSS JOIN LATERAL ( \
-               SELECT {day_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
-               FROM usage_rollup_user_daily d \
-               WHERE d.tenant_id = $1 AND d.day >= (dr.lo AT TIME ZONE 'UTC')::date \
-                 AND d.day < (dr.hi AT TIME ZONE 'UTC')::date AND {daily_filter} \
-               UNION ALL \
-               SELECT {rollup_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
-               FROM usage_rollup_pending r \
-               WHERE r.tenant_id = $1 AND r.hour >= dr.lo AND r.hour < dr.hi AND {hourly_filter}) x",
-            hourly_filter = rollup_filter("r", "r.user_id"),
-            daily_filter = rollup_filter("d", "d.user_id"),
-        )
+        let (hourly, daily) = split.parameters();
+        let mut parts: Vec<String> = hourly
+            .iter()
+            .map(|(lo, hi)| {
+                format!(
+                    "SELECT {rollup_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
+                     FROM usage_rollup_hourly_live r \
+                     WHERE r.tenant_id = $1 AND r.hour >= ${lo}::timestamptz AND r.hour < ${hi}::timestamptz\
+                       {straddle_filter} AND {filter}",
+                    filter = rollup_filter("r", "r.user_id"),
+                )
+            })
+            .collect();
+        for (lo, hi) in daily {
+            parts.push(format!(
+                "SELECT {day_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
+                 FROM usage_rollup_user_daily d \
+                 WHERE d.tenant_id = $1 AND d.day >= (${lo}::timestamptz AT TIME ZONE 'UTC')::date \
+                   AND d.day < (${hi}::timestamptz AT TIME ZONE 'UTC')::date AND {filter}",
+                filter = rollup_filter("d", "d.user_id"),
+            ));
+            parts.push(format!(
+                "SELECT {rollup_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
+                 FROM usage_rollup_pending r \
+                 WHERE r.tenant_id = $1 AND r.hour >= ${lo}::timestamptz AND r.hour < ${hi}::timestamptz AND {filter}",
+                filter = rollup_filter("r", "r.user_id"),
+            ));
+        }
+        if parts.is_empty() {
+            // No whole hour: the same columns, no row.
+            parts.push(format!(
+                "SELECT {rollup_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
+                 FROM usage_rollup_hourly_live r WHERE false"
+            ));
+        }
+        parts.join(" UNION ALL ")
     } else {
         format!(
             "SELECT {rollup_at} AS at, service_type, service_provider, model, ''::text AS user_id, event_type{rollup_values} \
@@ -693,8 +726,13 @@ fn group_columns_sql(query: &AggregateQuery, plan: &GroupingPlan) -> String {
 }
 
 /// `count(DISTINCT user_id)` per group, over the per-user rollups' keys and raw events.
-fn unique_users_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
-    let mut sql = source_sql(false, straddled, Source::UserKeys, query.scope.edges);
+fn unique_users_sql(
+    query: &AggregateQuery,
+    plan: &GroupingPlan,
+    straddled: bool,
+    split: &DaySplit,
+) -> String {
+    let mut sql = source_sql(false, straddled, Source::UserKeys, query.scope.edges, split);
     sql.push_str("SELECT ");
     sql.push_str(&group_columns_sql(query, plan));
     sql.push_str("count(DISTINCT user_id) AS unique_users FROM src");
@@ -788,11 +826,11 @@ fn metric_column(metric: &Metric) -> String {
     }
 }
 
-fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
+fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool, split: &DaySplit) -> String {
     let measures = &query.measures;
     let source = if groups_by_users(query) { Source::PerUser } else { Source::PerService };
     let histogram = reads_histogram(query);
-    let mut sql = source_sql(histogram, straddled, source, query.scope.edges);
+    let mut sql = source_sql(histogram, straddled, source, query.scope.edges, split);
     sql.push_str("SELECT g.*");
     if let (Some(period), true) = (query.period, plan.dimensions.contains(&Dimension::Period)) {
         let _ = write!(sql, ", {} AS period_end", period_end_sql(period, "g.period_start"));
@@ -844,9 +882,9 @@ fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -
     sql
 }
 
-fn custom_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
+fn custom_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool, split: &DaySplit) -> String {
     let source = if groups_by_users(query) { Source::PerUser } else { Source::PerService };
-    let mut sql = source_sql(false, straddled, source, query.scope.edges);
+    let mut sql = source_sql(false, straddled, source, query.scope.edges, split);
     sql.push_str("SELECT ");
     sql.push_str(&group_columns_sql(query, plan));
     sql.push_str("kv.key AS name, sum(kv.value::numeric) AS value ");

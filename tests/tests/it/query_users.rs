@@ -47,18 +47,20 @@ async fn per_user_answers(backend: Backend, zone: &str, offset: UtcOffset) -> Re
     let today = OffsetDateTime::now_utc().date().with_time(Time::MIDNIGHT).assume_utc();
     // Events every 47 minutes over six days before today, a different minute in each hour.
     let first = today - time::Duration::days(7);
-    let mut sent: Vec<Sent> = (0..180)
-        .map(|i| Sent::new(i, first + time::Duration::minutes(47 * i as i64 + 3)))
-        .collect();
+    let mut sent: Vec<Sent> =
+        (0..180).map(|i| Sent::new(i, first + time::Duration::minutes(47 * i as i64 + 3))).collect();
     ensure!(sent.last().is_some_and(|s| s.at < today), "all before today");
     // Half of them folded, the other half pending; then more pending rows in the middle days
     // (in a day read from the daily rollups, a pending row adds to a folded one of its key).
-    let (folded, pending): (Vec<Sent>, Vec<Sent>) = sent.iter().cloned().partition(|s| s.input_tokens % 2 == 0);
+    let (folded, pending): (Vec<Sent>, Vec<Sent>) =
+        sent.iter().cloned().partition(|s| s.input_tokens % 2 == 0);
     fixture.commit(tenant, &folded).await?;
     fixture.edge.store.fold_rollups(1_000_000).await?;
     fixture.commit(tenant, &pending).await?;
     let extra: Vec<Sent> = (0..40)
-        .map(|i| Sent::new(1000 + i, first + time::Duration::days(3) + time::Duration::minutes(31 * i as i64 + 1)))
+        .map(|i| {
+            Sent::new(1000 + i, first + time::Duration::days(3) + time::Duration::minutes(31 * i as i64 + 1))
+        })
         .collect();
     fixture.commit(tenant, &extra).await?;
     sent.extend(extra);
@@ -74,7 +76,11 @@ async fn per_user_answers(backend: Backend, zone: &str, offset: UtcOffset) -> Re
 
     let ranges = [
         // Cut inside hours and days at both ends: exact edges read those from raw events.
-        (first + time::Duration::minutes(5 * 60 + 17), today - time::Duration::minutes(10 * 60 + 18), "exact"),
+        (
+            first + time::Duration::minutes(5 * 60 + 17),
+            today - time::Duration::minutes(10 * 60 + 18),
+            "exact",
+        ),
         // Cut at hours inside days: the default edges, answered from rollups only.
         (first + time::Duration::hours(13), today - time::Duration::hours(20), "hour"),
         // Whole UTC days.
@@ -99,14 +105,20 @@ async fn per_user_answers(backend: Backend, zone: &str, offset: UtcOffset) -> Re
             date - time::Duration::days(i64::from(date.weekday().number_days_from_monday()))
         };
         let month = |s: &Sent| local(s).replace_day(1).expect("day 1");
-        for (period, bucket) in [("day", &day as &dyn Fn(&Sent) -> Date), ("week", &week), ("month", &month)] {
+        for (period, bucket) in [("day", &day as &dyn Fn(&Sent) -> Date), ("week", &week), ("month", &month)]
+        {
             let path = format!("/api/v1/usage/aggregate?period={period}&group_by=none&{range}");
             let body = fixture.ok(&path).await?;
             check_totals(&body["total_aggregates"], &all, true, &format!("{what} {period} total"))?;
             ensure!(body["total_aggregates"]["unique_users"] == all.users.len(), "{what}: {body}");
             let rows = body["aggregations"].as_array().context("rows")?;
             let buckets: BTreeSet<Date> = in_range.iter().map(bucket).collect();
-            ensure!(rows.len() == buckets.len(), "{what} {period}: {} rows, {} buckets", rows.len(), buckets.len());
+            ensure!(
+                rows.len() == buckets.len(),
+                "{what} {period}: {} rows, {} buckets",
+                rows.len(),
+                buckets.len()
+            );
             for (row, local_start) in rows.iter().zip(&buckets) {
                 let starts = local_start.with_time(Time::MIDNIGHT).assume_offset(offset);
                 ensure!(parse_time(&row["period_start"])? == starts, "{what} {period}: {row}");
@@ -162,7 +174,9 @@ async fn per_user_answers(backend: Backend, zone: &str, offset: UtcOffset) -> Re
         for service in body["services"].as_array().context("services")? {
             let of_service: Vec<&Sent> = in_range
                 .iter()
-                .filter(|s| s.service_type == service["service_type"] && s.provider == service["service_provider"])
+                .filter(|s| {
+                    s.service_type == service["service_type"] && s.provider == service["service_provider"]
+                })
                 .collect();
             check_totals(service, &sums(of_service.iter().copied()), true, &format!("{what} by-service"))?;
             let mut costs: BTreeMap<&str, Decimal> = BTreeMap::new();
