@@ -186,9 +186,12 @@ struct DaySplit {
     day_ends: Vec<OffsetDateTime>,
 }
 
+/// The parameter numbers of a range's start and end.
+type Bounds = (usize, usize);
+
 impl DaySplit {
     /// The parameter numbers of the hourly and the daily ranges' bounds, `(start, end)`.
-    fn parameters(&self) -> (Vec<(usize, usize)>, Vec<(usize, usize)>) {
+    fn parameters(&self) -> (Vec<Bounds>, Vec<Bounds>) {
         let hourly = self.hour_starts.len();
         let pair = |i: usize| (15 + 2 * i, 16 + 2 * i);
         ((0..hourly).map(pair).collect(), (hourly..hourly + self.day_starts.len()).map(pair).collect())
