@@ -297,7 +297,12 @@ async fn main() -> Result<()> {
         }
         fold_all(&store).await?;
         if !args.no_vacuum {
-            for table in ["usage_rollup_hourly", "usage_rollup_service_hourly", "usage_events"] {
+            for table in [
+                "usage_rollup_hourly",
+                "usage_rollup_user_daily",
+                "usage_rollup_service_hourly",
+                "usage_events",
+            ] {
                 sqlx::query(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
                     .execute(pg.pool())
                     .await?;

@@ -116,6 +116,115 @@ impl PgBackend {
     }
 }
 
+impl PgBackend {
+    /// How a per-user question reads its whole hours ([`DaySplit`]). Whole UTC days of the scope
+    /// come from the daily rollups when every hour of the day falls in one bucket: always without
+    /// periods; for days, weeks and months when no local boundary lies inside the day (asked of
+    /// PostgreSQL, which bounds the buckets, unless the zone is UTC); never for hours.
+    async fn day_split(&self, query: &AggregateQuery) -> Result<DaySplit, BackendError> {
+        let (whole_start, whole_end) = whole_hours(query.scope.start, query.scope.end);
+        if whole_start >= whole_end {
+            return Ok(DaySplit::default());
+        }
+        let (first_day, end_day) = whole_days(whole_start, whole_end);
+        let by_period = query.grouping_sets.iter().flatten().any(|dimension| *dimension == Dimension::Period);
+        let days: Vec<OffsetDateTime> = match query.period.filter(|_| by_period) {
+            _ if first_day >= end_day => Vec::new(),
+            Some(Period::Hour) => Vec::new(),
+            Some(period) if !matches!(query.scope.time_zone.as_str(), "UTC" | "Etc/UTC") => {
+                // The hours of a day are bucketed by their middle (`Edges::Hour`) or their start
+                // (`Edges::Exact`, where a cut hour is read from raw events): the day fits one
+                // bucket when its first and last instants so placed share it.
+                let (first, last) = match query.scope.edges {
+                    Edges::Hour => ("interval '30 minutes'", "interval '23 hours 30 minutes'"),
+                    Edges::Exact => ("interval '0'", "interval '23:59:59.999999'"),
+                };
+                let sql = format!(
+                    "SELECT d FROM generate_series($1::timestamptz, $2::timestamptz - interval '24 hours', \
+                       interval '24 hours') AS s(d) \
+                     WHERE date_trunc('{unit}', d + {first}, $3::text) = date_trunc('{unit}', d + {last}, $3::text) \
+                     ORDER BY d",
+                    unit = period.sql_unit(),
+                );
+                sqlx::query_scalar(AssertSqlSafe(sql))
+                    .bind(first_day)
+                    .bind(end_day)
+                    .bind(&query.scope.time_zone)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(classify)?
+            }
+            _ => {
+                let count = (end_day - first_day).whole_days();
+                (0..count).map(|day| first_day + time::Duration::days(day)).collect()
+            }
+        };
+        Ok(DaySplit::new(whole_start, whole_end, &days))
+    }
+}
+
+/// The whole UTC days inside `[start, end)`, as `[first, end)` (empty when `first >= end`).
+fn whole_days(start: OffsetDateTime, end: OffsetDateTime) -> (OffsetDateTime, OffsetDateTime) {
+    let midnight = |t: OffsetDateTime| t.replace_time(time::Time::MIDNIGHT);
+    let start = start.to_offset(time::UtcOffset::UTC);
+    let end = end.to_offset(time::UtcOffset::UTC);
+    let first = if midnight(start) == start { start } else { midnight(start) + time::Duration::days(1) };
+    (first, midnight(end))
+}
+
+/// The whole hours `[whole_start, whole_end)` of a per-user question, split into ranges read
+/// from `usage_rollup_hourly_live` and whole UTC days read from `usage_rollup_user_daily` plus
+/// their pending rows. Together they cover the whole hours exactly once. Each range is its own
+/// branch of the statement with its bounds as scalar parameters (`$15` on: the hourly ranges,
+/// then the daily ones), so that the planner sees each range's size and reads it by index
+/// (over `unnest` of arrays it guessed, and scanned a tenant's whole hourly rollups).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct DaySplit {
+    hour_starts: Vec<OffsetDateTime>,
+    hour_ends: Vec<OffsetDateTime>,
+    day_starts: Vec<OffsetDateTime>,
+    day_ends: Vec<OffsetDateTime>,
+}
+
+/// The parameter numbers of a range's start and end.
+type Bounds = (usize, usize);
+
+impl DaySplit {
+    /// The parameter numbers of the hourly and the daily ranges' bounds, `(start, end)`.
+    fn parameters(&self) -> (Vec<Bounds>, Vec<Bounds>) {
+        let hourly = self.hour_starts.len();
+        let pair = |i: usize| (15 + 2 * i, 16 + 2 * i);
+        ((0..hourly).map(pair).collect(), (hourly..hourly + self.day_starts.len()).map(pair).collect())
+    }
+
+    /// From the UTC midnights (ascending, inside the whole hours) of the days to read daily.
+    fn new(whole_start: OffsetDateTime, whole_end: OffsetDateTime, days: &[OffsetDateTime]) -> DaySplit {
+        let mut split = DaySplit::default();
+        for &day in days {
+            match split.day_ends.last_mut() {
+                Some(end) if *end == day => *end = day + time::Duration::days(1),
+                _ => {
+                    split.day_starts.push(day);
+                    split.day_ends.push(day + time::Duration::days(1));
+                }
+            }
+        }
+        let mut at = whole_start;
+        for (&start, &end) in split.day_starts.iter().zip(&split.day_ends) {
+            if at < start {
+                split.hour_starts.push(at);
+                split.hour_ends.push(start);
+            }
+            at = end;
+        }
+        if at < whole_end {
+            split.hour_starts.push(at);
+            split.hour_ends.push(whole_end);
+        }
+        split
+    }
+}
+
 /// Whether a database error is worth retrying, decided here for every statement.
 fn classify(error: sqlx::Error) -> BackendError {
     match &error {
@@ -291,13 +400,23 @@ impl Backend for PgBackend {
         Box::pin(async move {
             let plan = GroupingPlan::new(query);
             let straddled = self.straddled_hours(query).await?;
-            let sql = aggregate_sql(query, &plan, !straddled.is_empty());
-            let sums = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled).fetch_all(&self.pool);
             let count_apart = query.measures.unique_users && !groups_by_users(query);
+            let split = match groups_by_users(query) || count_apart {
+                true => self.day_split(query).await?,
+                false => DaySplit::default(),
+            };
+            // A statement binds the split's ranges only if it reads per-user rows: the others'
+            // text does not change with the split, and sqlx prepares each text once, with the
+            // parameter count of its first use.
+            let no_split = DaySplit::default();
+            let sums_split = if groups_by_users(query) { &split } else { &no_split };
+            let sql = aggregate_sql(query, &plan, !straddled.is_empty(), sums_split);
+            let sums = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled, sums_split)
+                .fetch_all(&self.pool);
             let (rows, user_counts) = if count_apart {
-                let sql = unique_users_sql(query, &plan, !straddled.is_empty());
-                let counts =
-                    bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled).fetch_all(&self.pool);
+                let sql = unique_users_sql(query, &plan, !straddled.is_empty(), &split);
+                let counts = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled, &split)
+                    .fetch_all(&self.pool);
                 tokio::try_join!(sums, counts).map_err(classify)?
             } else {
                 (sums.await.map_err(classify)?, Vec::new())
@@ -328,8 +447,12 @@ impl Backend for PgBackend {
         Box::pin(async move {
             let plan = GroupingPlan::new(query);
             let straddled = self.straddled_hours(query).await?;
-            let sql = custom_sql(query, &plan, !straddled.is_empty());
-            let rows = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled)
+            let split = match groups_by_users(query) {
+                true => self.day_split(query).await?,
+                false => DaySplit::default(),
+            };
+            let sql = custom_sql(query, &plan, !straddled.is_empty(), &split);
+            let rows = bind_scope(sqlx::query(AssertSqlSafe(sql)), query, &straddled, &split)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(classify)?;
@@ -349,15 +472,17 @@ impl Backend for PgBackend {
     }
 }
 
-/// Binds `$1`..`$14`, the parameters every aggregate statement declares (see [`source_sql`]).
+/// Binds `$1`..`$14`, the parameters every aggregate statement declares (see [`source_sql`]),
+/// then the bounds of each range of the per-user split (`$15` on, [`DaySplit::ranges_sql`]).
 fn bind_scope<'q>(
     statement: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     query: &'q AggregateQuery,
     straddled: &'q [OffsetDateTime],
+    split: &'q DaySplit,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let (whole_start, whole_end) = whole_hours(query.scope.start, query.scope.end);
     let filter = &query.filter;
-    statement
+    let statement = statement
         .bind(query.scope.tenant_id)
         .bind(query.scope.start)
         .bind(query.scope.end)
@@ -371,7 +496,10 @@ fn bind_scope<'q>(
         .bind(&filter.event_type)
         .bind(&query.measures.custom_metric)
         .bind(query.top.as_ref().map(|(_, limit)| i64::from(*limit)))
-        .bind(straddled)
+        .bind(straddled);
+    let ranges =
+        split.hour_starts.iter().zip(&split.hour_ends).chain(split.day_starts.iter().zip(&split.day_ends));
+    ranges.fold(statement, |statement, (start, end)| statement.bind(*start).bind(*end))
 }
 
 /// The whole UTC hours inside `[start, end)`, as `[whole_start, whole_end)`; empty (both `end`)
@@ -422,9 +550,10 @@ const RAW_BUCKET_SQL: &str = "CASE WHEN e.latency_us IS NULL THEN NULL WHEN e.la
 /// from raw events for the rest (the partial hours before `$4` and after `$5`, and straddled
 /// hours), in one shape. Parameters: `$1` tenant, `$2`/`$3` range,
 /// `$4`/`$5` whole hours, `$6` time zone, `$7`..`$11` filters, `$12` custom metric name,
-/// `$13` limit, `$14` straddled hours. [`Source::UserKeys`] selects only the key columns, so
-/// the per-user rollups are read by an index-only scan of their primary key.
-fn source_sql(histogram: bool, straddled: bool, source: Source, edges: Edges) -> String {
+/// `$13` limit, `$14` straddled hours, `$15`..`$18` the per-user split of the whole hours
+/// ([`DaySplit`]; per-user sources only). [`Source::UserKeys`] selects only the key columns, so
+/// the per-user rollups are read by index-only scans of their primary keys.
+fn source_sql(histogram: bool, straddled: bool, source: Source, edges: Edges, split: &DaySplit) -> String {
     let users = source != Source::PerService;
     let quantities = QUANTITY_NAMES.join(", ");
     let raw_quantities: Vec<String> =
@@ -481,16 +610,70 @@ fn source_sql(histogram: bool, straddled: bool, source: Source, edges: Edges) ->
             ),
         ),
     };
+    let rollup_filter = |alias: &str, user: &str| {
+        format!(
+            "($7::text IS NULL OR {alias}.service_type = $7::text) AND ($8::text IS NULL OR {alias}.service_provider = $8::text) \
+             AND ($9::text IS NULL OR {user} = $9::text) AND ($10::text IS NULL OR {alias}.model = $10::text) \
+             AND ($11::text IS NULL OR {alias}.event_type = $11::text)"
+        )
+    };
+    let straddle_filter = if straddled { " AND NOT (r.hour = ANY ($14::timestamptz[]))" } else { "" };
+    // Per user, whole hours are read by ranges (`DaySplit`): the hourly ranges from the hourly
+    // rollups, the whole UTC days from the daily ones plus the pending rows of those days (read
+    // through `usage_rollup_pending_sums`: the daily table holds only folded rows). A day's
+    // rows are placed at its first hour, in the bucket every hour of it falls in.
+    let rollup_part = if users {
+        let day_at = match edges {
+            Edges::Hour => "(d.day::timestamp AT TIME ZONE 'UTC') + interval '30 minutes'",
+            Edges::Exact => "(d.day::timestamp AT TIME ZONE 'UTC')",
+        };
+        let (hourly, daily) = split.parameters();
+        let mut parts: Vec<String> = hourly
+            .iter()
+            .map(|(lo, hi)| {
+                format!(
+                    "SELECT {rollup_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
+                     FROM usage_rollup_hourly_live r \
+                     WHERE r.tenant_id = $1 AND r.hour >= ${lo}::timestamptz AND r.hour < ${hi}::timestamptz\
+                       {straddle_filter} AND {filter}",
+                    filter = rollup_filter("r", "r.user_id"),
+                )
+            })
+            .collect();
+        for (lo, hi) in daily {
+            parts.push(format!(
+                "SELECT {day_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
+                 FROM usage_rollup_user_daily d \
+                 WHERE d.tenant_id = $1 AND d.day >= (${lo}::timestamptz AT TIME ZONE 'UTC')::date \
+                   AND d.day < (${hi}::timestamptz AT TIME ZONE 'UTC')::date AND {filter}",
+                filter = rollup_filter("d", "d.user_id"),
+            ));
+            parts.push(format!(
+                "SELECT {rollup_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
+                 FROM usage_rollup_pending_sums r \
+                 WHERE r.tenant_id = $1 AND r.hour >= ${lo}::timestamptz AND r.hour < ${hi}::timestamptz AND {filter}",
+                filter = rollup_filter("r", "r.user_id"),
+            ));
+        }
+        if parts.is_empty() {
+            // No whole hour: the same columns, no row.
+            parts.push(format!(
+                "SELECT {rollup_at} AS at, service_type, service_provider, model, user_id, event_type{rollup_values} \
+                 FROM usage_rollup_hourly_live r WHERE false"
+            ));
+        }
+        parts.join(" UNION ALL ")
+    } else {
+        format!(
+            "SELECT {rollup_at} AS at, service_type, service_provider, model, ''::text AS user_id, event_type{rollup_values} \
+             FROM usage_rollup_service_hourly_live r \
+             WHERE r.tenant_id = $1 AND r.hour >= $4::timestamptz AND r.hour < $5::timestamptz{straddle_filter} AND {filter}",
+            filter = rollup_filter("r", "''::text"),
+        )
+    };
     let _ = write!(
         sql,
-        "src AS ( \
-           SELECT {rollup_at} AS at, service_type, service_provider, model, {rollup_user} AS user_id, event_type{rollup_values} \
-           FROM {rollup_table} r \
-           WHERE r.tenant_id = $1 AND r.hour >= $4::timestamptz AND r.hour < $5::timestamptz{straddle_filter} \
-             AND ($7::text IS NULL OR r.service_type = $7::text) AND ($8::text IS NULL OR r.service_provider = $8::text) \
-             AND ($9::text IS NULL OR {rollup_user} = $9::text) AND ($10::text IS NULL OR r.model = $10::text) \
-             AND ($11::text IS NULL OR r.event_type = $11::text)\
-           {raw_parts}{straddle_part}) ",
+        "src AS ({rollup_part}{raw_parts}{straddle_part}) ",
         // LATERAL makes each straddled hour drive its own index range scan.
         straddle_part = if straddled {
             format!(
@@ -501,9 +684,6 @@ fn source_sql(histogram: bool, straddled: bool, source: Source, edges: Edges) ->
         } else {
             String::new()
         },
-        straddle_filter = if straddled { " AND NOT (r.hour = ANY ($14::timestamptz[]))" } else { "" },
-        rollup_table = if users { "usage_rollup_hourly_live" } else { "usage_rollup_service_hourly_live" },
-        rollup_user = if users { "r.user_id" } else { "''::text" },
     );
     sql
 }
@@ -549,8 +729,13 @@ fn group_columns_sql(query: &AggregateQuery, plan: &GroupingPlan) -> String {
 }
 
 /// `count(DISTINCT user_id)` per group, over the per-user rollups' keys and raw events.
-fn unique_users_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
-    let mut sql = source_sql(false, straddled, Source::UserKeys, query.scope.edges);
+fn unique_users_sql(
+    query: &AggregateQuery,
+    plan: &GroupingPlan,
+    straddled: bool,
+    split: &DaySplit,
+) -> String {
+    let mut sql = source_sql(false, straddled, Source::UserKeys, query.scope.edges, split);
     sql.push_str("SELECT ");
     sql.push_str(&group_columns_sql(query, plan));
     sql.push_str("count(DISTINCT user_id) AS unique_users FROM src");
@@ -644,11 +829,11 @@ fn metric_column(metric: &Metric) -> String {
     }
 }
 
-fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
+fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool, split: &DaySplit) -> String {
     let measures = &query.measures;
     let source = if groups_by_users(query) { Source::PerUser } else { Source::PerService };
     let histogram = reads_histogram(query);
-    let mut sql = source_sql(histogram, straddled, source, query.scope.edges);
+    let mut sql = source_sql(histogram, straddled, source, query.scope.edges, split);
     sql.push_str("SELECT g.*");
     if let (Some(period), true) = (query.period, plan.dimensions.contains(&Dimension::Period)) {
         let _ = write!(sql, ", {} AS period_end", period_end_sql(period, "g.period_start"));
@@ -700,9 +885,9 @@ fn aggregate_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -
     sql
 }
 
-fn custom_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool) -> String {
+fn custom_sql(query: &AggregateQuery, plan: &GroupingPlan, straddled: bool, split: &DaySplit) -> String {
     let source = if groups_by_users(query) { Source::PerUser } else { Source::PerService };
-    let mut sql = source_sql(false, straddled, source, query.scope.edges);
+    let mut sql = source_sql(false, straddled, source, query.scope.edges, split);
     sql.push_str("SELECT ");
     sql.push_str(&group_columns_sql(query, plan));
     sql.push_str("kv.key AS name, sum(kv.value::numeric) AS value ");

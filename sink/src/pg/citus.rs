@@ -165,8 +165,8 @@ impl PgStore {
     }
 
     /// One tenant's fold, in one REPEATABLE READ transaction on the tenant's shard group: for
-    /// each rollup table, add the tenant's pending rows summed by key ([`fold_insert`]), then
-    /// delete the tenant's pending rows. Both statements see the one snapshot, so the delete
+    /// each rollup table, add the tenant's pending rows summed by key ([`fold_insert`]; the
+    /// per-user ones by UTC day too, [`fold_daily_insert`]), then delete the tenant's pending rows. Both statements see the one snapshot, so the delete
     /// removes exactly the rows added, never one committed meanwhile. A per-tenant advisory lock
     /// (on the coordinator) keeps two processes from folding one tenant at once; a tenant locked
     /// by another process is skipped (0 rows). Returns the pending rows folded.
@@ -182,6 +182,11 @@ impl PgStore {
         if !locked {
             return Ok(0);
         }
+        // The daily per-user rollups from the per-user pending rows, before they are deleted.
+        sqlx::query(sqlx::AssertSqlSafe(self.citus_fold.per_user_daily.as_str()))
+            .bind(tenant)
+            .execute(&mut *tx)
+            .await?;
         let mut folded = 0;
         for (insert, delete) in [&self.citus_fold.per_user, &self.citus_fold.per_service] {
             sqlx::query(sqlx::AssertSqlSafe(insert.as_str())).bind(tenant).execute(&mut *tx).await?;
@@ -241,6 +246,7 @@ pub(super) async fn find_stored(
 pub(super) struct FoldStatements {
     per_user: (String, String),
     per_service: (String, String),
+    per_user_daily: String,
 }
 
 impl Default for FoldStatements {
@@ -249,6 +255,7 @@ impl Default for FoldStatements {
         FoldStatements {
             per_user: (fold_insert(RollupTable::PerUser), delete("usage_rollup_pending")),
             per_service: (fold_insert(RollupTable::PerService), delete("usage_rollup_service_pending")),
+            per_user_daily: fold_daily_insert(),
         }
     }
 }
@@ -258,18 +265,41 @@ impl Default for FoldStatements {
 /// colocated, so Citus runs it as one task on the tenant's shard group. Custom quantities are
 /// summed set-wise, per key and name, as in the single-statement fold.
 fn fold_insert(table: RollupTable) -> String {
-    let (target, pending, key) = match table {
-        RollupTable::PerUser => (
+    match table {
+        RollupTable::PerUser => fold_insert_into(
             "usage_rollup_hourly",
             "usage_rollup_pending",
             "tenant_id, hour, service_type, service_provider, model, user_id, event_type",
+            table,
         ),
-        RollupTable::PerService => (
+        RollupTable::PerService => fold_insert_into(
             "usage_rollup_service_hourly",
             "usage_rollup_service_pending",
             "tenant_id, hour, service_type, service_provider, model, event_type",
+            table,
         ),
-    };
+    }
+}
+
+/// The same for the per-user daily rollups (migration 0013): tenant `$1`'s per-user pending
+/// rows summed by UTC day, run before they are deleted, in the same snapshot.
+fn fold_daily_insert() -> String {
+    let quantities = quantity_names().join(", ");
+    let pending = format!(
+        "(SELECT tenant_id, (hour AT TIME ZONE 'UTC')::date AS day, service_type, service_provider, model, \
+           user_id, event_type, event_count, error_count, {quantities}, custom_quantities, cost, \
+           unpriced_count, latency_count, latency_sum_us, latency_max_us \
+         FROM usage_rollup_pending WHERE tenant_id = $1) p"
+    );
+    fold_insert_into(
+        "usage_rollup_user_daily",
+        &pending,
+        "tenant_id, day, service_type, service_provider, model, user_id, event_type",
+        RollupTable::PerUser,
+    )
+}
+
+fn fold_insert_into(target: &str, pending: &str, key: &str, table: RollupTable) -> String {
     let add = |column: &str| format!("{column} = r.{column} + excluded.{column}");
     // (column, its sum over pending rows, its update on conflict); custom quantities apart.
     let mut columns: Vec<(String, String, String)> = Vec::new();

@@ -474,6 +474,8 @@ fn quantity_names() -> Vec<&'static str> {
 /// One fold: deletes up to `$1` rows of each pending table (only tenant `$2`'s when
 /// `per_tenant`) and adds their sums, grouped by key, to its rollup table in key order. Returns
 /// the rows folded from each table. Pending rows hold NULL for a zero sum (read as zero here).
+/// The moved per-user rows also grow `usage_rollup_user_daily`, by UTC day (`per_user_daily`),
+/// in the same statement.
 ///
 /// Custom quantities are summed set-wise (each pending object's pairs by `jsonb_each_text`,
 /// summed by key and name, then one object per key), not by folding objects pairwise: the
@@ -520,6 +522,12 @@ fn fold_sql(per_tenant: bool) -> String {
     );
     let user_key = "tenant_id, hour, service_type, service_provider, model, user_id, event_type";
     let service_key = "tenant_id, hour, service_type, service_provider, model, event_type";
+    let daily_key = "tenant_id, day, service_type, service_provider, model, user_id, event_type";
+    // The moved per-user rows by UTC day, for `usage_rollup_user_daily` (migration 0013).
+    let moved_days = format!(
+        "(SELECT tenant_id, (hour AT TIME ZONE 'UTC')::date AS day, service_type, service_provider, model, \
+           user_id, event_type, {values} FROM moved) moved_days"
+    );
     let tenant_filter = if per_tenant { "WHERE tenant_id = $2" } else { "WHERE $2::uuid IS NULL" };
     let take = |table: &str| {
         format!(
@@ -557,11 +565,15 @@ fn fold_sql(per_tenant: bool) -> String {
            INSERT INTO usage_rollup_service_hourly AS r ({service_key}, {values}, latency_buckets) \
            {service_additions} \
            ON CONFLICT ({service_key}) DO UPDATE SET {updates}, latency_buckets = ARRAY[{bucket_adds}] \
-           RETURNING 1) \
+           RETURNING 1), \
+         per_user_daily AS ( \
+           INSERT INTO usage_rollup_user_daily AS r ({daily_key}, {values}) {daily_additions} \
+           ON CONFLICT ({daily_key}) DO UPDATE SET {updates} RETURNING 1) \
          SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM moved_services)",
         take_users = take("usage_rollup_pending"),
         take_services = take("usage_rollup_service_pending"),
         user_additions = additions("moved", user_key, ""),
+        daily_additions = additions(&moved_days, daily_key, ""),
         service_additions = additions(
             "moved_services",
             service_key,
@@ -741,14 +753,21 @@ impl PgStore {
             .map_err(classify)?;
         }
         if let Some(days) = retention.aggregate_retention_days {
-            for table in [
-                "usage_rollup_hourly",
-                "usage_rollup_service_hourly",
-                "usage_rollup_pending",
-                "usage_rollup_service_pending",
+            // Cut at a UTC midnight, so that the daily per-user rollups and the hourly ones drop
+            // the same hours (a day's row sums exactly the hourly rows kept of that day).
+            let cutoff = "date_trunc('day', now() - make_interval(days => $1::int), 'UTC')";
+            for (table, column) in [
+                ("usage_rollup_hourly", "hour"),
+                ("usage_rollup_user_daily", "day"),
+                ("usage_rollup_service_hourly", "hour"),
+                ("usage_rollup_pending", "hour"),
+                ("usage_rollup_service_pending", "hour"),
             ] {
-                let statement =
-                    format!("DELETE FROM {table} WHERE hour < now() - make_interval(days => $1::int)");
+                let bound = match column {
+                    "day" => format!("({cutoff} AT TIME ZONE 'UTC')::date"),
+                    _ => cutoff.to_owned(),
+                };
+                let statement = format!("DELETE FROM {table} WHERE {column} < {bound}");
                 sqlx::query(sqlx::AssertSqlSafe(statement))
                     .bind(days as i32)
                     .execute(&mut *tx)

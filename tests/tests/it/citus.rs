@@ -27,7 +27,7 @@ const CITUS_SETTINGS: &str = "shared_preload_libraries = 'citus'\n\
                               citus.node_conninfo = 'sslmode=disable'\n";
 
 /// Every table Tally keeps per tenant: distributed by `tenant_id`, colocated.
-const PER_TENANT_TABLES: [&str; 8] = [
+const PER_TENANT_TABLES: [&str; 9] = [
     "usage_events",
     "price_rules",
     "rerate_runs",
@@ -36,6 +36,7 @@ const PER_TENANT_TABLES: [&str; 8] = [
     "usage_rollup_pending",
     "usage_rollup_service_hourly",
     "usage_rollup_service_pending",
+    "usage_rollup_user_daily",
 ];
 
 /// A coordinator and two workers, each a dedicated server.
@@ -132,7 +133,7 @@ async fn distribute(store: &PgStore, conn: &mut PgConnection) -> Result<()> {
     .fetch_one(&mut *conn)
     .await?;
     ensure!(
-        (tables, colocations) == (8, 1),
+        (tables, colocations) == (PER_TENANT_TABLES.len() as i64, 1),
         "{tables} tables distributed in {colocations} colocation groups"
     );
     Ok(())

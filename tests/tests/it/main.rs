@@ -17,6 +17,7 @@ mod query;
 mod query_hardening;
 mod query_properties;
 mod query_time_zones;
+mod query_users;
 mod rerate;
 mod store;
 mod support;

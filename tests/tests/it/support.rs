@@ -310,6 +310,7 @@ fn live_rollups(view: &str, key: &str, buckets: bool) -> String {
 }
 
 const USER_KEY: &str = "tenant_id, hour, service_type, service_provider, model, user_id, event_type";
+const DAILY_KEY: &str = "tenant_id, day, service_type, service_provider, model, user_id, event_type";
 const SERVICE_KEY: &str = "tenant_id, hour, service_type, service_provider, model, event_type";
 
 /// Checks that for every rollup key, the rollups as readers see them (folded plus pending rows)
@@ -389,6 +390,28 @@ pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
         bail!(
             "{service_mismatches} user-less rollup rows differ from the per-user rollups summed over users"
         );
+    }
+    // The daily per-user rollups (folded rows only) equal the folded hourly ones summed by UTC day.
+    let daily = live_rollups(
+        "(SELECT (hour AT TIME ZONE 'UTC')::date AS day, * FROM usage_rollup_hourly) h",
+        DAILY_KEY,
+        false,
+    );
+    let statement = format!(
+        "SELECT count(*) FROM {daily} h FULL JOIN usage_rollup_user_daily d USING ({DAILY_KEY})
+         WHERE (h.event_count, h.error_count, h.input_tokens, h.output_tokens, h.cached_input_tokens,
+                h.reasoning_tokens, h.pages, h.characters, h.requests, h.bytes, h.duration_ms, h.cost,
+                h.unpriced_count, h.latency_count, h.latency_sum_us, h.latency_max_us)
+               IS DISTINCT FROM
+               (d.event_count, d.error_count, d.input_tokens, d.output_tokens, d.cached_input_tokens,
+                d.reasoning_tokens, d.pages, d.characters, d.requests, d.bytes, d.duration_ms, d.cost,
+                d.unpriced_count, d.latency_count, d.latency_sum_us, d.latency_max_us)
+            OR h.custom_quantities IS DISTINCT FROM d.custom_quantities"
+    );
+    let daily_mismatches: i64 =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(statement)).fetch_one(&mut *conn).await?;
+    if daily_mismatches != 0 {
+        bail!("{daily_mismatches} daily per-user rollup rows differ from the hourly ones summed by UTC day");
     }
     // The user-less histograms (the only ones) against the raw latencies, bucket by bucket, with
     // the sink's bucket rule.
