@@ -297,10 +297,14 @@ async fn main() -> Result<()> {
         }
         fold_all(&store).await?;
         if !args.no_vacuum {
+            // The pending tables too: the fold above deleted every row they held, and readers
+            // visit their index (autovacuum keeps them small on a live system, by dead rows).
             for table in [
                 "usage_rollup_hourly",
                 "usage_rollup_user_daily",
                 "usage_rollup_service_hourly",
+                "usage_rollup_pending",
+                "usage_rollup_service_pending",
                 "usage_events",
             ] {
                 sqlx::query(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
