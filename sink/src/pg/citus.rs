@@ -115,10 +115,9 @@ impl PgStore {
         }
         let mut outcomes = vec![Outcome::Stored; rows.len()];
         for (_, indices) in groups {
-            let group: Vec<EventRow> = indices.iter().map(|&index| rows[index].clone()).collect();
-            let group_outcomes = self.commit_together(&group).await?;
-            for (index, outcome) in indices.into_iter().zip(group_outcomes) {
-                outcomes[index] = outcome;
+            let group_outcomes = self.commit_subset(rows, indices.clone()).await?;
+            for index in indices {
+                outcomes[index] = group_outcomes[index];
             }
         }
         Ok(outcomes)

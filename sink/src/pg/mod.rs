@@ -121,19 +121,29 @@ impl PgStore {
 
     /// Commits the rows in one transaction (see [`crate::Store::commit`]).
     async fn commit_together(&self, rows: &[EventRow]) -> Result<Vec<Outcome>, StoreError> {
-        if rows.is_empty() {
+        self.commit_subset(rows, (0..rows.len()).collect()).await
+    }
+
+    /// Commits the rows at `subset` (indices into `rows`) in one transaction. Returns an outcome
+    /// per row of `rows`; only those of `subset` mean anything.
+    async fn commit_subset(
+        &self,
+        rows: &[EventRow],
+        mut order: Vec<usize>,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        if order.is_empty() {
             return Ok(Vec::new());
         }
+        let subset_len = order.len();
         // Checked before any transaction: sums that cannot be stored fail this batch alone, and
         // the worker then isolates the row responsible.
         // They are also the rollups of the batch when every row of it is new, the common case.
-        let all = rollup::aggregate_both(rows)
+        let all = rollup::aggregate_both(order.iter().map(|&index| &rows[index]))
             .map_err(|error| StoreError::invalid(error.to_string()).with_source(error))?;
         let mut outcomes = vec![Outcome::Stored; rows.len()];
         // Rows in dedup-key order: every transaction inserts its keys into the unique index in
         // the one order, so a resend racing its original makes one wait for the other, never a
         // deadlock. A key repeated inside the batch is a duplicate of its first occurrence.
-        let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_unstable_by_key(|&index| (rows[index].dedup_key(), index));
         order.dedup_by(|later, earlier| {
             let repeated = rows[*later].dedup_key() == rows[*earlier].dedup_key();
@@ -158,7 +168,7 @@ impl PgStore {
             self.drop_stored(rows, &mut suspect_rows, &mut outcomes).await.map_err(classify)?;
             order.retain(|&index| outcomes[index] != Outcome::Duplicate);
         }
-        if self.try_insert(rows, &order, (order.len() == rows.len()).then_some(&all)).await? {
+        if self.try_insert(rows, &order, (order.len() == subset_len).then_some(&all)).await? {
             return Ok(outcomes);
         }
         // Rows stored before that the hint did not know: find them all by their keys and insert
@@ -166,7 +176,7 @@ impl PgStore {
         // through staging.
         metrics::counter!("tally_dedup_path_total").increment(1);
         self.drop_stored(rows, &mut order, &mut outcomes).await.map_err(classify)?;
-        if self.try_insert(rows, &order, (order.len() == rows.len()).then_some(&all)).await? {
+        if self.try_insert(rows, &order, (order.len() == subset_len).then_some(&all)).await? {
             return Ok(outcomes);
         }
         let inserted = self.insert_new(rows, &order).await.map_err(classify)?;

@@ -375,14 +375,8 @@ pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
            FROM {per_user} u GROUP BY 1, 2, 3, 4, 5, 6)
          SELECT count(*) FROM s FULL JOIN {per_service} r USING
            (tenant_id, hour, service_type, service_provider, model, event_type)
-         WHERE (s.event_count, s.error_count, s.input_tokens, s.output_tokens, s.cached_input_tokens,
-                s.reasoning_tokens, s.pages, s.characters, s.requests, s.bytes, s.duration_ms, s.cost,
-                s.unpriced_count, s.latency_count, s.latency_sum_us, s.latency_max_us)
-               IS DISTINCT FROM
-               (r.event_count, r.error_count, r.input_tokens, r.output_tokens, r.cached_input_tokens,
-                r.reasoning_tokens, r.pages, r.characters, r.requests, r.bytes, r.duration_ms, r.cost,
-                r.unpriced_count, r.latency_count, r.latency_sum_us, r.latency_max_us)
-            OR s.custom_quantities IS DISTINCT FROM r.custom_quantities"
+         WHERE {differ}",
+        differ = sums_differ("s", "r"),
     );
     let service_mismatches: i64 =
         sqlx::query_scalar(sqlx::AssertSqlSafe(statement)).fetch_one(&mut *conn).await?;
@@ -399,14 +393,8 @@ pub async fn assert_rollups_match_raw(conn: &mut PgConnection) -> Result<i64> {
     );
     let statement = format!(
         "SELECT count(*) FROM {daily} h FULL JOIN usage_rollup_user_daily d USING ({DAILY_KEY})
-         WHERE (h.event_count, h.error_count, h.input_tokens, h.output_tokens, h.cached_input_tokens,
-                h.reasoning_tokens, h.pages, h.characters, h.requests, h.bytes, h.duration_ms, h.cost,
-                h.unpriced_count, h.latency_count, h.latency_sum_us, h.latency_max_us)
-               IS DISTINCT FROM
-               (d.event_count, d.error_count, d.input_tokens, d.output_tokens, d.cached_input_tokens,
-                d.reasoning_tokens, d.pages, d.characters, d.requests, d.bytes, d.duration_ms, d.cost,
-                d.unpriced_count, d.latency_count, d.latency_sum_us, d.latency_max_us)
-            OR h.custom_quantities IS DISTINCT FROM d.custom_quantities"
+         WHERE {differ}",
+        differ = sums_differ("h", "d"),
     );
     let daily_mismatches: i64 =
         sqlx::query_scalar(sqlx::AssertSqlSafe(statement)).fetch_one(&mut *conn).await?;
@@ -453,4 +441,32 @@ pub fn events_lost(edge: &TestEdge) -> f64 {
         .find_map(|line| line.strip_prefix("tally_events_lost_total "))
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// An SQL condition: rollup rows `left` and `right` differ in any sum (custom quantities
+/// included).
+fn sums_differ(left: &str, right: &str) -> String {
+    const SUMS: [&str; 17] = [
+        "event_count",
+        "error_count",
+        "input_tokens",
+        "output_tokens",
+        "cached_input_tokens",
+        "reasoning_tokens",
+        "pages",
+        "characters",
+        "requests",
+        "bytes",
+        "duration_ms",
+        "cost",
+        "unpriced_count",
+        "latency_count",
+        "latency_sum_us",
+        "latency_max_us",
+        "custom_quantities",
+    ];
+    SUMS.iter()
+        .map(|sum| format!("{left}.{sum} IS DISTINCT FROM {right}.{sum}"))
+        .collect::<Vec<_>>()
+        .join(" OR ")
 }
